@@ -1,0 +1,82 @@
+//! Command-line interface: clap definitions, one file per subcommand. Progress bars and all
+//! printing live here only.
+
+use clap::{Parser, Subcommand};
+
+pub mod devices;
+pub mod export;
+pub mod generate;
+pub mod info;
+pub mod init_model;
+pub mod plan;
+pub mod score;
+pub mod tune;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bfpo-lite",
+    version,
+    about = "Safety-tune a quantized GGUF model with BFPO LoRA on one consumer GPU",
+    long_about = "Safety-tune a quantized GGUF model with BFPO LoRA on one consumer GPU.\n\nRun `bfpo-lite tune` with no arguments for the built-in demo."
+)]
+pub struct Cli {
+    /// Show library and llama.cpp logs (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train a LoRA adapter with BFPO (no arguments: the built-in demo).
+    Tune(tune::Args),
+    /// Show the device-memory plan of a training run without running it.
+    Plan(plan::Args),
+    /// Score preference pairs: summed response log-probs of chosen and rejected.
+    Score(score::Args),
+    /// Generate text from prompts, optionally with an adapter.
+    Generate(generate::Args),
+    /// Export a trained adapter as GGUF LoRA, PEFT safetensors or a merged model.
+    Export(export::Args),
+    /// Inspect a GGUF model: architecture, shapes, tensor types, trainability.
+    Info(info::Args),
+    /// Write a deterministic random-weight model (test fixtures, the demo model).
+    InitModel(init_model::Args),
+    /// List GPU adapters wgpu can use.
+    Devices(devices::Args),
+}
+
+/// Installs a `tracing` subscriber on stderr when `-v` is given.
+pub fn init_logging(verbose: u8) {
+    if verbose == 0 {
+        return;
+    }
+    let level = match verbose {
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    init_logging(cli.verbose);
+    let verbose = cli.verbose;
+    match cli.command {
+        None => tune::run(tune::Args::default(), verbose),
+        Some(Command::Tune(a)) => tune::run(a, verbose),
+        Some(Command::Plan(a)) => plan::run(a, verbose),
+        Some(Command::Score(a)) => score::run(a, verbose),
+        Some(Command::Generate(a)) => generate::run(a, verbose),
+        Some(Command::Export(a)) => export::run(a, verbose),
+        Some(Command::Info(a)) => info::run(a, verbose),
+        Some(Command::InitModel(a)) => init_model::run(a, verbose),
+        Some(Command::Devices(a)) => devices::run(a, verbose),
+    }
+}

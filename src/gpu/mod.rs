@@ -1,0 +1,1 @@
+//! Our own forward and backward passes in WGSL through wgpu. (Pending.)

@@ -1,0 +1,1 @@
+//! Preference losses (BFPO, IPO, DPO) as pure functions of per-pair scalars. (Pending.)

@@ -1,0 +1,1 @@
+//! `init-model`: deterministic random-weight GGUF models with a real tokenizer. (Pending.)

@@ -1,0 +1,1 @@
+//! Whole-model CPU forward and backward (clear, slow, for tests). (Pending.)

@@ -1,0 +1,1 @@
+//! The only module that touches `llama-cpp-2`. (Pending.)

@@ -1,0 +1,7 @@
+//! Training: LoRA state, optimiser, the loop, checkpoints and metrics.
+
+pub mod checkpoint;
+pub mod lora;
+pub mod metrics;
+pub mod optim;
+pub mod trainer;

@@ -1,0 +1,7 @@
+//! Small shared utilities: a deterministic RNG and float comparison with named tolerances.
+
+pub mod close;
+pub mod rng;
+
+pub use close::{Tol, assert_close};
+pub use rng::Rng;
