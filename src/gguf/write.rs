@@ -276,12 +276,11 @@ impl<'a> GgufWriter<'a> {
         let header = self.header();
         w.write_all(&header).map_err(io)?;
         let mut total = header.len() as u64;
-        let zeros = vec![0u8; self.alignment as usize];
         for t in &self.tensors {
             w.write_all(&t.data).map_err(io)?;
             let n = t.data.len() as u64;
             let pad = self.padded(n) - n;
-            w.write_all(&zeros[..pad as usize]).map_err(io)?;
+            std::io::copy(&mut std::io::Read::take(std::io::repeat(0), pad), w).map_err(io)?;
             total += n + pad;
         }
         Ok(total)
