@@ -259,7 +259,7 @@ fn pair(prompt: &str, k: usize) -> Pair {
         chosen: format!("yes {k}"),
         rejected: format!("no {k}"),
         chosen_safe: true,
-        rejected_safe: k % 2 == 0,
+        rejected_safe: k.is_multiple_of(2),
         origin: RowOrigin {
             file: Arc::from("t.jsonl"),
             line: k + 1,

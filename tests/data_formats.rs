@@ -552,11 +552,7 @@ fn wrong_magic_empty_truncated_and_all_bad() {
         "{msg}"
     );
     // Every row bad: an error, not an empty dataset.
-    let p = write(
-        d.path(),
-        "allbad.jsonl",
-        &BAD_PKU.lines().nth(1).unwrap().repeat(1),
-    );
+    let p = write(d.path(), "allbad.jsonl", BAD_PKU.lines().nth(1).unwrap());
     let msg = load_pairs(&p, &LoadOptions::default())
         .unwrap_err()
         .to_string();

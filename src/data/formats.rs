@@ -462,8 +462,8 @@ fn get_flag(obj: &Map<String, Value>, field: &str) -> Result<bool, BadRow> {
     match v {
         Value::Bool(b) => Ok(*b),
         Value::Number(n) => match n.as_f64() {
-            Some(x) if x == 1.0 => Ok(true),
-            Some(x) if x == 0.0 => Ok(false),
+            Some(1.0) => Ok(true),
+            Some(0.0) => Ok(false),
             _ => Err(bad()),
         },
         Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
@@ -889,7 +889,7 @@ fn check_forced(row: &Value, format: Format, origin: &RowOrigin) -> Result<(), L
     let missing = format
         .required_fields()
         .iter()
-        .find(|f| !o.get(**f).is_some_and(|v| !v.is_null()) && !generic_alias(f));
+        .find(|f| o.get(**f).is_none_or(Value::is_null) && !generic_alias(f));
     let shape_mismatch = match format {
         // HH rows are transcripts; UltraFeedback rows are message lists.
         Format::Hh => !o.get("chosen").is_some_and(Value::is_string),
