@@ -19,8 +19,9 @@
 //! SentencePiece-style (`tokenizer.ggml.model = "llama"`) with byte fallback: `<unk>`, `<s>`,
 //! `</s>`, the 256 byte tokens `<0x00>`…`<0xFF>`, `<|im_start|>`, `<|im_end|>`, `▁`, printable
 //! ASCII characters, then for every word `w` of `models/vocab_words.txt` the piece `▁w` and all its
-//! shorter prefixes: llama.cpp's SPM tokenizer merges adjacent symbols only into vocabulary
-//! pieces, so a prefix-closed set lets it reach every listed word (each word becomes one token).
+//! shorter prefixes (capitalized words also without `▁`, as they open messages right after a
+//! newline): llama.cpp's SPM tokenizer merges adjacent symbols only into vocabulary pieces, so a
+//! prefix-closed set lets it reach every listed word (each word becomes one token).
 //! Scores favour longer pieces of commoner words. BOS = `<s>`; EOS and EOT = `<|im_end|>`, so
 //! generation ends at the end of a ChatML turn (llama.cpp also marks `</s>` and `<|im_end|>` as
 //! end-of-generation by their text).
@@ -368,12 +369,19 @@ pub fn vocab(extra: usize) -> Vocab {
     // (earlier in the list), like the log-probabilities of a trained SentencePiece model.
     let mut seen: HashSet<String> = entries.iter().map(|e| e.0.clone()).collect();
     for (rank, word) in vocab_words().into_iter().enumerate() {
-        let piece: Vec<char> = std::iter::once('\u{2581}').chain(word.chars()).collect();
-        for len in 2..=piece.len() {
-            let p: String = piece[..len].iter().collect();
-            if seen.insert(p.clone()) {
-                let score = len as f32 - rank as f32 / 1000.0 - 20.0;
-                entries.push((p, score, token_type::NORMAL));
+        let spaced: Vec<char> = std::iter::once('\u{2581}').chain(word.chars()).collect();
+        let mut forms = vec![spaced];
+        // Capitalized words also start messages right after a newline, without the space marker.
+        if word.starts_with(|c: char| c.is_ascii_uppercase()) {
+            forms.push(word.chars().collect());
+        }
+        for piece in forms {
+            for len in 2..=piece.len() {
+                let p: String = piece[..len].iter().collect();
+                if seen.insert(p.clone()) {
+                    let score = len as f32 - rank as f32 / 1000.0 - 20.0;
+                    entries.push((p, score, token_type::NORMAL));
+                }
             }
         }
     }
