@@ -4,6 +4,7 @@
 use anyhow::Context;
 use bfpo_lite::model::Arch;
 use bfpo_lite::model::init::{self, InitSpec, WeightType};
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 fn parse_arch(s: &str) -> Result<Arch, String> {
@@ -109,12 +110,19 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
         let mut v = serde_json::to_value(&summary)?;
         v["path"] = serde_json::Value::String(args.out.display().to_string());
         v["file_bytes"] = file_len.into();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return super::print_out(&(serde_json::to_string_pretty(&v)? + "\n"));
     }
+    let mut out = String::new();
+    let o = &mut out;
     let s = &summary.spec;
-    println!("wrote {} ({})", args.out.display(), human_bytes(file_len));
-    println!(
+    let _ = writeln!(
+        o,
+        "wrote {} ({})",
+        args.out.display(),
+        human_bytes(file_len)
+    );
+    let _ = writeln!(
+        o,
         "  {} {}: dim {}, {} layers, {} heads ({} KV, head size {}), ff {}, ctx {}, vocab {}, {}",
         s.arch.name(),
         s.ty,
@@ -128,24 +136,26 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
         summary.n_vocab,
         if s.tied { "tied" } else { "untied" }
     );
-    println!("  {} parameters, seed {}", summary.n_params, s.seed);
+    let _ = writeln!(o, "  {} parameters, seed {}", summary.n_params, s.seed);
     let mix: Vec<String> = summary
         .type_mix
         .iter()
         .map(|(ty, (n, bytes))| format!("{ty} ×{n} ({})", human_bytes(*bytes)))
         .collect();
-    println!("  tensor types: {}", mix.join(", "));
+    let _ = writeln!(o, "  tensor types: {}", mix.join(", "));
     if !summary.fallbacks.is_empty() {
-        println!(
+        let _ = writeln!(
+            o,
             "  {} tensor(s) fell back to another type (rows not a whole number of blocks, as llama-quantize does):",
             summary.fallbacks.len()
         );
         for f in &summary.fallbacks {
-            println!(
+            let _ = writeln!(
+                o,
                 "    {}: {} → {} (rows of {})",
                 f.tensor, f.wanted, f.used, f.row_len
             );
         }
     }
-    Ok(())
+    super::print_out(&out)
 }
