@@ -224,7 +224,7 @@ impl ModelConfig {
                 return Err(bad(&k(key), "must be greater than 0"));
             }
         }
-        if n_head % n_head_kv != 0 {
+        if !n_head.is_multiple_of(n_head_kv) {
             return Err(bad(
                 &k("attention.head_count_kv"),
                 format!("{n_head_kv} KV heads do not divide {n_head} query heads evenly"),
@@ -236,7 +236,7 @@ impl ModelConfig {
         let head_dim = match key_length {
             Some(d) => d,
             None => {
-                if n_embd % n_head != 0 {
+                if !n_embd.is_multiple_of(n_head) {
                     return Err(bad(
                         &k("attention.head_count"),
                         format!(
@@ -247,7 +247,7 @@ impl ModelConfig {
                 n_embd / n_head
             }
         };
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(bad(
                 &k("attention.key_length"),
                 format!("head dimension {head_dim} must be even and greater than 0"),
@@ -286,7 +286,7 @@ impl ModelConfig {
         }
 
         let n_rot = opt_usize(file, &k("rope.dimension_count"))?.unwrap_or(head_dim);
-        if n_rot == 0 || n_rot % 2 != 0 || n_rot > head_dim {
+        if n_rot == 0 || !n_rot.is_multiple_of(2) || n_rot > head_dim {
             return Err(bad(
                 &k("rope.dimension_count"),
                 format!(
@@ -313,7 +313,7 @@ impl ModelConfig {
             "none" => 1.0,
             "linear" => match factor {
                 None => 1.0,
-                Some(f) if f == 0.0 => 1.0,
+                Some(0.0) => 1.0,
                 Some(f) if f.is_finite() && f > 0.0 => 1.0 / f,
                 Some(f) => {
                     return Err(bad(

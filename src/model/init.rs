@@ -195,11 +195,8 @@ impl InitSpec {
 
     /// The per-head size this spec produces.
     pub fn resolved_head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(if self.heads > 0 {
-            self.dim / self.heads
-        } else {
-            0
-        })
+        self.head_dim
+            .unwrap_or(self.dim.checked_div(self.heads).unwrap_or(0))
     }
 
     fn validate(&self) -> Result<(), InitError> {
@@ -216,7 +213,7 @@ impl InitSpec {
                 return bad(field, "must be at least 1".into());
             }
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return bad(
                 "kv-heads",
                 format!(
@@ -225,7 +222,7 @@ impl InitSpec {
                 ),
             );
         }
-        if self.head_dim.is_none() && self.dim % self.heads != 0 {
+        if self.head_dim.is_none() && !self.dim.is_multiple_of(self.heads) {
             return bad(
                 "heads",
                 format!(
@@ -235,7 +232,7 @@ impl InitSpec {
             );
         }
         let hd = self.resolved_head_dim();
-        if hd == 0 || hd % 2 != 0 {
+        if hd == 0 || !hd.is_multiple_of(2) {
             return bad(
                 "head-dim",
                 format!("head size {hd} must be even and at least 2"),
@@ -485,7 +482,7 @@ fn wanted_type(spec: &InitSpec, kind: Kind, layer: usize, row_len: usize) -> Ggm
                 let is_head = kind == Kind::Output || (spec.tied && kind == Kind::TokenEmbd);
                 if is_head {
                     // llama.cpp picks Q8_0 directly (not a fallback) when rows do not fit Q6_K.
-                    if row_len % 256 == 0 {
+                    if row_len.is_multiple_of(256) {
                         GgmlType::Q6_K
                     } else {
                         GgmlType::Q8_0
@@ -504,7 +501,7 @@ fn wanted_type(spec: &InitSpec, kind: Kind, layer: usize, row_len: usize) -> Ggm
 
 /// llama-quantize's per-tensor fallback for rows that are not a whole number of blocks.
 fn fallback_type(wanted: GgmlType, row_len: usize) -> GgmlType {
-    if row_len % wanted.block_elems() == 0 {
+    if row_len.is_multiple_of(wanted.block_elems()) {
         return wanted;
     }
     let next = match wanted {
@@ -513,7 +510,7 @@ fn fallback_type(wanted: GgmlType, row_len: usize) -> GgmlType {
         GgmlType::Q6_K => GgmlType::Q8_0,
         other => other,
     };
-    if row_len % next.block_elems() == 0 {
+    if row_len.is_multiple_of(next.block_elems()) {
         next
     } else {
         GgmlType::F16
