@@ -281,7 +281,7 @@ fn init_model_cli_matches_the_library_and_reports_fallbacks() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["spec"]["ty"], "q8_0");
     assert_eq!(v["fallbacks"].as_array().unwrap().len(), 0);
-    assert_eq!(v["type_mix"]["Q8_0"][0], 15);
+    assert_eq!(v["type_mix"]["Q8_0"][0], 16); // token_embd + 2 × 7 + output
 
     let (ok, _, err) = run(&[
         "init-model",
