@@ -203,6 +203,46 @@ fn matmul_bf16() {
     check_all_shapes(GgmlType::BF16, &[16, 72]);
 }
 
+#[test]
+fn matmul_q8_0() {
+    check_all_shapes(GgmlType::Q8_0, &[32, 96]);
+}
+
+#[test]
+fn matmul_q4_0() {
+    check_all_shapes(GgmlType::Q4_0, &[32, 96]);
+}
+
+#[test]
+fn matmul_q4_1() {
+    check_all_shapes(GgmlType::Q4_1, &[32, 96]);
+}
+
+#[test]
+fn matmul_q5_0() {
+    check_all_shapes(GgmlType::Q5_0, &[32, 96]);
+}
+
+#[test]
+fn matmul_q5_1() {
+    check_all_shapes(GgmlType::Q5_1, &[32, 96]);
+}
+
+#[test]
+fn matmul_q4_k() {
+    check_all_shapes(GgmlType::Q4_K, &[256, 512]);
+}
+
+#[test]
+fn matmul_q5_k() {
+    check_all_shapes(GgmlType::Q5_K, &[256, 512]);
+}
+
+#[test]
+fn matmul_q6_k() {
+    check_all_shapes(GgmlType::Q6_K, &[256, 512]);
+}
+
 /// Hand-checkable: W = [[1..8], [1,-1,1,-1,...]] (F32 and F16), x = ones and x = e_3, bias.
 #[test]
 fn matmul_fixed_float_case() {
@@ -267,4 +307,94 @@ fn matmul_rejects_bad_input() {
     assert!(e.to_string().contains("64 bytes"), "{e}");
     let e = matmul_rows(&gpu, &mut rec, &x, &w, 1..3, &y, 1).unwrap_err();
     assert!(e.to_string().contains("1..3"), "{e}");
+}
+
+/// Runs `y = x·Wᵀ` for raw bytes and returns y.
+fn run_raw(ty: GgmlType, n_in: usize, n_out: usize, bytes: &[u8], x0: &[f32]) -> Vec<f32> {
+    let gpu = common::gpu();
+    let n_tokens = x0.len() / n_in;
+    let w = GpuWeight::upload_raw(&gpu, "fixed", ty, n_in, n_out, bytes).unwrap();
+    let x = gpu.upload("x", x0).unwrap();
+    let y = gpu.alloc("y", (n_tokens * n_out * 4) as u64).unwrap();
+    let mut rec = gpu.recorder();
+    matmul(&gpu, &mut rec, &x, &w, None, &y, n_tokens, false).unwrap();
+    rec.run("fixed quant").unwrap();
+    read(&gpu, &y, n_tokens * n_out)
+}
+
+/// Tokens: all ones, then one-hot at each index of `picks`.
+fn ones_and_picks(n_in: usize, picks: &[usize]) -> Vec<f32> {
+    let mut x = vec![1.0f32; n_in];
+    for &k in picks {
+        x.extend((0..n_in).map(|i| if i == k { 1.0 } else { 0.0 }));
+    }
+    x
+}
+
+/// Q8_0 built by hand. Row 0: d = 0.5, qs = [−128, −15, −14, …, 15] (qs[j] = j − 16 for j ≥ 1);
+/// row 1 (starting at byte 34, only 2-byte aligned): d = 2, qs = 1.
+/// Σ row 0 = 0.5·(−128 + Σ_{j=1..31}(j − 16)) = 0.5·(−128 + 0) = −64; element 5 = 0.5·(5 − 16).
+#[test]
+fn matmul_fixed_q8_0() {
+    let mut b = Vec::new();
+    b.extend(half::f16::from_f32(0.5).to_le_bytes());
+    b.push(0x80);
+    b.extend((1..32).map(|j| (j - 16) as i8 as u8));
+    b.extend(half::f16::from_f32(2.0).to_le_bytes());
+    b.extend([1u8; 32]);
+    let y = run_raw(GgmlType::Q8_0, 32, 2, &b, &ones_and_picks(32, &[0, 5]));
+    assert_close(
+        "fixed Q8_0",
+        &y,
+        &[-64.0f32, 64.0, -64.0, 2.0, -5.5, 2.0],
+        Tol::new(0.0, 0.0),
+    );
+}
+
+/// Q4_0 built by hand: d = 0.25, qs[j] = j | (15 − j) << 4, so y[j] = (j − 8)/4 and
+/// y[16 + j] = (7 − j)/4. Σ = (−8 − 8)/4 = −4; y[3] = −1.25; y[17] = 1.5. Two rows, the second
+/// (at byte 18, 2-byte aligned) with d = −1 and all nibbles 8 (so all zeros) except qs[0] = 9|8<<4 (y[0] = −1).
+#[test]
+fn matmul_fixed_q4_0() {
+    let mut b = Vec::new();
+    b.extend(half::f16::from_f32(0.25).to_le_bytes());
+    b.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+    b.extend(half::f16::from_f32(-1.0).to_le_bytes());
+    b.push(9 | (8 << 4));
+    b.extend([0x88u8; 15]);
+    let y = run_raw(GgmlType::Q4_0, 32, 2, &b, &ones_and_picks(32, &[3, 17, 0]));
+    assert_close(
+        "fixed Q4_0",
+        &y,
+        &[-4.0f32, -1.0, -1.25, 0.0, 1.5, 0.0, -2.0, -1.0],
+        Tol::new(0.0, 0.0),
+    );
+}
+
+/// Q4_K built by hand: d = 1, dmin = 0.5, every 4-bit quant 1, sub-block s with scale
+/// sc_s = [1, 2, 3, 4, 17, 33, 49, 63][s] and min m_s = [0, 1, 2, 3, 16, 32, 48, 5][s] (s ≥ 4 use
+/// the 2 high bits stored in the top of bytes s−4 and s). y[e] = sc_s − 0.5·m_s with s = e / 32,
+/// so Σ = 32·Σ_s (sc_s − m_s/2) = 32·(172 − 53.5) = 3792; y[0] = 1; y[200] = 49 − 24 = 25.
+#[test]
+fn matmul_fixed_q4_k() {
+    let sc = [1u8, 2, 3, 4, 17, 33, 49, 63];
+    let m = [0u8, 1, 2, 3, 16, 32, 48, 5];
+    let mut q = [0u8; 12];
+    for s in 0..4 {
+        q[s] = sc[s] | ((sc[s + 4] >> 4) << 6);
+        q[s + 4] = m[s] | ((m[s + 4] >> 4) << 6);
+        q[s + 8] = (sc[s + 4] & 0xF) | ((m[s + 4] & 0xF) << 4);
+    }
+    let mut b = Vec::new();
+    b.extend(half::f16::from_f32(1.0).to_le_bytes());
+    b.extend(half::f16::from_f32(0.5).to_le_bytes());
+    b.extend(q);
+    b.extend([0x11u8; 128]);
+    let y = run_raw(GgmlType::Q4_K, 256, 1, &b, &ones_and_picks(256, &[0, 200]));
+    assert_close(
+        "fixed Q4_K",
+        &y,
+        &[3792.0f32, 1.0, 25.0],
+        Tol::new(0.0, 0.0),
+    );
 }
