@@ -10,6 +10,7 @@ use bfpo_lite::gpu::ops::matmul::{
     matmul_rows_back_input,
 };
 use bfpo_lite::gpu::{Gpu, GpuBuf};
+use bfpo_lite::model::TensorRef;
 use bfpo_lite::util::{Rng, Tol, assert_close};
 
 /// The GPU sums in f32, the reference in f64, both over exactly the same dequantized weights, so
@@ -253,7 +254,15 @@ fn matmul_fixed_float_case() {
         .collect();
     for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
         let (bytes, _) = encode(ty, &w);
-        let gw = GpuWeight::upload_raw(&gpu, "fixed", ty, 8, 2, &bytes).unwrap();
+        let t = TensorRef {
+            name: "fixed",
+            ty,
+            ne: [8, 2],
+            data: &bytes,
+        };
+        let gw = GpuWeight::upload(&gpu, &t).unwrap();
+        assert_eq!((gw.n_in, gw.n_out, gw.ty, gw.chunks.len()), (8, 2, ty, 1));
+        assert_eq!(gw.bytes(), bytes.len() as u64);
         let mut x0 = vec![1.0f32; 8];
         x0.extend((0..8).map(|i| if i == 3 { 1.0 } else { 0.0 }));
         let x = gpu.upload("x", &x0).unwrap();

@@ -92,18 +92,14 @@ impl GpuWeight {
                 ),
             ));
         }
-        // Kernels address chunks with u32 byte offsets: keep chunks under 2 GiB everywhere.
-        let limit = gpu.max_binding().min(gpu.max_buffer()).min(1 << 31);
-        // Each chunk is padded to a multiple of 4 bytes on upload.
-        let by_limit = ((limit - 4) / row_bytes as u64) as usize;
-        if by_limit == 0 {
-            return Err(GpuError::BindingTooLarge {
+        let limit = gpu.max_binding().min(gpu.max_buffer());
+        let per_chunk = rows_per_chunk(row_bytes, limit, max_rows).ok_or_else(|| {
+            GpuError::BindingTooLarge {
                 what: format!("one row of weight {name}"),
                 bytes: row_bytes as u64,
                 limit,
-            });
-        }
-        let per_chunk = by_limit.min(max_rows.max(1));
+            }
+        })?;
         let mut chunks = Vec::with_capacity(n_out.div_ceil(per_chunk).max(1));
         let mut row = 0;
         while row < n_out {
@@ -146,6 +142,15 @@ impl GpuWeight {
             (lo < hi).then_some((c, lo..hi))
         })
     }
+}
+
+/// Rows per chunk buffer for rows of `row_bytes` under a binding/buffer `limit` (each chunk is
+/// padded to a multiple of 4 bytes, and kept under 2 GiB because kernels use u32 byte offsets),
+/// at most `max_rows`; `None` if not even one row fits.
+pub fn rows_per_chunk(row_bytes: usize, limit: u64, max_rows: usize) -> Option<usize> {
+    let limit = limit.min(1 << 31).saturating_sub(4);
+    let n = (limit / row_bytes as u64) as usize;
+    (n > 0).then_some(n.min(max_rows.max(1)))
 }
 
 /// Checks that an `[n_out, n_in]` matrix of type `ty` is something the kernels handle and returns
@@ -597,6 +602,20 @@ mod tests {
         assert_eq!(std::mem::align_of::<MatmulParams>(), 4);
         assert_eq!(std::mem::size_of::<MatmulBackParams>(), 48);
         assert_eq!(std::mem::align_of::<MatmulBackParams>(), 4);
+    }
+
+    #[test]
+    fn chunking_under_the_binding_limit() {
+        // Tied Qwen2.5-0.5B LM head, Q8_0: 151,936 rows of 896/32·34 = 952 bytes = 144.6 MB.
+        let rb = GgmlType::Q8_0.row_bytes(896).unwrap();
+        let per = rows_per_chunk(rb, 128 << 20, usize::MAX).unwrap();
+        assert_eq!(151_936usize.div_ceil(per), 2);
+        assert!((per * rb) as u64 + 4 <= 128 << 20);
+        // The same as f16 (1792 B/row): 3 chunks of ≤ 74,898 rows.
+        let per = rows_per_chunk(1792, 128 << 20, usize::MAX).unwrap();
+        assert_eq!((per, 151_936usize.div_ceil(per)), (74_898, 3));
+        assert_eq!(rows_per_chunk(100, 1 << 40, 7), Some(7));
+        assert_eq!(rows_per_chunk(100, 64, usize::MAX), None);
     }
 
     #[test]
