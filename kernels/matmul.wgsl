@@ -8,7 +8,7 @@
 #include "dequant.wgsl"
 
 const RB: u32 = 4u; // rows per invocation
-const TB: u32 = 4u; // tokens per invocation
+const TB: u32 = 8u; // tokens per invocation
 
 struct Params {
     n_in: u32,      // elements per weight row (multiple of 8)

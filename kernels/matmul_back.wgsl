@@ -4,8 +4,9 @@
 // dx[t, i] = (accumulate ? dx[t, i] : 0) + Σ_{r ∈ [row0, row0 + n_rows)} dy[t, dy_col0 + r − row0]·W[r, i]
 // for tokens [t0, t0 + n_tokens) and 8-element groups [g0, g0 + n_groups) of i. W (${WTYPE}) is
 // dequantized in registers. Each invocation owns 8 consecutive i × TB tokens and sums over r in
-// increasing order: deterministic. Workgroup (16, 4) → 128 i × 4·TB tokens. Longer row ranges
-// are split by the launcher into consecutive dispatches that accumulate in a fixed order.
+// increasing order, four rows per step (then the < 4 left one by one): deterministic. Workgroup
+// (16, 4) → 128 i × 4·TB tokens. Longer row ranges are split by the launcher into consecutive
+// dispatches that accumulate in a fixed order.
 #include "dequant.wgsl"
 
 const TB: u32 = 4u; // tokens per invocation
@@ -49,7 +50,22 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         hi[b] = vec4<f32>(0.0);
     }
     var base = p.row0 * p.row_bytes;
-    for (var r = 0u; r < p.n_rows; r++) {
+    let n_rows4 = p.n_rows & ~3u;
+    var r = 0u;
+    for (; r < n_rows4; r += 4u) {
+        let w0 = dq8_${WTYPE}(base, g);
+        let w1 = dq8_${WTYPE}(base + p.row_bytes, g);
+        let w2 = dq8_${WTYPE}(base + 2u * p.row_bytes, g);
+        let w3 = dq8_${WTYPE}(base + 3u * p.row_bytes, g);
+        for (var b = 0u; b < TB; b++) {
+            let o = dyrow[b] + r;
+            let d = vec4<f32>(dy[o], dy[o + 1u], dy[o + 2u], dy[o + 3u]);
+            lo[b] += d.x * w0.lo + d.y * w1.lo + d.z * w2.lo + d.w * w3.lo;
+            hi[b] += d.x * w0.hi + d.y * w1.hi + d.z * w2.hi + d.w * w3.hi;
+        }
+        base += 4u * p.row_bytes;
+    }
+    for (; r < p.n_rows; r++) {
         let w = dq8_${WTYPE}(base, g);
         for (var b = 0u; b < TB; b++) {
             let d = dy[dyrow[b] + r];

@@ -20,8 +20,10 @@ pub const MAX_DISPATCH_FLOPS: u64 = 1 << 31;
 
 /// Rows per invocation × invocations per workgroup along rows in `matmul.wgsl`.
 const FWD_ROWS_PER_WG: usize = 4 * 16;
-/// Tokens per workgroup in both kernels (4 per invocation × 4).
-const TOKENS_PER_WG: usize = 4 * 4;
+/// Tokens per workgroup in `matmul.wgsl` (8 per invocation × 4).
+const FWD_TOKENS_PER_WG: usize = 8 * 4;
+/// Tokens per workgroup in `matmul_back.wgsl` (4 per invocation × 4).
+const BACK_TOKENS_PER_WG: usize = 4 * 4;
 /// 8-element groups per workgroup in `matmul_back.wgsl`.
 const BACK_GROUPS_PER_WG: usize = 16;
 
@@ -311,7 +313,7 @@ fn forward(
     // Rows per dispatch with all tokens; if even one workgroup of rows is too much, split tokens.
     let budget = (MAX_DISPATCH_FLOPS / flops_per_row_token) as usize; // row·tokens per dispatch
     let row_step = round_down(budget / n_tokens, FWD_ROWS_PER_WG);
-    let tok_step = round_down(budget / row_step, TOKENS_PER_WG).min(n_tokens);
+    let tok_step = round_down(budget / row_step, FWD_TOKENS_PER_WG).min(n_tokens);
     for (chunk, grows) in w.chunks_in(&rows) {
         let local = grows.start - chunk.row_start..grows.end - chunk.row_start;
         for rp in pieces(local.len(), row_step) {
@@ -331,7 +333,7 @@ fn forward(
                 };
                 let groups = [
                     rp.len().div_ceil(FWD_ROWS_PER_WG) as u32,
-                    tp.len().div_ceil(TOKENS_PER_WG) as u32,
+                    tp.len().div_ceil(FWD_TOKENS_PER_WG) as u32,
                     1,
                 ];
                 rec.dispatch(
@@ -393,7 +395,7 @@ fn back_input(
     let tok_step = if per_rt >= (n_tokens * 8) as u64 {
         n_tokens
     } else {
-        round_down((per_rt / 8) as usize, TOKENS_PER_WG).min(n_tokens)
+        round_down((per_rt / 8) as usize, BACK_TOKENS_PER_WG).min(n_tokens)
     };
     let row_step = ((per_rt / tok_step as u64) as usize).max(8);
     let grp_step = if (row_step * tok_step * n_groups) as u64 <= budget {
@@ -426,7 +428,7 @@ fn back_input(
                     };
                     let groups = [
                         gp.len().div_ceil(BACK_GROUPS_PER_WG) as u32,
-                        tp.len().div_ceil(TOKENS_PER_WG) as u32,
+                        tp.len().div_ceil(BACK_TOKENS_PER_WG) as u32,
                         1,
                     ];
                     rec.dispatch(
