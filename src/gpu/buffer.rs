@@ -1,0 +1,376 @@
+//! GPU buffers, uploads and readbacks, and a recorder that batches many dispatches into one
+//! submission.
+//!
+//! Binding order for every kernel: read-only inputs, then outputs, then the params uniform
+//! (always the last binding). [`Recorder::dispatch`] builds the bind group in that order.
+
+use super::device::{Gpu, GpuError};
+use super::registry::Pipeline;
+use std::sync::Arc;
+use wgpu::util::DeviceExt;
+
+/// A storage buffer on the device. Sizes are in bytes and always a multiple of 4.
+#[derive(Debug, Clone)]
+pub struct GpuBuf {
+    pub buf: wgpu::Buffer,
+    pub size: u64,
+    pub label: String,
+}
+
+impl GpuBuf {
+    /// Number of f32 (or u32) elements.
+    pub fn len_words(&self) -> usize {
+        (self.size / 4) as usize
+    }
+}
+
+/// One binding of a dispatch: a whole buffer, or a window `[offset, offset + size)` of it
+/// (offset aligned to `Gpu::offset_alignment`).
+#[derive(Clone, Copy, Debug)]
+pub enum Bind<'a> {
+    Whole(&'a GpuBuf),
+    Range(&'a GpuBuf, u64, u64),
+}
+
+impl<'a> From<&'a GpuBuf> for Bind<'a> {
+    fn from(b: &'a GpuBuf) -> Self {
+        Bind::Whole(b)
+    }
+}
+
+const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+/// Splits `n_groups` workgroups over x and y so no dimension exceeds 65,535; kernels use
+/// `linear_id` (kernels/common.wgsl) and must ignore ids ≥ `n_groups`.
+pub fn groups(n_groups: u32) -> [u32; 3] {
+    const MAX: u32 = 65_535;
+    if n_groups <= MAX {
+        [n_groups.max(1), 1, 1]
+    } else {
+        let y = n_groups.div_ceil(MAX);
+        [n_groups.div_ceil(y), y, 1]
+    }
+}
+
+impl Gpu {
+    fn check_size(&self, what: &str, bytes: u64) -> Result<(), GpuError> {
+        if bytes > self.max_buffer() {
+            return Err(GpuError::BufferTooLarge {
+                what: what.to_string(),
+                bytes,
+                limit: self.max_buffer(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A zero-filled storage buffer of at least `bytes` bytes (rounded up to 4, minimum 4).
+    pub fn alloc(&self, label: &str, bytes: u64) -> Result<GpuBuf, GpuError> {
+        let size = bytes.div_ceil(4).max(1) * 4;
+        self.check_size(label, size)?;
+        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: USAGE,
+            mapped_at_creation: false,
+        });
+        Ok(GpuBuf {
+            buf,
+            size,
+            label: label.to_string(),
+        })
+    }
+
+    /// Uploads raw bytes (zero-padded to a multiple of 4).
+    pub fn upload_bytes(&self, label: &str, data: &[u8]) -> Result<GpuBuf, GpuError> {
+        let size = (data.len() as u64).div_ceil(4).max(1) * 4;
+        self.check_size(label, size)?;
+        let buf = if data.len() as u64 == size {
+            self.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: data,
+                    usage: USAGE,
+                })
+        } else {
+            let mut padded = data.to_vec();
+            padded.resize(size as usize, 0);
+            self.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: &padded,
+                    usage: USAGE,
+                })
+        };
+        Ok(GpuBuf {
+            buf,
+            size,
+            label: label.to_string(),
+        })
+    }
+
+    /// Uploads a slice of plain values (f32, u32, …).
+    pub fn upload<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> Result<GpuBuf, GpuError> {
+        self.upload_bytes(label, bytemuck::cast_slice(data))
+    }
+
+    /// Overwrites part of a buffer (`offset` and length multiples of 4).
+    pub fn write<T: bytemuck::Pod>(&self, buf: &GpuBuf, offset: u64, data: &[T]) {
+        self.queue
+            .write_buffer(&buf.buf, offset, bytemuck::cast_slice(data));
+    }
+
+    /// Reads a whole buffer back (waits for all submitted work).
+    pub fn read<T: bytemuck::Pod>(&self, buf: &GpuBuf) -> Result<Vec<T>, GpuError> {
+        self.read_range(buf, 0, buf.size)
+    }
+
+    /// Reads `bytes` bytes starting at `offset` (both multiples of 4).
+    pub fn read_range<T: bytemuck::Pod>(
+        &self,
+        buf: &GpuBuf,
+        offset: u64,
+        bytes: u64,
+    ) -> Result<Vec<T>, GpuError> {
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("readback"),
+            });
+        enc.copy_buffer_to_buffer(&buf.buf, offset, &staging, 0, bytes);
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.sync(&format!("reading back {}", buf.label))?;
+        let mapped = rx.recv().map_err(|e| GpuError::Map {
+            what: buf.label.clone(),
+            detail: e.to_string(),
+        })?;
+        mapped.map_err(|e| GpuError::Map {
+            what: buf.label.clone(),
+            detail: e.to_string(),
+        })?;
+        let out = {
+            let view = staging.get_mapped_range(..).map_err(|e| GpuError::Map {
+                what: buf.label.clone(),
+                detail: e.to_string(),
+            })?;
+            bytemuck::pod_collect_to_vec(&view[..])
+        };
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// A recorder for a batch of dispatches and copies, submitted together.
+    pub fn recorder(&self) -> Recorder<'_> {
+        Recorder {
+            gpu: self,
+            ops: Vec::new(),
+        }
+    }
+}
+
+enum Op {
+    Dispatch {
+        pipeline: Arc<Pipeline>,
+        bind_group: wgpu::BindGroup,
+        groups: [u32; 3],
+    },
+    Copy {
+        src: wgpu::Buffer,
+        src_off: u64,
+        dst: wgpu::Buffer,
+        dst_off: u64,
+        bytes: u64,
+    },
+    Clear {
+        buf: wgpu::Buffer,
+        offset: u64,
+        bytes: u64,
+    },
+}
+
+/// Records dispatches (each with its own small params uniform) and copies; `submit` encodes them
+/// into one command buffer, consecutive dispatches sharing one compute pass.
+pub struct Recorder<'g> {
+    gpu: &'g Gpu,
+    ops: Vec<Op>,
+}
+
+impl Recorder<'_> {
+    /// Records one dispatch. `bindings` are the storage buffers in binding order (inputs, then
+    /// outputs); `params` becomes a uniform at the next binding index.
+    pub fn dispatch<P: bytemuck::Pod>(
+        &mut self,
+        pipeline: &Arc<Pipeline>,
+        bindings: &[Bind<'_>],
+        params: &P,
+        groups: [u32; 3],
+    ) -> Result<(), GpuError> {
+        let limit = self.gpu.max_binding();
+        let mut entries = Vec::with_capacity(bindings.len() + 1);
+        for (i, b) in bindings.iter().enumerate() {
+            let (buf, offset, size) = match *b {
+                Bind::Whole(g) => (g, 0, g.size),
+                Bind::Range(g, off, size) => (g, off, size),
+            };
+            if size > limit {
+                return Err(GpuError::BindingTooLarge {
+                    what: format!("binding {i} ({}) of {}", buf.label, pipeline.name),
+                    bytes: size,
+                    limit,
+                });
+            }
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &buf.buf,
+                    offset,
+                    size: wgpu::BufferSize::new(size),
+                }),
+            });
+        }
+        let ubuf = self
+            .gpu
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("params"),
+                contents: bytemuck::bytes_of(params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        entries.push(wgpu::BindGroupEntry {
+            binding: bindings.len() as u32,
+            resource: ubuf.as_entire_binding(),
+        });
+        let bind_group = self
+            .gpu
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(&pipeline.name),
+                layout: &pipeline.layout,
+                entries: &entries,
+            });
+        self.ops.push(Op::Dispatch {
+            pipeline: pipeline.clone(),
+            bind_group,
+            groups,
+        });
+        Ok(())
+    }
+
+    /// Records a buffer-to-buffer copy (offsets and size multiples of 4).
+    pub fn copy(&mut self, src: &GpuBuf, src_off: u64, dst: &GpuBuf, dst_off: u64, bytes: u64) {
+        if bytes > 0 {
+            self.ops.push(Op::Copy {
+                src: src.buf.clone(),
+                src_off,
+                dst: dst.buf.clone(),
+                dst_off,
+                bytes,
+            });
+        }
+    }
+
+    /// Records zero-filling `bytes` bytes from `offset`.
+    pub fn clear(&mut self, buf: &GpuBuf, offset: u64, bytes: u64) {
+        if bytes > 0 {
+            self.ops.push(Op::Clear {
+                buf: buf.buf.clone(),
+                offset,
+                bytes,
+            });
+        }
+    }
+
+    /// Number of recorded operations.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Encodes and submits everything recorded (does not wait).
+    pub fn submit(self) {
+        let mut enc = self
+            .gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("bfpo"),
+            });
+        let mut i = 0;
+        while i < self.ops.len() {
+            match &self.ops[i] {
+                Op::Dispatch { .. } => {
+                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: None,
+                        timestamp_writes: None,
+                    });
+                    while let Some(Op::Dispatch {
+                        pipeline,
+                        bind_group,
+                        groups,
+                    }) = self.ops.get(i)
+                    {
+                        pass.set_pipeline(&pipeline.pipeline);
+                        pass.set_bind_group(0, bind_group, &[]);
+                        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+                        i += 1;
+                    }
+                }
+                Op::Copy {
+                    src,
+                    src_off,
+                    dst,
+                    dst_off,
+                    bytes,
+                } => {
+                    enc.copy_buffer_to_buffer(src, *src_off, dst, *dst_off, *bytes);
+                    i += 1;
+                }
+                Op::Clear { buf, offset, bytes } => {
+                    enc.clear_buffer(buf, *offset, Some(*bytes));
+                    i += 1;
+                }
+            }
+        }
+        self.gpu.queue.submit([enc.finish()]);
+    }
+
+    /// Submits and waits, turning device errors into `GpuError`.
+    pub fn run(self, context: &str) -> Result<(), GpuError> {
+        let gpu = self.gpu;
+        self.submit();
+        gpu.sync(context)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::groups;
+
+    #[test]
+    fn groups_split_over_two_dimensions() {
+        assert_eq!(groups(0), [1, 1, 1]);
+        assert_eq!(groups(65_535), [65_535, 1, 1]);
+        let g = groups(200_000);
+        assert!(
+            g[0] <= 65_535 && g[0] * g[1] >= 200_000 && g[1] == 4,
+            "{g:?}"
+        );
+    }
+}

@@ -1,0 +1,5 @@
+//! One launcher per kernel family, each beside its CPU reference and tests.
+
+pub mod add;
+pub mod lora;
+pub mod matmul;
