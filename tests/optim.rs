@@ -112,8 +112,10 @@ fn optimizer_errors_name_the_numbers() {
         e.to_string(),
         "grads has 2 values, expected 3 (one per trainable parameter)"
     );
-    let mut bad = AdamWConfig::default();
-    bad.beta2 = 1.0;
+    let bad = AdamWConfig {
+        beta2: 1.0,
+        ..Default::default()
+    };
     assert!(
         AdamW::new(bad, 1)
             .unwrap_err()
