@@ -78,7 +78,10 @@ pub fn parse_size(s: &str) -> anyhow::Result<u64> {
     Ok((v * mult).round() as u64)
 }
 
-fn model_input(args: &Args) -> anyhow::Result<(ModelConfig, Vec<(String, u64)>, String)> {
+/// The model's configuration, its tensors' stored sizes, and how to name it.
+type ModelInput = (ModelConfig, Vec<(String, u64)>, String);
+
+fn model_input(args: &Args) -> anyhow::Result<ModelInput> {
     if let Some(path) = &args.model {
         let file = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
         let cfg = ModelConfig::from_gguf(&file)
