@@ -50,9 +50,11 @@ fn qwen05b_target_plans_under_1_5_gb_with_hand_computed_items() {
     let sum: u64 = p.items.iter().map(|i| i.bytes).sum();
     assert_eq!(p.total, sum);
     assert!(p.total <= 1_500_000_000, "total {}", p.total);
-    // The embedding is the largest buffer (> 128 MiB: bound in row windows); no other binding
-    // comes near the portable 128 MiB limit.
-    assert_eq!(p.largest_buffer.name, "weight token_embd.weight");
+    // The embedding is the largest weight (> 128 MiB: split into row chunks); the largest
+    // activation buffer is the FFN activation [2048, 4864] f32.
+    assert_eq!(p.largest_weight.name, "token_embd.weight");
+    assert_eq!(p.largest_weight.bytes, 144_643_072);
+    assert_eq!(p.largest_buffer.bytes, 2048 * 4864 * 4);
     assert!(
         p.largest_binding.bytes <= 128 << 20,
         "{:?}",
@@ -121,15 +123,17 @@ fn refuses_bindings_and_buffers_over_the_limits() {
     );
     assert!(msg.contains("134217728 bytes"), "{msg}");
     assert!(msg.contains("--max-length"), "{msg}");
-    // A device whose buffers cannot hold the 144,643,072-byte embedding.
+    // A device whose buffers are smaller than the 39,845,888-byte FFN activation [2048, 4864].
     let p = plan(&target_input()).unwrap();
     let small = PlanLimits {
         max_storage_buffer_binding_size: 128 << 20,
-        max_buffer_size: 128 << 20,
+        max_buffer_size: 32 << 20,
     };
-    let msg = p.fits(&small, u64::MAX).unwrap_err().to_string();
+    let e = p.fits(&small, u64::MAX).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, PlanError::BufferTooLarge { .. }), "{msg}");
     assert!(
-        msg.contains("token_embd.weight") && msg.contains("144643072 bytes"),
+        msg.contains("39845888 bytes") && msg.contains("--pairs-per-step (now 1)"),
         "{msg}"
     );
     // Nonsense input.

@@ -181,6 +181,11 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
             fmt_bytes(plan.largest_buffer.bytes),
             fmt_bytes(limits.max_buffer_size)
         );
+        println!(
+            "  largest weight:  {} ({}; split into row chunks under the binding limit)",
+            plan.largest_weight.name,
+            fmt_bytes(plan.largest_weight.bytes)
+        );
         match (&fit, device_mem) {
             (Some(Ok(())), Some(m)) => println!("  fits in {}", fmt_bytes(m)),
             (None, _) => println!("  (pass --device-mem SIZE to check it against a device)"),

@@ -5,9 +5,9 @@
 //! both in step. Assumptions, all f32 unless said otherwise; `T` = max tokens per sequence,
 //! `S = 2·pairs_per_step` sequences per micro-step (chosen + rejected), `R = S·T` rows:
 //!
-//! * **Weights** stay in their GGUF type, one buffer per tensor, bytes as stored. A tensor larger
-//!   than the binding limit is bound in row windows (so only its buffer size is checked, against
-//!   `max_buffer_size`).
+//! * **Weights** stay in their GGUF type, bytes as stored. A matrix larger than the binding limit
+//!   is split by rows into several buffers each under the limit (`gpu::ops::matmul::GpuWeight`),
+//!   so weights never violate a limit; the largest tensor is reported for information.
 //! * **LoRA**: A and B, their gradient accumulators, and Adam's m and v: 4 × params × 4 bytes,
 //!   one buffer of each kind per adapted tensor. Gradients accumulate across micro-steps in place.
 //! * **Checkpoints** (activation checkpointing on, the default): the residual stream at the input
@@ -84,8 +84,10 @@ pub struct Plan {
     pub total: u64,
     /// The largest single storage binding of any non-weight buffer.
     pub largest_binding: Sized,
-    /// The largest single buffer (usually the embedding or LM head).
+    /// The largest single non-weight buffer (checked against `max_buffer_size`).
     pub largest_buffer: Sized,
+    /// The largest weight tensor (split into row chunks under the binding limit when larger).
+    pub largest_weight: Sized,
     /// Query heads per attention chunk.
     pub head_chunk: usize,
     pub lora_params: u64,
@@ -364,7 +366,6 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     let n_t = input.targets.len() as u64;
     let mut items = Vec::new();
     let mut bindings: Vec<Sized> = Vec::new();
-    let mut buffers: Vec<Sized> = Vec::new();
     let push = |items: &mut Vec<PlanItem>, name: &str, bytes: u64, detail: String| {
         items.push(PlanItem {
             name: name.to_string(),
@@ -382,9 +383,18 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         wsum,
         format!("{} tensors as stored", input.weights.len()),
     );
-    for (n, b) in &input.weights {
-        bind(&mut buffers, format!("weight {n}"), *b);
-    }
+    let largest_weight = input
+        .weights
+        .iter()
+        .max_by_key(|(_, b)| *b)
+        .map(|(n, b)| Sized {
+            name: n.clone(),
+            bytes: *b,
+        })
+        .unwrap_or(Sized {
+            name: "none".into(),
+            bytes: 0,
+        });
 
     // LoRA.
     let mut lora_params = 0u64;
@@ -521,9 +531,6 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     );
 
     let total = items.iter().map(|i| i.bytes).sum();
-    for b in &bindings {
-        buffers.push(b.clone());
-    }
     let largest = |v: &[Sized]| {
         v.iter().max_by_key(|s| s.bytes).cloned().unwrap_or(Sized {
             name: "none".into(),
@@ -535,7 +542,8 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         items,
         total,
         largest_binding: largest(&bindings),
-        largest_buffer: largest(&buffers),
+        largest_buffer: largest(&bindings),
+        largest_weight,
         head_chunk,
         lora_params,
     })
@@ -576,14 +584,10 @@ impl Plan {
         }
         let big = &self.largest_buffer;
         if big.bytes > limits.max_buffer_size {
-            let hint = if big.name.starts_with("weight") {
-                "this model's tensors do not fit this device's buffers; use a smaller model or a device with larger buffers".to_string()
-            } else {
-                format!(
-                    "reduce --max-length (now {}) or --pairs-per-step (now {})",
-                    self.input.max_len, self.input.pairs_per_step
-                )
-            };
+            let hint = format!(
+                "reduce --max-length (now {}) or --pairs-per-step (now {})",
+                self.input.max_len, self.input.pairs_per_step
+            );
             return Err(PlanError::BufferTooLarge {
                 name: big.name.clone(),
                 bytes: big.bytes,
