@@ -275,6 +275,7 @@ impl GpuAdamW {
     /// Records one update: the global norm of `grads` and its clip factor, then AdamW on every
     /// buffer at learning rate `lr` (gradients also multiplied by `grad_scale`). Call
     /// [`Self::finish_step`] after the recorder has run.
+    #[allow(clippy::too_many_arguments)]
     pub fn record_step(
         &mut self,
         gpu: &Gpu,
