@@ -1,5 +1,10 @@
 //! One launcher per kernel family, each beside its CPU reference and tests.
 
 pub mod add;
+pub mod attention;
+pub(crate) mod check;
 pub mod lora;
 pub mod matmul;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;
