@@ -3,6 +3,7 @@
 pub mod add;
 pub mod attention;
 pub(crate) mod check;
+pub mod embedding;
 pub mod logprob;
 pub mod lora;
 pub mod matmul;
