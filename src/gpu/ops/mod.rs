@@ -2,5 +2,12 @@
 
 pub mod adamw;
 pub mod add;
+pub mod attention;
+pub(crate) mod check;
+pub mod embedding;
+pub mod logprob;
 pub mod lora;
 pub mod matmul;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;
