@@ -176,7 +176,15 @@ fn rope_backward_matches_reference_and_inverts_forward() {
     let cases: [(RopeKind, usize, usize, usize, usize, Option<Vec<f32>>, f32); 4] = [
         (RopeKind::Norm, 8, 8, 3, 13, None, 1.0),
         (RopeKind::Neox, 16, 16, 2, 37, None, 1.0),
-        (RopeKind::Norm, 12, 8, 1, 7, Some(vec![1.0, 2.0, 4.0, 8.0]), 0.5),
+        (
+            RopeKind::Norm,
+            12,
+            8,
+            1,
+            7,
+            Some(vec![1.0, 2.0, 4.0, 8.0]),
+            0.5,
+        ),
         (RopeKind::Neox, 64, 32, 5, 33, None, 1.0),
     ];
     for (kind, head_dim, n_rot, heads, rows, freqs, pos_scale) in cases {
@@ -427,7 +435,9 @@ fn lm_head_backward_matches_reference() {
         let w = rng.normal_vec(v * d, 0.5);
         let bias = with_bias.then(|| rng.normal_vec(v, 0.5));
         let targets: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
-        let roww: Vec<f32> = (0..n).map(|i| if i % 2 == 0 { 0.7 } else { -1.3 }).collect();
+        let roww: Vec<f32> = (0..n)
+            .map(|i| if i % 2 == 0 { 0.7 } else { -1.3 })
+            .collect();
         let got = lm_head_back_gpu(
             &gpu,
             &x,
