@@ -171,6 +171,47 @@ fn grads_match_reference_qwen2_q4_k_tied() {
     eprintln!("qwen2 q4_k tied: max |Δgrad| / max|grad| = {e:.2e}");
 }
 
+#[test]
+fn grads_match_reference_qwen3_f32_untied() {
+    // qwen3: per-head Q/K RMSNorm between the projections and rope (its backward path).
+    let e = check_vs_reference(Arch::Qwen3, GgmlType::F32, false, false);
+    eprintln!("qwen3 f32 untied: max |Δgrad| / max|grad| = {e:.2e}");
+}
+
+#[test]
+fn grads_match_reference_with_a_partial_adapter() {
+    // Only some targets, only layer 1: the other projections pass gradients through untouched.
+    let gpu = common::gpu::gpu();
+    let m = load(
+        &gpu,
+        &common::models::tiny_model(Arch::Llama, GgmlType::Q8_0, false),
+    );
+    let spec = LoraSpec {
+        targets: vec![Target::AttnV, Target::FfnUp],
+        layers: vec![1],
+        rank: 3,
+        alpha: 6.0,
+        dropout: 0.0,
+        seed: 4,
+    };
+    let lora = LoraWeights::random(&spec, &m.cfg, 0.3).unwrap();
+    assert_eq!(lora.tensors.len(), 2);
+    let gl = GpuLora::upload(&gpu, &lora).unwrap();
+    let exs = examples(m.cfg.n_vocab, 31);
+    let (glogp, g) = gpu_grads(&gpu, &m.gpu_model, &gl, &exs, &SEQ_WEIGHTS);
+    let w64: Vec<f64> = SEQ_WEIGHTS.iter().map(|&w| w as f64).collect();
+    let (rlogp, rg) = m.reference.lora_grads(&exs, &w64, &lora).unwrap();
+    assert_close("partial adapter: per-seq logp", &glogp, &rlogp, LOGP_TOL);
+    let want = rg.flatten();
+    let scale = want.iter().fold(0.0f64, |a, &b| a.max(b.abs()));
+    assert_close(
+        "partial adapter: LoRA grads",
+        &g,
+        &want,
+        Tol::new(1e-4 * scale, 1e-4),
+    );
+}
+
 /// `J(lora)` from the GPU forward (f64 sum of the f32 per-sequence sums).
 fn objective(gpu: &Gpu, m: &GpuModel, lora: &LoraWeights, exs: &[Example]) -> f64 {
     let gl = GpuLora::upload(gpu, lora).unwrap();
