@@ -56,7 +56,7 @@ pub struct Args {
     /// Longest sequence accepted (default: the model's training context).
     #[arg(long)]
     pub ctx: Option<usize>,
-    /// CPU threads per decode (default: all cores).
+    /// CPU threads per decode (default: 1 for models under 20 M parameters, else all cores).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Layers to offload to the GPU (builds with the metal/vulkan/cuda features).

@@ -5,7 +5,7 @@
 //! prompt's output does not depend on its position in the batch. The repetition penalty looks
 //! at generated tokens only (not the prompt).
 
-use super::{CtxSpec, RtModel, RuntimeError, default_threads};
+use super::{CtxSpec, RtModel, RuntimeError};
 use crate::data::Prompt;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::sampling::LlamaSampler;
@@ -93,7 +93,7 @@ pub struct GenerateOptions {
     pub sampling: Sampling,
     /// Context length; default: prompt + `max_tokens`, capped at the model's training context.
     pub n_ctx: Option<usize>,
-    /// Threads per decode; default: every core.
+    /// Threads per decode; default: [`RtModel::auto_threads`].
     pub threads: Option<usize>,
 }
 
@@ -214,7 +214,7 @@ impl RtModel {
             n_ubatch: longest.min(512),
             n_seq_max: 1,
             exact: false,
-            threads: opts.threads.unwrap_or_else(default_threads),
+            threads: opts.threads.unwrap_or_else(|| self.auto_threads()),
             kv_unified: false,
         })?;
         let mut batch = LlamaBatch::new(longest, 1);
@@ -254,7 +254,14 @@ impl RtModel {
                     break StopReason::EndOfGeneration;
                 }
                 ids.push(id);
-                let piece = self.model.vocab().token_to_piece(tok, false, None);
+                // The first piece goes through `detokenize`, which drops the space prefix of
+                // SPM vocabularies exactly as for the final text, so the streamed pieces
+                // always add up to `Generation::text`.
+                let piece = if ids.len() == 1 {
+                    self.model.vocab().detokenize(&[tok], false, false)
+                } else {
+                    self.model.vocab().token_to_piece(tok, false, None)
+                };
                 let text = utf8.push(&piece);
                 let flow = on_token(&TokenEvent {
                     prompt_index: pi,

@@ -194,12 +194,16 @@ pub fn supports_gpu_offload() -> bool {
     backend().map(|b| b.supports_gpu_offload()).unwrap_or(false)
 }
 
-/// Threads llama.cpp uses per decode when not told otherwise: every available core.
-pub fn default_threads() -> usize {
+/// Every available core.
+pub fn available_cores() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(4)
 }
+
+/// Below this many parameters a decode is over before extra threads pay off; ggml's spinning
+/// thread barrier then only costs time (1000× on an oversubscribed 2-core machine).
+const SMALL_MODEL_PARAMS: u64 = 20_000_000;
 
 // ---------------------------------------------------------------------------------------------
 // Model
@@ -304,6 +308,19 @@ impl RtModel {
     /// The training context length from the model's metadata.
     pub fn n_ctx_train(&self) -> usize {
         self.model.n_ctx_train() as usize
+    }
+    /// Parameter count (elements of all tensors).
+    pub fn n_params(&self) -> u64 {
+        self.model.n_params()
+    }
+    /// Threads used per decode when not told otherwise: 1 for tiny models (under 20 M
+    /// parameters), every core otherwise.
+    pub fn auto_threads(&self) -> usize {
+        if self.n_params() < SMALL_MODEL_PARAMS {
+            1
+        } else {
+            available_cores()
+        }
     }
     /// True when the model has no chat template and ChatML is used instead.
     pub fn chat_template_fallback(&self) -> bool {

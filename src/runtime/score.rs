@@ -4,7 +4,7 @@
 //! unified KV cache, the cache cleared between batches); logits are requested only at the
 //! positions that predict response tokens, and log-softmax is computed in f64 from each row.
 
-use super::{CtxSpec, RtModel, RuntimeError, default_threads};
+use super::{CtxSpec, RtModel, RuntimeError};
 use crate::data::Example;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
@@ -24,7 +24,7 @@ pub struct ScoreOptions {
     pub max_seqs: usize,
     /// Longest example accepted; default: the model's training context.
     pub n_ctx: Option<usize>,
-    /// Threads per decode; default: every core.
+    /// Threads per decode; default: [`RtModel::auto_threads`].
     pub threads: Option<usize>,
 }
 
@@ -144,7 +144,7 @@ impl RtModel {
             n_ubatch: opts.batch_tokens.min(n_batch),
             n_seq_max,
             exact: opts.exact,
-            threads: opts.threads.unwrap_or_else(default_threads),
+            threads: opts.threads.unwrap_or_else(|| self.auto_threads()),
             kv_unified: true,
         })?;
         let mut batch = LlamaBatch::new(n_batch, 1);
@@ -227,7 +227,7 @@ impl RtModel {
             n_ubatch: n,
             n_seq_max: 1,
             exact,
-            threads: default_threads(),
+            threads: self.auto_threads(),
             kv_unified: false,
         })?;
         let mut batch = LlamaBatch::new(n, 1);
