@@ -1205,7 +1205,7 @@ impl RefModel {
 
     fn check_rows(&self, what: &'static str, x: &[f64]) -> Result<(), RefError> {
         let d = self.cfg.n_embd;
-        if x.is_empty() || x.len() % d != 0 {
+        if x.is_empty() || !x.len().is_multiple_of(d) {
             return Err(RefError::BadActivation {
                 what,
                 len: x.len(),
