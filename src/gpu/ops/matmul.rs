@@ -283,7 +283,7 @@ fn binding_limit(gpu: &Gpu) -> u64 {
 /// Tokens per dispatch so that every token-major binding (`[tokens, width]` f32 for each width in
 /// `widths`) fits under the binding limit: all `n_tokens` if they fit, else a multiple of 64
 /// tokens and of `offset_alignment / 4` (so window offsets are aligned for any width).
-fn token_window(
+pub(crate) fn token_window(
     gpu: &Gpu,
     what: &str,
     n_tokens: usize,
@@ -307,7 +307,7 @@ fn token_window(
 }
 
 /// Splits `0..n` into pieces of at most `step` (a positive multiple of `unit` unless it is all).
-fn pieces(n: usize, step: usize) -> impl Iterator<Item = Range<usize>> {
+pub(crate) fn pieces(n: usize, step: usize) -> impl Iterator<Item = Range<usize>> {
     let step = step.max(1);
     (0..n.div_ceil(step)).map(move |i| i * step..((i + 1) * step).min(n))
 }
