@@ -205,3 +205,55 @@ fn plan_command_prints_json_and_refuses_with_a_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("known shapes: qwen2.5-0.5b"));
 }
+
+#[test]
+fn plan_command_reads_a_gguf_model() {
+    use bfpo_lite::gguf::GgufFile;
+    use bfpo_lite::model::Arch;
+    use bfpo_lite::model::init::{InitSpec, build};
+    let (w, _) = build(&InitSpec::tiny(Arch::Qwen2, GgmlType::Q8_0, true)).unwrap();
+    let bytes = w.to_bytes();
+    let stored: u64 = GgufFile::from_bytes(bytes.clone())
+        .unwrap()
+        .tensors()
+        .iter()
+        .map(|t| t.n_bytes)
+        .sum();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let out = bin()
+        .args(["plan", "--model"])
+        .arg(&path)
+        .args([
+            "--max-length",
+            "64",
+            "--rank",
+            "4",
+            "--targets",
+            "ffn_down,q",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let items = v["plan"]["items"].as_array().unwrap();
+    let weights = items.iter().find(|i| i["name"] == "weights").unwrap();
+    assert_eq!(weights["bytes"].as_u64().unwrap(), stored);
+    // 2 layers × rank 4 × (ffn_down 128 + 64, attn_q 64 + 64).
+    assert_eq!(
+        v["plan"]["lora_params"].as_u64().unwrap(),
+        2 * 4 * (192 + 128)
+    );
+    let out = bin()
+        .args(["plan", "--model", "/nonexistent/model.gguf"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model.gguf"));
+}

@@ -431,3 +431,56 @@ fn bad_inputs_are_clear_errors() {
     let e = RefModel::from_parts(cfg.clone(), w).unwrap_err();
     assert!(e.to_string().contains("blk.1.attn_k"), "{e}");
 }
+
+#[test]
+fn single_layer_backward_matches_fd() {
+    use bfpo_lite::util::Rng;
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
+        let cfg = tiny(arch, true);
+        let m = model(&cfg, 16);
+        let lora = lora_for(&cfg, &Target::ALL);
+        let mut r = Rng::new(17);
+        let t = 5;
+        let x: Vec<f64> = (0..t * cfg.n_embd).map(|_| r.normal() as f64).collect();
+        let dout: Vec<f64> = (0..x.len()).map(|_| r.normal() as f64).collect();
+        let (dx, g) = m.layer_backward(1, &x, &dout, Some(&lora)).unwrap();
+        let j = |x: &[f64]| -> f64 {
+            let y = m.layer_forward(1, x, Some(&lora)).unwrap();
+            y.iter().zip(&dout).map(|(a, b)| a * b).sum()
+        };
+        let h = 1e-5;
+        let mut xp = x.clone();
+        let fd: Vec<f64> = (0..x.len())
+            .map(|i| {
+                xp[i] = x[i] + h;
+                let jp = j(&xp);
+                xp[i] = x[i] - h;
+                let jm = j(&xp);
+                xp[i] = x[i];
+                (jp - jm) / (2.0 * h)
+            })
+            .collect();
+        assert_close(
+            &format!("{arch:?} layer dx"),
+            &dx,
+            &fd,
+            Tol::new(1e-7, 1e-6),
+        );
+        // Only layer 1's adapters get gradients.
+        for gt in &g.tensors {
+            let nz = gt.a.iter().chain(&gt.b).any(|&v| v != 0.0);
+            assert_eq!(
+                nz,
+                gt.layer == 1,
+                "{arch:?} blk.{}.{:?}",
+                gt.layer,
+                gt.target
+            );
+        }
+    }
+    let m = model(&tiny(Arch::Llama, true), 1);
+    let e = m.layer_forward(2, &[0.0; 24], None).unwrap_err();
+    assert!(e.to_string().contains("layer 2 does not exist"), "{e}");
+    let e = m.layer_forward(0, &[0.0; 25], None).unwrap_err();
+    assert!(e.to_string().contains("25 values"), "{e}");
+}

@@ -76,6 +76,14 @@ pub enum RefError {
         target: &'static str,
         detail: String,
     },
+    #[error("{what} has {len} values, not a whole number of rows of {width}")]
+    BadActivation {
+        what: &'static str,
+        len: usize,
+        width: usize,
+    },
+    #[error("layer {layer} does not exist (the model has {n_layer} layers)")]
+    BadLayer { layer: usize, n_layer: usize },
     #[error("{n_weights} sequence weights given for {n_examples} examples; give one per example")]
     WeightCount { n_weights: usize, n_examples: usize },
 }
@@ -1193,6 +1201,74 @@ impl RefModel {
             x = out;
         }
         (x, tapes)
+    }
+
+    fn check_rows(&self, what: &'static str, x: &[f64]) -> Result<(), RefError> {
+        let d = self.cfg.n_embd;
+        if x.is_empty() || !x.len().is_multiple_of(d) {
+            return Err(RefError::BadActivation {
+                what,
+                len: x.len(),
+                width: d,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<(), RefError> {
+        if layer >= self.cfg.n_layer {
+            return Err(RefError::BadLayer {
+                layer,
+                n_layer: self.cfg.n_layer,
+            });
+        }
+        Ok(())
+    }
+
+    /// One layer on its own: input `x` `[T, d]` (row t at position t) → output `[T, d]`
+    /// (for checking a GPU layer forward).
+    pub fn layer_forward(
+        &self,
+        layer: usize,
+        x: &[f64],
+        lora: Option<&LoraWeights>,
+    ) -> Result<Vec<f64>, RefError> {
+        self.check_layer(layer)?;
+        self.check_rows("layer input", x)?;
+        let ad = self.adapters(lora)?;
+        Ok(self.layer_fwd(layer, x.to_vec(), &ad).0)
+    }
+
+    /// One layer's backward on its own: from the layer input `x` and the gradient `dout` of its
+    /// output, returns the gradient of its input and the gradients of this layer's adapters
+    /// (zeros for the other layers' tensors; no tensors without `lora`).
+    pub fn layer_backward(
+        &self,
+        layer: usize,
+        x: &[f64],
+        dout: &[f64],
+        lora: Option<&LoraWeights>,
+    ) -> Result<(Vec<f64>, LoraGrads), RefError> {
+        self.check_layer(layer)?;
+        self.check_rows("layer input", x)?;
+        if dout.len() != x.len() {
+            return Err(RefError::BadActivation {
+                what: "layer output gradient",
+                len: dout.len(),
+                width: self.cfg.n_embd,
+            });
+        }
+        let ad = self.adapters(lora)?;
+        let mut grads = match lora {
+            Some(l) => LoraGrads::zeros_like(l),
+            None => LoraGrads {
+                rank: 0,
+                tensors: Vec::new(),
+            },
+        };
+        let (_, tape) = self.layer_fwd(layer, x.to_vec(), &ad);
+        let dx = self.layer_back(layer, &tape, dout.to_vec(), &ad, &mut grads);
+        Ok((dx, grads))
     }
 
     /// The residual stream: the input of every layer and the final pre-norm output,

@@ -5,9 +5,11 @@
 //! over tokens; the derivatives are written at its top). Every output element is summed by one
 //! invocation in a fixed order, so results are deterministic.
 
+use crate::gpu::ops::matmul::{pieces, token_window};
 use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder};
 use crate::kernel_source;
 use crate::train::lora::{LoraTensor, LoraWeights, Target};
+use std::ops::Range;
 
 /// One adapted projection on the device: A `[rank, n_in]`, B `[n_out, rank]`, their gradient
 /// accumulators (same shapes), all f32.
@@ -172,9 +174,9 @@ pub struct LoraGradParams {
 fn gemm(
     gpu: &Gpu,
     rec: &mut Recorder<'_>,
-    x: &GpuBuf,
-    y: &GpuBuf,
-    c: &GpuBuf,
+    x: Bind<'_>,
+    y: Bind<'_>,
+    c: Bind<'_>,
     (m, n, k): (usize, usize, usize),
     (sxi, sxk, syk, syj): (usize, usize, usize, usize),
     alpha: f32,
@@ -199,7 +201,7 @@ fn gemm(
     };
     rec.dispatch(
         &pipe,
-        &[Bind::Whole(x), Bind::Whole(y), Bind::Whole(c)],
+        &[x, y, c],
         &params,
         [n.div_ceil(32) as u32, m.div_ceil(32) as u32, 1],
     )
@@ -210,9 +212,9 @@ fn gemm(
 fn grad(
     gpu: &Gpu,
     rec: &mut Recorder<'_>,
-    p: &GpuBuf,
-    q: &GpuBuf,
-    g: &GpuBuf,
+    p: Bind<'_>,
+    q: Bind<'_>,
+    g: Bind<'_>,
     (m, n, t): (usize, usize, usize),
     (sp, sq): (usize, usize),
     alpha: f32,
@@ -232,7 +234,7 @@ fn grad(
     };
     rec.dispatch(
         &pipe,
-        &[Bind::Whole(p), Bind::Whole(q), Bind::Whole(g)],
+        &[p, q, g],
         &params,
         [n.div_ceil(32) as u32, m.div_ceil(32) as u32, 1],
     )
@@ -289,30 +291,45 @@ pub fn lora_forward(
     check(&what, "x", x, nt * t.n_in, &format!("[{nt}, {}]", t.n_in))?;
     check(&what, "u", u, nt * rank, &format!("[{nt}, {rank}]"))?;
     check(&what, "y", y, nt * t.n_out, &format!("[{nt}, {}]", t.n_out))?;
-    // u[t, r] = Σ_i x[t, i]·A[r, i]
-    gemm(
-        gpu,
-        rec,
-        x,
-        &t.a,
-        u,
-        (nt, rank, t.n_in),
-        (t.n_in, 1, 1, t.n_in),
-        1.0,
-        false,
-    )?;
-    // y[t, o] += s·Σ_r u[t, r]·B[o, r]
-    gemm(
-        gpu,
-        rec,
-        u,
-        &t.b,
-        y,
-        (nt, t.n_out, rank),
-        (rank, 1, 1, rank),
-        scale,
-        true,
-    )
+    let tw = token_window(gpu, &what, nt, &[t.n_in, t.n_out, rank])?;
+    let a = Bind::Range(&t.a, 0, (rank * t.n_in * 4) as u64);
+    let b = Bind::Range(&t.b, 0, (t.n_out * rank * 4) as u64);
+    for w in pieces(nt, tw) {
+        let n = w.len();
+        let xw = win(x, &w, t.n_in);
+        let uw = win(u, &w, rank);
+        // u[t, r] = Σ_i x[t, i]·A[r, i]
+        gemm(
+            gpu,
+            rec,
+            xw,
+            a,
+            uw,
+            (n, rank, t.n_in),
+            (t.n_in, 1, 1, t.n_in),
+            1.0,
+            false,
+        )?;
+        // y[t, o] += s·Σ_r u[t, r]·B[o, r]
+        gemm(
+            gpu,
+            rec,
+            uw,
+            b,
+            win(y, &w, t.n_out),
+            (n, t.n_out, rank),
+            (rank, 1, 1, rank),
+            scale,
+            true,
+        )?;
+    }
+    Ok(())
+}
+
+/// The rows `tokens` of a token-major `[T, width]` f32 buffer, as a binding window.
+fn win<'a>(buf: &'a GpuBuf, tokens: &Range<usize>, width: usize) -> Bind<'a> {
+    let row = (width * 4) as u64;
+    Bind::Range(buf, tokens.start as u64 * row, tokens.len() as u64 * row)
 }
 
 /// Given `x` `[n_tokens, n_in]`, `u = A·x` and `dy` `[n_tokens, n_out]`: records
@@ -343,52 +360,60 @@ pub fn lora_backward(
     check(&what, "dx", dx, nt * n_in, &format!("[{nt}, {n_in}]"))?;
     check(&what, "grad_a", &t.grad_a, rank * n_in, "[rank, n_in]")?;
     check(&what, "grad_b", &t.grad_b, n_out * rank, "[n_out, rank]")?;
-    // grad_b[o, r] += s·Σ_t dy[t, o]·u[t, r]
-    grad(
-        gpu,
-        rec,
-        dy,
-        u,
-        &t.grad_b,
-        (n_out, rank, nt),
-        (n_out, rank),
-        scale,
-    )?;
-    // du[t, r] = s·Σ_o dy[t, o]·B[o, r]
-    gemm(
-        gpu,
-        rec,
-        dy,
-        &t.b,
-        du,
-        (nt, rank, n_out),
-        (n_out, 1, rank, 1),
-        scale,
-        false,
-    )?;
-    // grad_a[r, i] += Σ_t du[t, r]·x[t, i]
-    grad(
-        gpu,
-        rec,
-        du,
-        x,
-        &t.grad_a,
-        (rank, n_in, nt),
-        (rank, n_in),
-        1.0,
-    )?;
-    // dx[t, i] += Σ_r du[t, r]·A[r, i]
-    gemm(
-        gpu,
-        rec,
-        du,
-        &t.a,
-        dx,
-        (nt, n_in, rank),
-        (rank, 1, n_in, 1),
-        1.0,
-        true,
-    )
+    // Token windows keep every token-major binding under the device limit; the weight
+    // gradients accumulate window after window in a fixed order.
+    let tw = token_window(gpu, &what, nt, &[n_in, n_out, rank])?;
+    let a = Bind::Range(&t.a, 0, (rank * n_in * 4) as u64);
+    let b = Bind::Range(&t.b, 0, (n_out * rank * 4) as u64);
+    let ga = Bind::Range(&t.grad_a, 0, (rank * n_in * 4) as u64);
+    let gb = Bind::Range(&t.grad_b, 0, (n_out * rank * 4) as u64);
+    for w in pieces(nt, tw) {
+        let n = w.len();
+        let (xw, uw, dyw, duw) = (
+            win(x, &w, n_in),
+            win(u, &w, rank),
+            win(dy, &w, n_out),
+            win(du, &w, rank),
+        );
+        // grad_b[o, r] += s·Σ_t dy[t, o]·u[t, r]
+        grad(
+            gpu,
+            rec,
+            dyw,
+            uw,
+            gb,
+            (n_out, rank, n),
+            (n_out, rank),
+            scale,
+        )?;
+        // du[t, r] = s·Σ_o dy[t, o]·B[o, r]
+        gemm(
+            gpu,
+            rec,
+            dyw,
+            b,
+            duw,
+            (n, rank, n_out),
+            (n_out, 1, rank, 1),
+            scale,
+            false,
+        )?;
+        // grad_a[r, i] += Σ_t du[t, r]·x[t, i]
+        grad(gpu, rec, duw, xw, ga, (rank, n_in, n), (rank, n_in), 1.0)?;
+        // dx[t, i] += Σ_r du[t, r]·A[r, i]
+        gemm(
+            gpu,
+            rec,
+            duw,
+            a,
+            win(dx, &w, n_in),
+            (n, n_in, rank),
+            (rank, 1, n_in, 1),
+            1.0,
+            true,
+        )?;
+    }
+    Ok(())
 }
 
 // ---- CPU references (f64) --------------------------------------------------------------------

@@ -13,6 +13,7 @@ use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder};
 use crate::kernel_source;
 use crate::model::TensorRef;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Upper bound on the floating-point work of one dispatch (2·tokens·rows·n_in). 2^31 flops is
 /// ~10–40 ms on a laptop GPU running these kernels.
@@ -267,8 +268,46 @@ pub struct MatmulBackParams {
     pub _pad: u32,
 }
 
+/// A lower binding limit for tests (0 = none), so token windows are exercised on small data.
+/// Lowering it only adds windows; results are unchanged.
+#[doc(hidden)]
+pub static TEST_BINDING_LIMIT: AtomicU64 = AtomicU64::new(0);
+
+fn binding_limit(gpu: &Gpu) -> u64 {
+    match TEST_BINDING_LIMIT.load(Ordering::Relaxed) {
+        0 => gpu.max_binding(),
+        l => l.min(gpu.max_binding()),
+    }
+}
+
+/// Tokens per dispatch so that every token-major binding (`[tokens, width]` f32 for each width in
+/// `widths`) fits under the binding limit: all `n_tokens` if they fit, else a multiple of 64
+/// tokens and of `offset_alignment / 4` (so window offsets are aligned for any width).
+pub(crate) fn token_window(
+    gpu: &Gpu,
+    what: &str,
+    n_tokens: usize,
+    widths: &[usize],
+) -> Result<usize, GpuError> {
+    let limit = binding_limit(gpu);
+    let per_token = widths.iter().copied().max().unwrap_or(1).max(1) as u64 * 4;
+    if n_tokens as u64 * per_token <= limit {
+        return Ok(n_tokens);
+    }
+    let unit = (gpu.offset_alignment() as usize / 4).max(64);
+    let tw = (limit / per_token) as usize / unit * unit;
+    if tw == 0 {
+        return Err(GpuError::BindingTooLarge {
+            what: format!("{unit} tokens of {what}"),
+            bytes: unit as u64 * per_token,
+            limit,
+        });
+    }
+    Ok(tw)
+}
+
 /// Splits `0..n` into pieces of at most `step` (a positive multiple of `unit` unless it is all).
-fn pieces(n: usize, step: usize) -> impl Iterator<Item = Range<usize>> {
+pub(crate) fn pieces(n: usize, step: usize) -> impl Iterator<Item = Range<usize>> {
     let step = step.max(1);
     (0..n.div_ceil(step)).map(move |i| i * step..((i + 1) * step).min(n))
 }
@@ -308,12 +347,21 @@ fn forward(
     }
     let pipe = gpu.pipeline(&kernel_source!("matmul"), "main", &type_define(w.ty))?;
     let row_bytes = w.row_bytes();
-    let x_bind = Bind::Range(x, 0, (n_tokens * w.n_in * 4) as u64);
     let flops_per_row_token = 2 * w.n_in as u64;
-    // Rows per dispatch with all tokens; if even one workgroup of rows is too much, split tokens.
+    // Rows per dispatch with all tokens; if even one workgroup of rows is too much, split tokens
+    // (in multiples of 64, so window offsets stay aligned).
     let budget = (MAX_DISPATCH_FLOPS / flops_per_row_token) as usize; // row·tokens per dispatch
     let row_step = round_down(budget / n_tokens, FWD_ROWS_PER_WG);
-    let tok_step = round_down(budget / row_step, FWD_TOKENS_PER_WG).min(n_tokens);
+    let tok_step = round_down(budget / row_step, 64).min(token_window(
+        gpu,
+        &what,
+        n_tokens,
+        &[w.n_in, y_stride],
+    )?);
+    let bias_bind = match bias {
+        Some(b) => Bind::Range(b, 0, (rows.end * 4) as u64),
+        None => Bind::Range(x, 0, 4),
+    };
     for (chunk, grows) in w.chunks_in(&rows) {
         let local = grows.start - chunk.row_start..grows.end - chunk.row_start;
         for rp in pieces(local.len(), row_step) {
@@ -323,7 +371,7 @@ fn forward(
                     row_bytes: row_bytes as u32,
                     row0: (local.start + rp.start) as u32,
                     n_rows: rp.len() as u32,
-                    t0: tp.start as u32,
+                    t0: 0,
                     n_tokens: tp.len() as u32,
                     y_stride: y_stride as u32,
                     y_col0: (y_col0 + grows.start - rows.start + rp.start) as u32,
@@ -336,13 +384,16 @@ fn forward(
                     tp.len().div_ceil(FWD_TOKENS_PER_WG) as u32,
                     1,
                 ];
+                let xw = (w.n_in * 4) as u64;
+                let yw = (y_stride * 4) as u64;
+                let (t0, nt) = (tp.start as u64, tp.len() as u64);
                 rec.dispatch(
                     &pipe,
                     &[
-                        x_bind,
+                        Bind::Range(x, t0 * xw, nt * xw),
                         Bind::Whole(&chunk.buf),
-                        Bind::Whole(bias.unwrap_or(x)),
-                        Bind::Whole(y),
+                        bias_bind,
+                        Bind::Range(y, t0 * yw, nt * yw),
                     ],
                     &params,
                     groups,
@@ -386,7 +437,6 @@ fn back_input(
     }
     let pipe = gpu.pipeline(&kernel_source!("matmul_back"), "main", &type_define(w.ty))?;
     let row_bytes = w.row_bytes();
-    let dx_bind = Bind::Range(dx, 0, dx_bytes as u64);
     let n_groups = w.n_in / 8;
     // Work per dispatch = 2 · rows · tokens · 8 · groups. Prefer whole rows of dx (all groups,
     // all tokens) and split the row sum; split tokens and then groups only when needed.
@@ -395,8 +445,9 @@ fn back_input(
     let tok_step = if per_rt >= (n_tokens * 8) as u64 {
         n_tokens
     } else {
-        round_down((per_rt / 8) as usize, BACK_TOKENS_PER_WG).min(n_tokens)
-    };
+        round_down((per_rt / 8) as usize, 64).min(n_tokens)
+    }
+    .min(token_window(gpu, &what, n_tokens, &[w.n_in, dy_stride])?);
     let row_step = ((per_rt / tok_step as u64) as usize).max(8);
     let grp_step = if (row_step * tok_step * n_groups) as u64 <= budget {
         n_groups
@@ -417,7 +468,7 @@ fn back_input(
                         row_bytes: row_bytes as u32,
                         row0: (local.start + rp.start) as u32,
                         n_rows: rp.len() as u32,
-                        t0: tp.start as u32,
+                        t0: 0,
                         n_tokens: tp.len() as u32,
                         dy_stride: dy_stride as u32,
                         dy_col0: (grows.start - rows.start + rp.start) as u32,
@@ -431,9 +482,15 @@ fn back_input(
                         tp.len().div_ceil(BACK_TOKENS_PER_WG) as u32,
                         1,
                     ];
+                    let (dyw, dxw) = ((dy_stride * 4) as u64, (w.n_in * 4) as u64);
+                    let (t0, nt) = (tp.start as u64, tp.len() as u64);
                     rec.dispatch(
                         &pipe,
-                        &[Bind::Whole(dy), Bind::Whole(&chunk.buf), dx_bind],
+                        &[
+                            Bind::Range(dy, t0 * dyw, nt * dyw),
+                            Bind::Whole(&chunk.buf),
+                            Bind::Range(dx, t0 * dxw, nt * dxw),
+                        ],
                         &params,
                         groups,
                     )?;
