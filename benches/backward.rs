@@ -157,9 +157,7 @@ fn bench_attention_back(c: &mut Criterion) {
         let k = random(&gpu, "k", kn, 7);
         let v = random(&gpu, "v", kn, 8);
         let o = random(&gpu, "o", qn, 9);
-        let lse = gpu
-            .upload("lse", &vec![10.0f32; t * s.n_head])
-            .unwrap();
+        let lse = gpu.upload("lse", &vec![10.0f32; t * s.n_head]).unwrap();
         let dout = random(&gpu, "dout", qn, 10);
         let lens = gpu.upload("lens", &[t as u32]).unwrap();
         let lsed = gpu.alloc("lsed", (t * s.n_head * 8) as u64).unwrap();
@@ -179,8 +177,8 @@ fn bench_attention_back(c: &mut Criterion) {
                 b.iter(|| {
                     run(&gpu, |rec| {
                         attention_backward(
-                            &gpu, rec, &shape, &q, &k, &v, &o, &lse, &dout, &lens, &lsed, &dq,
-                            &dk, &dv,
+                            &gpu, rec, &shape, &q, &k, &v, &o, &lse, &dout, &lens, &lsed, &dq, &dk,
+                            &dv,
                         )
                         .unwrap()
                     })

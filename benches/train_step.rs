@@ -83,7 +83,11 @@ fn config(
 
 fn q8(gpu: &Gpu, name: &str, n_in: usize, n_out: usize, seed: u64) -> GpuWeight {
     let std = 1.0 / (n_in as f32).sqrt();
-    let bytes = quantize(GgmlType::Q8_0, &Rng::new(seed).normal_vec(n_in * n_out, std)).unwrap();
+    let bytes = quantize(
+        GgmlType::Q8_0,
+        &Rng::new(seed).normal_vec(n_in * n_out, std),
+    )
+    .unwrap();
     GpuWeight::upload_raw(gpu, name, GgmlType::Q8_0, n_in, n_out, &bytes).unwrap()
 }
 
@@ -92,8 +96,10 @@ fn synthetic_model(gpu: &Gpu, cfg: &ModelConfig) -> GpuModel {
     let (d, q, kv, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
     let ones = |n: usize| gpu.upload("norm", &vec![1.0f32; n]).unwrap();
     let bias = |n: usize, seed: u64| {
-        cfg.qkv_bias
-            .then(|| gpu.upload("bias", &Rng::new(seed).normal_vec(n, 0.1)).unwrap())
+        cfg.qkv_bias.then(|| {
+            gpu.upload("bias", &Rng::new(seed).normal_vec(n, 0.1))
+                .unwrap()
+        })
     };
     // One layer's quantized bytes, uploaded once per layer (the work does not depend on values).
     let layer = |il: usize| GpuLayer {

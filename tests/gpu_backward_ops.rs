@@ -173,7 +173,8 @@ fn rope_backward_matches_reference_and_inverts_forward() {
     let gpu = common::gpu::gpu();
     let mut rng = Rng::new(103);
     // (kind, head_dim, n_rot, heads, rows, freqs, pos_scale)
-    let cases: [(RopeKind, usize, usize, usize, usize, Option<Vec<f32>>, f32); 4] = [
+    type Case = (RopeKind, usize, usize, usize, usize, Option<Vec<f32>>, f32);
+    let cases: [Case; 4] = [
         (RopeKind::Norm, 8, 8, 3, 13, None, 1.0),
         (RopeKind::Neox, 16, 16, 2, 37, None, 1.0),
         (

@@ -55,7 +55,7 @@ pub const ATTENTION_BACK_TOL: Tol = Tol::new(2e-5, 5e-5);
 const MACS_PER_DISPATCH: usize = 1 << 27;
 
 fn validate(shape: &AttnShape) -> Result<(), GpuError> {
-    if shape.head_dim == 0 || shape.head_dim % 4 != 0 || shape.head_dim > 512 {
+    if shape.head_dim == 0 || !shape.head_dim.is_multiple_of(4) || shape.head_dim > 512 {
         return Err(bad_shape(
             "attention backward",
             format!(
@@ -64,7 +64,7 @@ fn validate(shape: &AttnShape) -> Result<(), GpuError> {
             ),
         ));
     }
-    if shape.n_head_kv == 0 || shape.n_head % shape.n_head_kv != 0 {
+    if shape.n_head_kv == 0 || !shape.n_head.is_multiple_of(shape.n_head_kv) {
         return Err(bad_shape(
             "attention backward",
             format!(
@@ -230,8 +230,8 @@ pub fn attention_backward_ref(
     let mut dk = vec![0.0f32; t_all * kw];
     let mut dv = vec![0.0f32; t_all * kw];
     let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
-    for b in 0..shape.n_seq {
-        let n = (lens[b] as usize).min(l);
+    for (b, &len) in lens.iter().enumerate().take(shape.n_seq) {
+        let n = (len as usize).min(l);
         if n == 0 {
             continue;
         }
