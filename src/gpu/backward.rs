@@ -44,6 +44,10 @@
 //! | `lsed` | [T, n_head, 2] | attention (lse, D) |
 //! | `du` | [T, r] | LoRA scratch |
 //! | `roww` | [N] | seed weight per scored row |
+//!
+//! `gpu::memory` (the planner) counts exactly these per-row buffers in its "layer workspace"
+//! items (updated to this engine: streaming attention has no `[T, T]` buffers); its LM-head item
+//! still differs from the forward's `LmHeadScratch` (see the planner's notes).
 
 use super::forward::{ForwardError, GpuBatch, GpuModel, LayerInputs, Workspace, WorkspaceSpec};
 use super::ops::attention::AttnShape;
