@@ -496,3 +496,111 @@ fn scatter_rows_routes_rows() {
     }
     assert_eq!(got, want);
 }
+
+// ---- The CPU references of this file against central finite differences in f64 -------------
+// (reference::attention_back / log_softmax_target_back are FD-checked in tests/reference_ops.rs;
+// these cover the padded-batch and LM-head wrappers built on them.)
+
+/// f64 forward of the padded attention: J = Σ dout·O over valid rows, per sequence.
+fn attention_objective(
+    s: &AttnShape,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    dout: &[f32],
+    lens: &[u32],
+) -> f64 {
+    let (qw, kw, l) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim, s.seq_len);
+    let mut j = 0.0;
+    for (b, &len) in lens.iter().enumerate() {
+        let n = len as usize;
+        if n == 0 {
+            continue;
+        }
+        let r0 = b * l;
+        let o = bfpo_lite::model::reference::attention_fwd(
+            &q[r0 * qw..(r0 + n) * qw],
+            &k[r0 * kw..(r0 + n) * kw],
+            &v[r0 * kw..(r0 + n) * kw],
+            s.n_head,
+            s.n_head_kv,
+            s.head_dim,
+        );
+        j += o
+            .iter()
+            .zip(&dout[r0 * qw..(r0 + n) * qw])
+            .map(|(a, &b)| a * b as f64)
+            .sum::<f64>();
+    }
+    j
+}
+
+#[test]
+fn cpu_references_match_finite_differences() {
+    let mut rng = Rng::new(106);
+    let h = 1e-6;
+    let fd_tol = Tol::new(1e-6, 1e-5);
+    // Padded GQA attention, including padding rows (gradient 0).
+    let s = AttnShape::new(2, 5, 4, 2, 4);
+    let lens = [5u32, 3];
+    let t = s.n_rows();
+    let q = rng.normal_vec(t * 16, 1.0);
+    let k = rng.normal_vec(t * 8, 1.0);
+    let v = rng.normal_vec(t * 8, 1.0);
+    let dout = rng.normal_vec(t * 16, 1.0);
+    let (dq, dk, dv) = attention_backward_ref(&s, &q, &k, &v, &dout, &lens);
+    let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+    let (q64, k64, v64) = (wide(&q), wide(&k), wide(&v));
+    for which in 0..3 {
+        let (base, grad) = match which {
+            0 => (&q64, &dq),
+            1 => (&k64, &dk),
+            _ => (&v64, &dv),
+        };
+        let mut fd = Vec::new();
+        for i in 0..base.len() {
+            let mut p = [q64.clone(), k64.clone(), v64.clone()];
+            p[which][i] += h;
+            let jp = attention_objective(&s, &p[0], &p[1], &p[2], &dout, &lens);
+            p[which][i] -= 2.0 * h;
+            let jm = attention_objective(&s, &p[0], &p[1], &p[2], &dout, &lens);
+            fd.push((jp - jm) / (2.0 * h));
+        }
+        assert_close(&format!("attention ref vs FD ({which})"), grad, &fd, fd_tol);
+    }
+    // LM head with bias and mixed-sign row weights: J = Σ_n w_n·log_softmax(x_n·Wᵀ + b)[t_n].
+    let (n, d, vocab) = (3usize, 8usize, 11usize);
+    let x = rng.normal_vec(n * d, 1.0);
+    let w = rng.normal_vec(vocab * d, 0.5);
+    let bias = rng.normal_vec(vocab, 0.5);
+    let targets = [3u32, 0, 10];
+    let roww = [0.7f32, -1.3, 0.4];
+    let got = lm_head_backward_ref(&x, &w, Some(&bias), &targets, &roww, d);
+    let objective = |x: &[f64]| -> f64 {
+        (0..n)
+            .map(|r| {
+                let z: Vec<f64> = (0..vocab)
+                    .map(|o| {
+                        (0..d)
+                            .map(|i| x[r * d + i] * w[o * d + i] as f64)
+                            .sum::<f64>()
+                            + bias[o] as f64
+                    })
+                    .collect();
+                roww[r] as f64
+                    * bfpo_lite::model::reference::log_softmax_target_fwd(&z, targets[r] as usize)
+            })
+            .sum()
+    };
+    let x64 = wide(&x);
+    let fd: Vec<f64> = (0..x64.len())
+        .map(|i| {
+            let mut p = x64.clone();
+            p[i] += h;
+            let jp = objective(&p);
+            p[i] -= 2.0 * h;
+            (jp - objective(&p)) / (2.0 * h)
+        })
+        .collect();
+    assert_close("lm head ref vs FD", &got, &fd, fd_tol);
+}
