@@ -10,6 +10,9 @@
 //!   `lora.tensors[*].grad_a / grad_b` (zero them with `GpuLora::zero_grads` once per optimiser
 //!   step; micro-steps accumulate for free). The adapter must be unchanged since the forward.
 //!
+//! Each `forward_train` allocates its buffers (workspace, checkpoints, gradient scratch) for
+//! exactly its batch; dropping the state (or `backward`, which consumes it) frees them.
+//!
 //! # Graph (per layer, reverse order; one submission per layer, one for the head)
 //! The seed is `dlogits = w_s·(onehot(target) − softmax(logits))` on the scored rows
 //! (`ops::logprob_back`), giving `dxsn = dlogits·W_out` chunk by chunk, then the final RMSNorm
