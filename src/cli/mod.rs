@@ -52,6 +52,8 @@ pub fn init_logging(verbose: u8) {
     if verbose == 0 {
         return;
     }
+    // Before any model loads: llama.cpp's log lines go to tracing instead of being discarded.
+    bfpo_lite::runtime::route_llama_logs_to_tracing();
     let level = match verbose {
         1 => "info",
         2 => "debug",
@@ -78,5 +80,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Info(a)) => info::run(a, verbose),
         Some(Command::InitModel(a)) => init_model::run(a, verbose),
         Some(Command::Devices(a)) => devices::run(a, verbose),
+    }
+}
+
+/// Writes command output to stdout; a closed pipe (`bfpo-lite info … | head`) is not an error.
+pub fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
     }
 }

@@ -7,6 +7,7 @@
 pub mod buffer;
 pub mod device;
 pub mod forward;
+pub mod memory;
 pub mod ops;
 pub mod registry;
 
