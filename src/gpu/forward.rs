@@ -497,10 +497,12 @@ impl GpuModel {
 
     /// Records the head: gather the scored rows of `x` `[T, d]` (the last layer's output), final
     /// RMSNorm, LM head + log-prob of each target into `ws.logp` / `ws.lse` `[N]`.
-    pub fn head_forward(
+    ///
+    /// Submits `rec` after every vocabulary chunk but the last (see [`lm_head_logprobs`]).
+    pub fn head_forward<'g>(
         &self,
-        gpu: &Gpu,
-        rec: &mut Recorder<'_>,
+        gpu: &'g Gpu,
+        rec: &mut Recorder<'g>,
         batch: &GpuBatch,
         ws: &Workspace,
         x: &GpuBuf,
