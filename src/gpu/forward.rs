@@ -25,7 +25,7 @@
 //! | buffer | shape | bytes | backward needs |
 //! |---|---|---|---|
 //! | layer inputs (checkpoints) | (n_layer + 1) × [T, d] | 4·T·d each | yes (kept) |
-//! | `xn` | [T, d] | 4·T·d | normed input of attention, then of the FFN |
+//! | `n1`, `xn` | [T, d] each | 8·T·d | normed inputs of attention (n1) and of the FFN (xn = the plan's n2) |
 //! | `rstd_attn`, `rstd_ffn` | [T] | 4·T each | RMSNorm backward |
 //! | `q`, `k`, `v` | [T, q], [T, kv], [T, kv] | 4·T·(q + 2kv) | q, k after rope |
 //! | `q_pre`, `k_pre`, `q_rstd`, `k_rstd` | qwen3 only | 4·T·(q + kv + n_head + n_head_kv) | per-head norm backward |
@@ -38,7 +38,12 @@
 //! | LM-head scratch | [N, chunk] + [N, 4] | ≤ `lm_head_budget` (64 MiB default) | – |
 //! | batch inputs | ids, pos [T] u32; lens [B] u32; rows, targets [N] u32 | 8·T + 4·B + 8·N | – |
 //!
-//! Scoring without checkpoints uses two layer-input buffers (ping-pong) instead of n_layer + 1.
+//! | `ping` | 2 × [T, d] | 8·T·d | – (residual stream without checkpoints) |
+//!
+//! This follows the training memory plan ([`crate::gpu::memory`], [`WorkspaceSpec::from_plan`])
+//! with small additions the plan does not list: the attention log-sum-exp `[T, n_head]` (the
+//! streaming attention keeps it instead of `[heads, T, T]` probabilities), the gathered pre-norm
+//! rows `xs` `[N, d]` and the two `ping` buffers.
 
 use super::ops::attention::{AttnShape, attention};
 use super::ops::embedding::{embedding, gather_rows};
@@ -196,7 +201,7 @@ impl GpuModel {
         file: &GgufFile,
         cfg: &ModelConfig,
     ) -> Result<GpuModel, ForwardError> {
-        if cfg.n_embd % 8 != 0 {
+        if !cfg.n_embd.is_multiple_of(8) {
             return Err(ForwardError::Unsupported {
                 what: format!("n_embd {}", cfg.n_embd),
                 detail: "the GPU kernels need the embedding width to be a multiple of 8".into(),
@@ -379,7 +384,7 @@ impl GpuModel {
             rec,
             x_in,
             &l.attn_norm,
-            &ws.xn,
+            &ws.n1,
             &ws.rstd_attn,
             t,
             d,
@@ -390,7 +395,7 @@ impl GpuModel {
                 project(
                     rec,
                     Target::AttnQ,
-                    &ws.xn,
+                    &ws.n1,
                     l.q_bias.as_ref(),
                     &qk.q_pre,
                     false,
@@ -398,7 +403,7 @@ impl GpuModel {
                 project(
                     rec,
                     Target::AttnK,
-                    &ws.xn,
+                    &ws.n1,
                     l.k_bias.as_ref(),
                     &qk.k_pre,
                     false,
@@ -427,8 +432,8 @@ impl GpuModel {
                 )?;
             }
             (None, None, _) => {
-                project(rec, Target::AttnQ, &ws.xn, l.q_bias.as_ref(), &ws.q, false)?;
-                project(rec, Target::AttnK, &ws.xn, l.k_bias.as_ref(), &ws.k, false)?;
+                project(rec, Target::AttnQ, &ws.n1, l.q_bias.as_ref(), &ws.q, false)?;
+                project(rec, Target::AttnK, &ws.n1, l.k_bias.as_ref(), &ws.k, false)?;
             }
             _ => {
                 return Err(ForwardError::Unsupported {
@@ -437,7 +442,7 @@ impl GpuModel {
                 });
             }
         }
-        project(rec, Target::AttnV, &ws.xn, l.v_bias.as_ref(), &ws.v, false)?;
+        project(rec, Target::AttnV, &ws.n1, l.v_bias.as_ref(), &ws.v, false)?;
         rope_inplace(
             gpu,
             rec,
@@ -497,10 +502,12 @@ impl GpuModel {
 
     /// Records the head: gather the scored rows of `x` `[T, d]` (the last layer's output), final
     /// RMSNorm, LM head + log-prob of each target into `ws.logp` / `ws.lse` `[N]`.
-    pub fn head_forward(
+    ///
+    /// Submits `rec` after every vocabulary chunk but the last (see [`lm_head_logprobs`]).
+    pub fn head_forward<'g>(
         &self,
-        gpu: &Gpu,
-        rec: &mut Recorder<'_>,
+        gpu: &'g Gpu,
+        rec: &mut Recorder<'g>,
         batch: &GpuBatch,
         ws: &Workspace,
         x: &GpuBuf,
@@ -539,8 +546,8 @@ impl GpuModel {
 
     /// Runs the whole forward over `batch` and reads back the log-probs. With `checkpoints`
     /// (n_layer + 1 buffers of ≥ `[T, d]` f32), layer i reads `checkpoints[i]` and writes
-    /// `checkpoints[i + 1]`, so they hold every layer input afterwards; without, the workspace's
-    /// two ping-pong buffers are used.
+    /// `checkpoints[i + 1]`, so they hold every layer input afterwards; without, the layers
+    /// alternate between the workspace's two `ping` buffers.
     pub fn forward_batch(
         &self,
         gpu: &Gpu,
@@ -555,15 +562,15 @@ impl GpuModel {
             ws.check_lora(a)?;
         }
         let n_layer = self.cfg.n_layer;
+        if let Some(c) = checkpoints {
+            c.check(n_layer, batch.n_rows(), self.cfg.n_embd)?;
+        }
         let input = |i: usize| -> &GpuBuf {
             match checkpoints {
                 Some(c) => &c.bufs[i],
                 None => &ws.ping[i % 2],
             }
         };
-        if let Some(c) = checkpoints {
-            c.check(n_layer, batch.n_rows(), self.cfg.n_embd)?;
-        }
         let mut rec = gpu.recorder();
         self.embed(gpu, &mut rec, batch, input(0))?;
         rec.submit();
@@ -601,6 +608,107 @@ impl GpuModel {
     }
 }
 
+/// How [`GpuModel::score`] groups examples into padded batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScoreBatching {
+    /// Most padded rows (sequences × longest length) per batch; a longer example gets a batch
+    /// of its own.
+    pub batch_tokens: usize,
+    /// Most sequences per batch.
+    pub max_seqs: usize,
+}
+
+impl Default for ScoreBatching {
+    fn default() -> Self {
+        ScoreBatching {
+            batch_tokens: 2048,
+            max_seqs: 32,
+        }
+    }
+}
+
+impl GpuModel {
+    /// Scores any number of examples: sorts them by length, groups them into padded batches
+    /// (see [`ScoreBatching`]), runs them through one reused workspace and returns the results
+    /// in the input order. `progress(done, total)` is called after every batch. Results do not
+    /// depend on the grouping (each row is computed independently of its batch).
+    pub fn score(
+        &self,
+        gpu: &Gpu,
+        examples: &[Example],
+        lora: Option<&GpuLora>,
+        batching: ScoreBatching,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<ForwardOutput, ForwardError> {
+        check_examples(&self.cfg, examples)?;
+        let n = examples.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| examples[i].len());
+        // Greedy groups of consecutive (by length) examples.
+        let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let mut end = start + 1;
+            while end < n
+                && end - start < batching.max_seqs.max(1)
+                && (end + 1 - start) * examples[order[end]].len().max(1)
+                    <= batching.batch_tokens.max(1)
+            {
+                end += 1;
+            }
+            groups.push(start..end);
+            start = end;
+        }
+        let batch_of = |g: &std::ops::Range<usize>| -> Vec<Example> {
+            order[g.clone()]
+                .iter()
+                .map(|&i| examples[i].clone())
+                .collect()
+        };
+        let (mut max_rows, mut max_scored) = (1, 1);
+        for g in &groups {
+            let exs = batch_of(g);
+            let l = exs.iter().map(|e| e.len()).max().unwrap_or(1).max(1);
+            max_rows = max_rows.max(exs.len() * l);
+            max_scored = max_scored.max(exs.iter().map(|e| e.n_scored()).sum());
+        }
+        let mut out = ForwardOutput {
+            token_logprobs: vec![Vec::new(); n],
+            seq_logprobs: vec![0.0; n],
+        };
+        if n == 0 {
+            return Ok(out);
+        }
+        let mut targets: Vec<Target> = lora
+            .map(|a| a.tensors.iter().map(|t| t.target).collect())
+            .unwrap_or_default();
+        targets.sort();
+        targets.dedup();
+        let spec = WorkspaceSpec {
+            max_rows,
+            max_scored,
+            lora_rank: lora.map_or(0, |a| a.rank),
+            lora_targets: targets,
+            lm_head_budget: WorkspaceSpec::DEFAULT_LM_HEAD_BUDGET,
+        };
+        let ws = Workspace::new(gpu, &self.cfg, &spec)?;
+        let mut done = 0;
+        for g in &groups {
+            let exs = batch_of(g);
+            let batch = GpuBatch::new(gpu, &self.cfg, &exs)?;
+            let r = self.forward_batch(gpu, &ws, &batch, lora, None)?;
+            for (k, (lp, s)) in r.token_logprobs.into_iter().zip(r.seq_logprobs).enumerate() {
+                let i = order[g.start + k];
+                out.token_logprobs[i] = lp;
+                out.seq_logprobs[i] = s;
+            }
+            done += g.len();
+            progress(done, n);
+        }
+        Ok(out)
+    }
+}
+
 /// Log-probs returned by the forward pass.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ForwardOutput {
@@ -608,6 +716,34 @@ pub struct ForwardOutput {
     pub token_logprobs: Vec<Vec<f32>>,
     /// Per example, the sum of its token log-probs (accumulated in f64).
     pub seq_logprobs: Vec<f64>,
+}
+
+/// Checks that every example has `1 ≤ response_start ≤ len` and only ids inside the vocabulary;
+/// errors name the example index and the offending position.
+pub fn check_examples(cfg: &ModelConfig, examples: &[Example]) -> Result<(), ForwardError> {
+    for (index, ex) in examples.iter().enumerate() {
+        if ex.response_start < 1 || ex.response_start > ex.len() {
+            return Err(ForwardError::BadResponseStart {
+                index,
+                response_start: ex.response_start,
+                len: ex.len(),
+            });
+        }
+        if let Some((pos, &id)) = ex
+            .ids
+            .iter()
+            .enumerate()
+            .find(|(_, id)| **id as usize >= cfg.n_vocab)
+        {
+            return Err(ForwardError::TokenOutOfRange {
+                index,
+                pos,
+                id,
+                n_vocab: cfg.n_vocab,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A padded batch of examples on the device.
@@ -640,28 +776,7 @@ impl GpuBatch {
         cfg: &ModelConfig,
         examples: &[Example],
     ) -> Result<GpuBatch, ForwardError> {
-        for (index, ex) in examples.iter().enumerate() {
-            if ex.response_start < 1 || ex.response_start > ex.len() {
-                return Err(ForwardError::BadResponseStart {
-                    index,
-                    response_start: ex.response_start,
-                    len: ex.len(),
-                });
-            }
-            if let Some((pos, &id)) = ex
-                .ids
-                .iter()
-                .enumerate()
-                .find(|(_, id)| **id as usize >= cfg.n_vocab)
-            {
-                return Err(ForwardError::TokenOutOfRange {
-                    index,
-                    pos,
-                    id,
-                    n_vocab: cfg.n_vocab,
-                });
-            }
-        }
+        check_examples(cfg, examples)?;
         let b = examples.len().max(1);
         let l = examples.iter().map(|e| e.len()).max().unwrap_or(1).max(1);
         let mut ids = vec![0u32; b * l];
@@ -767,6 +882,24 @@ impl WorkspaceSpec {
             lm_head_budget: Self::DEFAULT_LM_HEAD_BUDGET,
         }
     }
+
+    /// The workspace the memory plan ([`crate::gpu::memory`]) budgets for a training run:
+    /// `R = 2·pairs_per_step·max_len` rows (all of which may be scored), the plan's LoRA rank
+    /// and targets, an LM-head logits chunk of at most `max_len × vocab_chunk` f32 (the plan's
+    /// `[T, vocab_chunk]`).
+    pub fn from_plan(input: &crate::gpu::memory::PlanInput) -> WorkspaceSpec {
+        let rows = 2 * input.pairs_per_step * input.max_len;
+        let mut targets = input.targets.clone();
+        targets.sort();
+        targets.dedup();
+        WorkspaceSpec {
+            max_rows: rows,
+            max_scored: rows,
+            lora_rank: input.rank,
+            lora_targets: targets,
+            lm_head_budget: (input.max_len * input.vocab_chunk * 4) as u64,
+        }
+    }
 }
 
 /// qwen3's per-head Q/K norm buffers.
@@ -785,8 +918,12 @@ pub struct QkNormBufs {
 #[derive(Debug)]
 pub struct Workspace {
     pub spec: WorkspaceSpec,
-    /// Two `[T, d]` layer-input buffers used when no checkpoints are kept.
+    /// Two `[T, d]` layer buffers: the residual stream when no checkpoints are kept; the
+    /// backward pass may use them as spare outputs while it recomputes a layer.
     pub ping: [GpuBuf; 2],
+    /// `[T, d]`: RMSNorm output feeding attention (the plan's n1).
+    pub n1: GpuBuf,
+    /// `[T, d]`: RMSNorm output feeding the FFN (the plan's n2).
     pub xn: GpuBuf,
     pub rstd_attn: GpuBuf,
     pub rstd_ffn: GpuBuf,
@@ -834,6 +971,7 @@ impl Workspace {
         Ok(Workspace {
             spec: spec.clone(),
             ping: [f("layer io 0", t * d)?, f("layer io 1", t * d)?],
+            n1: f("n1", t * d)?,
             xn: f("xn", t * d)?,
             rstd_attn: f("rstd_attn", t)?,
             rstd_ffn: f("rstd_ffn", t)?,
@@ -862,6 +1000,7 @@ impl Workspace {
         let mut b = [
             &self.ping[0],
             &self.ping[1],
+            &self.n1,
             &self.xn,
             &self.rstd_attn,
             &self.rstd_ffn,

@@ -67,7 +67,7 @@ impl AttnShape {
     }
 
     fn validate(&self) -> Result<(), GpuError> {
-        if self.head_dim == 0 || self.head_dim % 4 != 0 || self.head_dim > 512 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(4) || self.head_dim > 512 {
             return Err(bad_shape(
                 "attention",
                 format!(
@@ -76,7 +76,7 @@ impl AttnShape {
                 ),
             ));
         }
-        if self.n_head_kv == 0 || self.n_head % self.n_head_kv != 0 {
+        if self.n_head_kv == 0 || !self.n_head.is_multiple_of(self.n_head_kv) {
             return Err(bad_shape(
                 "attention",
                 format!(
@@ -278,7 +278,8 @@ mod tests {
         let gpu = crate::gpu::test_device();
         let mut rng = Rng::new(31);
         // (B, L, lens, n_head, n_head_kv, head_dim, rows per dispatch)
-        let cases: [(usize, usize, Vec<u32>, usize, usize, usize, usize); 4] = [
+        type Case = (usize, usize, Vec<u32>, usize, usize, usize, usize);
+        let cases: [Case; 4] = [
             (3, 13, vec![13, 5, 1], 4, 2, 16, usize::MAX),
             (2, 9, vec![0, 9], 3, 3, 8, 4),
             (1, 37, vec![30], 6, 1, 64, 7),

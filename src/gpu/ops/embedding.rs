@@ -52,7 +52,7 @@ pub fn embedding(
         return Ok(());
     }
     let d = table.n_in;
-    if d % 8 != 0 {
+    if !d.is_multiple_of(8) {
         return Err(bad_shape(
             "embedding",
             format!(
@@ -152,6 +152,7 @@ pub fn gather_rows_ref(x: &[f32], rows: &[u32], dim: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gguf::GgmlType;
     use crate::util::{Rng, Tol, assert_close};
 
     #[test]
@@ -159,6 +160,69 @@ mod tests {
         assert_eq!(std::mem::size_of::<EmbeddingParams>(), 32);
         assert_eq!(std::mem::size_of::<GatherParams>(), 16);
         assert_eq!(std::mem::align_of::<EmbeddingParams>(), 4);
+    }
+
+    /// Dequantization in registers vs `gguf::quant` on the CPU: same formulas, but a GPU may
+    /// fuse `a·q − b` into one FMA, so allow one rounding.
+    const EMBED_TOL: Tol = Tol::new(1e-6, 1e-6);
+
+    #[test]
+    fn embedding_matches_dequantized_rows_for_every_type() {
+        let gpu = crate::gpu::test_device();
+        let mut rng = Rng::new(71);
+        for ty in GgmlType::ALL {
+            // Rows: an odd count split into chunks of 10 rows so ids fall in several chunks.
+            let d = match ty.block_elems() {
+                1 => 40,
+                32 => 96,
+                _ => 256,
+            };
+            let n_vocab = 37;
+            let table = rng.normal_vec(n_vocab * d, 0.5);
+            let bytes = crate::gguf::quant::quantize(ty, &table).unwrap();
+            let deq = crate::gguf::quant::dequantize_vec(ty, &bytes, n_vocab * d).unwrap();
+            let w = GpuWeight::upload_chunked(&gpu, "embd", ty, d, n_vocab, &bytes, 10).unwrap();
+            assert!(w.chunks.len() == 4, "{ty}: {} chunks", w.chunks.len());
+            let mut ids: Vec<u32> = (0..13).map(|_| rng.below(n_vocab as u64) as u32).collect();
+            ids[0] = 0;
+            ids[1] = (n_vocab - 1) as u32;
+            ids[2] = 10;
+            ids[3] = 9;
+            let ib = gpu.upload("ids", &ids).unwrap();
+            let xb = gpu.upload("x", &vec![f32::NAN; ids.len() * d]).unwrap();
+            let mut rec = gpu.recorder();
+            embedding(&gpu, &mut rec, &w, &ib, &xb, ids.len()).unwrap();
+            rec.run("embedding test").unwrap();
+            let got: Vec<f32> = gpu.read(&xb).unwrap();
+            assert_close(
+                &format!("embedding {ty}"),
+                &got,
+                &embedding_ref(&deq, d, &ids),
+                EMBED_TOL,
+            );
+        }
+    }
+
+    #[test]
+    fn embedding_fixed_case() {
+        // F16 table of 3 rows of 8: row r = (r, r + 0.5, …); ids (2, 0) → rows 2 and 0.
+        let gpu = crate::gpu::test_device();
+        let table: Vec<f32> = (0..24)
+            .map(|i| (i / 8) as f32 + 0.5 * (i % 8) as f32)
+            .collect();
+        let bytes = crate::gguf::quant::quantize(GgmlType::F16, &table).unwrap();
+        let w = GpuWeight::upload_raw(&gpu, "embd", GgmlType::F16, 8, 3, &bytes).unwrap();
+        let ib = gpu.upload("ids", &[2u32, 0]).unwrap();
+        let xb = gpu.alloc("x", 64).unwrap();
+        let mut rec = gpu.recorder();
+        embedding(&gpu, &mut rec, &w, &ib, &xb, 2).unwrap();
+        rec.run("embedding fixed").unwrap();
+        let got: Vec<f32> = gpu.read(&xb).unwrap();
+        let want: Vec<f32> = (0..8)
+            .map(|j| 2.0 + 0.5 * j as f32)
+            .chain((0..8).map(|j| 0.5 * j as f32))
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -166,10 +166,14 @@ impl LmHeadScratch {
 /// running log-softmax merge. x: `[n_rows, n_embd]` f32 (already final-normed); w: the LM
 /// head `[n_vocab, n_embd]`; bias: `[n_vocab]` f32 or `None`; targets: `[n_rows]` u32.
 /// Writes logp `[n_rows]` and lse `[n_rows]`.
+///
+/// The recorder is submitted after every chunk but the last (everything recorded before this
+/// call goes first, order is kept), so no single submission runs long on a real GPU; the caller
+/// submits the last chunk with whatever it records next.
 #[allow(clippy::too_many_arguments)]
-pub fn lm_head_logprobs(
-    gpu: &Gpu,
-    rec: &mut Recorder<'_>,
+pub fn lm_head_logprobs<'g>(
+    gpu: &'g Gpu,
+    rec: &mut Recorder<'g>,
     x: &GpuBuf,
     w: &GpuWeight,
     bias: Option<&GpuBuf>,
@@ -207,6 +211,9 @@ pub fn lm_head_logprobs(
             i == 0,
             i + 1 == n,
         )?;
+        if i + 1 < n {
+            std::mem::replace(rec, gpu.recorder()).submit();
+        }
     }
     Ok(())
 }
@@ -325,6 +332,51 @@ mod tests {
             let what = format!("logprob N {n} V {v} chunk {chunk} bias {with_bias}");
             assert_close(&format!("{what} logp"), &gl, &wl, LOGPROB_TOL);
             assert_close(&format!("{what} lse"), &gs, &ws, LOGPROB_TOL);
+        }
+    }
+
+    #[test]
+    fn fused_lm_head_matches_reference_over_chunks() {
+        // Q8_0 head of 301 rows split into weight chunks of 100 rows, and a logits budget of
+        // 7 rows × 64 columns: vocabulary chunks of 64 that also break at every weight chunk.
+        let gpu = crate::gpu::test_device();
+        let mut rng = Rng::new(81);
+        let (n, d, v) = (7usize, 64usize, 301usize);
+        let wf = rng.normal_vec(v * d, 0.3);
+        let ty = crate::gguf::GgmlType::Q8_0;
+        let bytes = crate::gguf::quant::quantize(ty, &wf).unwrap();
+        let wd = crate::gguf::quant::dequantize_vec(ty, &bytes, v * d).unwrap();
+        let w = GpuWeight::upload_chunked(&gpu, "head", ty, d, v, &bytes, 100).unwrap();
+        let x = rng.normal_vec(n * d, 1.0);
+        let bias = rng.normal_vec(v, 0.5);
+        let targets: Vec<u32> = vec![0, 99, 100, 300, 63, 64, 200];
+        let scratch = LmHeadScratch::new(&gpu, n, v, (n * 64 * 4) as u64).unwrap();
+        assert_eq!(scratch.max_cols, 64);
+        let xb = gpu.upload("x", &x).unwrap();
+        let bb = gpu.upload("bias", &bias).unwrap();
+        let tb = gpu.upload("targets", &targets).unwrap();
+        let logp = gpu.alloc("logp", (n * 4) as u64).unwrap();
+        let lse = gpu.alloc("lse", (n * 4) as u64).unwrap();
+        for with_bias in [false, true] {
+            let mut rec = gpu.recorder();
+            let b = with_bias.then_some(&bb);
+            lm_head_logprobs(&gpu, &mut rec, &xb, &w, b, &tb, &scratch, &logp, &lse, n).unwrap();
+            rec.run("lm head test").unwrap();
+            // Reference logits in f64 from the dequantized weights.
+            let logits: Vec<f32> = (0..n)
+                .flat_map(|r| {
+                    let (x, wd) = (&x, &wd);
+                    (0..v).map(move |c| {
+                        (0..d)
+                            .map(|i| x[r * d + i] as f64 * wd[c * d + i] as f64)
+                            .sum::<f64>() as f32
+                    })
+                })
+                .collect();
+            let (wl, ws) = logprob_ref(&logits, with_bias.then_some(&bias[..]), &targets, v);
+            let what = format!("fused lm head, bias {with_bias}");
+            assert_close(&what, &gpu.read::<f32>(&logp).unwrap(), &wl, LOGPROB_TOL);
+            assert_close(&what, &gpu.read::<f32>(&lse).unwrap(), &ws, LOGPROB_TOL);
         }
     }
 

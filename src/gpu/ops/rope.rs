@@ -61,7 +61,7 @@ impl RopeConfig {
 
     /// Checks n_rot (even, ≤ head_dim) and the length of `freqs`.
     pub fn validate(&self) -> Result<(), GpuError> {
-        if self.n_rot % 2 != 0 || self.n_rot > self.head_dim {
+        if !self.n_rot.is_multiple_of(2) || self.n_rot > self.head_dim {
             return Err(bad_shape(
                 "rope",
                 format!(
