@@ -27,7 +27,7 @@
 //! attention:  datt = dx·W_o (+ LoRA o)
 //!             (dq, dk, dv) = attention_back(q, k, v, o, lse, datt)   probabilities recomputed
 //!             dq, dk = rope⁻¹(dq), rope⁻¹(dk)   (qwen3: then per-head rmsnorm_back)
-//!             dn = dq·W_q + dk·W_k + dv·W_v (+ LoRA q, k, v; their input n1 is recomputed)
+//!             dn = dq·W_q + dk·W_k + dv·W_v (+ LoRA q, k, v; their input is the recomputed n1)
 //!             dx += rmsnorm_back(x_in, attn_norm, dn)          dx is now ∂J/∂x_in
 //! ```
 //! QKV biases, norms and all base weights are frozen: only LoRA gradients are formed. The
@@ -40,7 +40,6 @@
 //! |---|---|---|
 //! | `dx` | [T, d] | running residual gradient |
 //! | `dn` | [T, d] | gradient of a norm's output (both norms; the head's final norm) |
-//! | `n1` | [T, d] | recomputed attention-norm output (LoRA q/k/v input); the head's `dxsn` |
 //! | `datt`, `dq` | [T, q] each | |
 //! | `dk`, `dv` | [T, kv] each | (qwen3 adds `dk_pre` [T, kv]) |
 //! | `dact` | [T, ff] | `dg`, `du` overwrite the forward's gate/up in place |
@@ -58,7 +57,6 @@ use super::ops::attention_back::attention_backward;
 use super::ops::logprob_back::{lm_head_backward, scatter_rows};
 use super::ops::lora::{GpuLora, lora_backward};
 use super::ops::matmul::matmul_back_input;
-use super::ops::rmsnorm::rmsnorm;
 use super::ops::rmsnorm_back::rmsnorm_backward;
 use super::ops::rope_back::rope_backward_inplace;
 use super::ops::swiglu_back::swiglu_backward_inplace;
@@ -82,7 +80,6 @@ pub struct SeqLogp {
 struct BackScratch {
     dx: GpuBuf,
     dn: GpuBuf,
-    n1: GpuBuf,
     datt: GpuBuf,
     dq: GpuBuf,
     dk: GpuBuf,
@@ -111,7 +108,7 @@ impl TrainState {
         let mut b = self.ws.bytes()
             + self.checkpoints.bufs.iter().map(|b| b.size).sum::<u64>()
             + [
-                &s.dx, &s.dn, &s.n1, &s.datt, &s.dq, &s.dk, &s.dv, &s.dact, &s.lsed, &s.du,
+                &s.dx, &s.dn, &s.datt, &s.dq, &s.dk, &s.dv, &s.dact, &s.lsed, &s.du,
             ]
             .iter()
             .map(|b| b.size)
@@ -164,7 +161,6 @@ pub fn forward_train(
     let scratch = BackScratch {
         dx: f("grad dx", t * d)?,
         dn: f("grad dn", t * d)?,
-        n1: f("recomputed n1", t * d)?,
         datt: f("grad datt", t * q)?,
         dq: f("grad dq", t * q)?,
         dk: f("grad dk", t * kv)?,
@@ -238,7 +234,8 @@ pub fn backward(
         return Ok(());
     }
 
-    // Head: dlogits → dxsn (in s.n1) → final norm backward (into s.dn) → scatter into dx.
+    // Head: dlogits → dxsn (in the spare ws.ping[1]) → final norm backward (into s.dn) →
+    // scatter into dx.
     let mut roww = vec![0.0f32; n];
     for (r, &w) in batch.scored.iter().zip(seq_weights) {
         roww[r.clone()].iter_mut().for_each(|v| *v = w);
@@ -255,7 +252,7 @@ pub fn backward(
         &ws.lse,
         &roww,
         &ws.lm_head,
-        &s.n1,
+        &ws.ping[1],
         n,
     )?;
     rmsnorm_backward(
@@ -264,7 +261,7 @@ pub fn backward(
         &ws.xs,
         &model.output_norm,
         &ws.rstd_out,
-        &s.n1,
+        &ws.ping[1],
         &s.dn,
         n,
         d,
@@ -309,25 +306,14 @@ fn layer_backward(
     let cfg = &model.cfg;
     let l = &model.layers[il];
     let t = batch.n_rows();
-    let (d, hd, eps) = (cfg.n_embd, cfg.head_dim, cfg.rms_eps);
+    let (d, hd) = (cfg.n_embd, cfg.head_dim);
     let (rank, scale) = (lora.rank, lora.scale());
 
-    // Recompute: every intermediate of this layer lands in `ws` (x_out goes to a spare buffer),
-    // then the attention-norm output n1, which the FFN norm overwrote in `ws.xn`.
+    // Recompute: every intermediate of this layer lands in `ws` (x_out goes to the spare
+    // `ping[0]`; the checkpoint of layer il + 1 is not touched).
     model
         .layer_forward(gpu, rec, il, batch, ws, x_in, &ws.ping[0], Some(lora))
         .map_err(gpu_err)?;
-    rmsnorm(
-        gpu,
-        rec,
-        x_in,
-        &l.attn_norm,
-        &s.n1,
-        &ws.rstd_attn,
-        t,
-        d,
-        eps,
-    )?;
 
     // Input gradient through a frozen projection plus its LoRA branch (if adapted):
     // dx_in (+)= dy·W (+ LoRA: grads and dx_in += du·A).
@@ -433,9 +419,9 @@ fn layer_backward(
             )));
         }
     };
-    back(rec, Target::AttnQ, &s.n1, dq, &s.dn, false)?;
-    back(rec, Target::AttnK, &s.n1, dk, &s.dn, true)?;
-    back(rec, Target::AttnV, &s.n1, &s.dv, &s.dn, true)?;
+    back(rec, Target::AttnQ, &ws.n1, dq, &s.dn, false)?;
+    back(rec, Target::AttnK, &ws.n1, dk, &s.dn, true)?;
+    back(rec, Target::AttnV, &ws.n1, &s.dv, &s.dn, true)?;
     rmsnorm_backward(
         gpu,
         rec,

@@ -140,10 +140,13 @@ pub fn scatter_rows(
 /// `dlogits = roww[n]·(onehot(targets[n]) − softmax(x·Wᵀ + bias))`, using the forward's `lse`.
 /// x: `[n_rows, n_embd]` f32 (the final-normed rows the forward scored); w: the LM head;
 /// dx: `[n_rows, n_embd]` f32 (overwritten). `scratch.logits` is clobbered.
+///
+/// As the forward, the recorder is submitted after every chunk but the last (order is kept), so
+/// no single submission runs long on a real GPU; the caller submits the last chunk.
 #[allow(clippy::too_many_arguments)]
-pub fn lm_head_backward(
-    gpu: &Gpu,
-    rec: &mut Recorder<'_>,
+pub fn lm_head_backward<'g>(
+    gpu: &'g Gpu,
+    rec: &mut Recorder<'g>,
     x: &GpuBuf,
     w: &GpuWeight,
     bias: Option<&GpuBuf>,
@@ -167,10 +170,9 @@ pub fn lm_head_backward(
         ));
     }
     let starts: Vec<usize> = w.chunks.iter().map(|c| c.row_start).collect();
-    for (i, cols) in vocab_chunks(w.n_out, scratch.max_cols, &starts)
-        .into_iter()
-        .enumerate()
-    {
+    let chunks = vocab_chunks(w.n_out, scratch.max_cols, &starts);
+    let n = chunks.len();
+    for (i, cols) in chunks.into_iter().enumerate() {
         matmul_rows(gpu, rec, x, w, cols.clone(), &scratch.logits, n_rows)?;
         logprob_backward_chunk(
             gpu,
@@ -184,6 +186,9 @@ pub fn lm_head_backward(
             cols.clone(),
         )?;
         matmul_rows_back_input(gpu, rec, &scratch.logits, w, cols, dx, n_rows, i > 0)?;
+        if i + 1 < n {
+            std::mem::replace(rec, gpu.recorder()).submit();
+        }
     }
     Ok(())
 }
