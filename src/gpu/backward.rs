@@ -46,6 +46,7 @@
 //! | `lsed` | [T, n_head, 2] | attention (lse, D) |
 //! | `du` | [T, r] | LoRA scratch |
 //! | `roww` | [N] | seed weight per scored row |
+//! | (`ws.ping[0]`, `ws.ping[1]`) | [T, d] | the forward's spare layer buffers, reused: the recompute's output, the head's `dxsn` |
 //!
 //! `gpu::memory` (the planner) counts exactly these per-row buffers in its "layer workspace"
 //! items (updated to this engine: streaming attention has no `[T, T]` buffers); its LM-head item

@@ -15,7 +15,7 @@
 //!   recomputes one layer at a time from its checkpoint.
 //! * **Layer workspace, values** (one layer; with checkpointing off, one set per layer), as
 //!   `gpu::forward::Workspace` and `gpu::backward` allocate them: two layer-I/O buffers, the
-//!   norm output `xn`, the residual `h` and the recomputed attention-norm output `n1` `[R, d]`
+//!   norm outputs `n1` (attention) and `xn` (FFN) and the residual `h` `[R, d]`
 //!   each, `q, att [R, q_dim]`, `k, v [R, kv_dim]`, `g, u, s [R, n_ff]`, LoRA `z = A·x [R, r]`
 //!   per adapted target, per-row 1/rms of both norms `[R, 2]`, the attention log-sum-exp
 //!   `[R, n_head]`; qwen3 adds the pre-norm `q, k` and per-head 1/rms.
