@@ -501,6 +501,26 @@ impl Loss {
     }
 }
 
+/// BFPO of one pair: `(Δ − g/τ)²` with `g = b1·b3·s_w − b3·s_l − α`, `b3 = 1/(b1 − 1)`
+/// (the official defaults are τ = 0.01, b1 = 3, α = 0.5: [`Loss::bfpo`]).
+pub fn bfpo(lp: PairLogps, safe_w: bool, safe_l: bool, tau: f64, b1: f64, alpha: f64) -> PairLoss {
+    Loss::Bfpo { tau, b1, alpha }.pair(lp, safe_w, safe_l)
+}
+
+/// IPO of one pair: `(Δ − 1/(2τ))²`.
+pub fn ipo(lp: PairLogps, tau: f64) -> PairLoss {
+    Loss::Ipo { tau }.pair(lp, true, true)
+}
+
+/// DPO of one pair: `−(1−ε)·log σ(βΔ) − ε·log σ(−βΔ)`.
+pub fn dpo(lp: PairLogps, beta: f64, label_smoothing: f64) -> PairLoss {
+    Loss::Dpo {
+        beta,
+        label_smoothing,
+    }
+    .pair(lp, true, true)
+}
+
 impl FromStr for Loss {
     type Err = LossError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

@@ -42,6 +42,9 @@ fn bfpo_four_safety_cases_by_hand() {
             EXACT,
         );
     }
+    // The free function agrees with the enum.
+    let f = bfpo_lite::loss::bfpo(fixed(), false, true, 0.01, 3.0, 0.5);
+    assert_close("free fn", &[f.loss], &[101.5 * 101.5], EXACT);
     // Labels g from the paper's table: +0.5, +1.0, −1.0, −0.5.
     assert_eq!(loss.bfpo_label(true, true), Some(0.5));
     assert_eq!(loss.bfpo_label(true, false), Some(1.0));
@@ -106,6 +109,8 @@ fn ipo_equals_bfpo_with_both_safe() {
     // Hand value: τ = 0.01, Δ = 1.5 ⇒ (1.5 − 50)² = 2352.25.
     let p = Loss::ipo().pair(fixed(), false, false);
     assert_close("ipo by hand", &[p.loss], &[2352.25], EXACT);
+    let f = bfpo_lite::loss::ipo(fixed(), 0.01);
+    assert_close("ipo free fn", &[f.loss], &[2352.25], EXACT);
 }
 
 #[test]
@@ -120,6 +125,8 @@ fn dpo_values_by_hand() {
         EXACT,
     );
     assert_eq!(p.target, None);
+    let f = bfpo_lite::loss::dpo(PairLogps::new(-3.0, -4.0, -3.0, -4.0), 0.1, 0.0);
+    assert_close("dpo free fn", &[f.loss], &[std::f64::consts::LN_2], EXACT);
     // Δ = 1.5, βΔ = 0.15: loss = ln(1 + e^−0.15) = 0.6209570477895321,
     // dL/dΔ = −0.1/(1 + e^0.15) = −0.04625701546562505 (computed on a calculator).
     let p = dpo.pair(fixed(), true, true);

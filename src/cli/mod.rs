@@ -80,3 +80,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Devices(a)) => devices::run(a, verbose),
     }
 }
+
+/// Writes command output to stdout; a closed pipe (`bfpo-lite info … | head`) is not an error.
+pub fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}

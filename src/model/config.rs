@@ -1,7 +1,12 @@
-//! Hyperparameters read from GGUF metadata. (Stub API; implementation pending.)
+//! Hyperparameters read from GGUF metadata (keys: `shared/reference/gguf.md` §3).
+//!
+//! [`ModelConfig::from_gguf`] reads what the forward pass needs and rejects, with a message naming
+//! the key and value, everything bfpo-lite cannot reproduce exactly: other architectures,
+//! per-layer head counts or FFN widths, YaRN / LongRoPE scaling, mixture-of-experts, and
+//! differing K/V head sizes.
 
 use super::arch::{Arch, RopeKind};
-use crate::gguf::{GgufError, GgufFile};
+use crate::gguf::{GgmlType, GgufError, GgufFile, Value};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +30,18 @@ pub enum ModelError {
     },
     #[error("invalid hyperparameter {key}: {detail}")]
     BadHyperparameter { key: String, detail: String },
+    /// A norm, bias or rope-factor tensor stored in a type other than F32/F16.
+    #[error(
+        "tensor {name:?} has type {found}, expected {expected} (norms, biases and rope factors must be unquantized)"
+    )]
+    BadTensorType {
+        name: String,
+        found: String,
+        expected: &'static str,
+    },
+    /// A tensor the forward pass would silently ignore (extra biases, fused QKV, experts, …).
+    #[error("tensor {name:?} is not supported by bfpo-lite: {detail}")]
+    UnsupportedTensor { name: String, detail: String },
 }
 
 /// Everything the forward pass needs to know about a model's shape.
@@ -56,17 +73,359 @@ pub struct ModelConfig {
     pub qk_norm: bool,
 }
 
+/// `{arch}.{suffix}`.
+fn arch_key(arch: &str, suffix: &str) -> String {
+    format!("{arch}.{suffix}")
+}
+
+fn bad(key: &str, detail: impl Into<String>) -> ModelError {
+    ModelError::BadHyperparameter {
+        key: key.to_string(),
+        detail: detail.into(),
+    }
+}
+
+/// An unsigned integer key; a per-layer array is accepted only when every layer has the same value.
+fn opt_usize(file: &GgufFile, key: &str) -> Result<Option<usize>, ModelError> {
+    let Some(v) = file.get(key) else {
+        return Ok(None);
+    };
+    let scalar = |v: &Value| -> Result<usize, ModelError> {
+        v.as_u64()
+            .and_then(|x| usize::try_from(x).ok())
+            .ok_or_else(|| {
+                bad(
+                    key,
+                    format!(
+                        "expected a non-negative integer, found {} {}",
+                        v.value_type().name(),
+                        v.summary(32)
+                    ),
+                )
+            })
+    };
+    match v {
+        Value::Array(_, items) => {
+            let vals = items.iter().map(scalar).collect::<Result<Vec<_>, _>>()?;
+            match vals.first() {
+                None => Err(bad(key, "empty per-layer array")),
+                Some(&first) if vals.iter().all(|&x| x == first) => Ok(Some(first)),
+                Some(_) => Err(bad(
+                    key,
+                    format!(
+                        "per-layer values {vals:?} differ between layers; bfpo-lite supports only models whose layers all have the same shape"
+                    ),
+                )),
+            }
+        }
+        other => scalar(other).map(Some),
+    }
+}
+
+fn req_usize(file: &GgufFile, key: &str) -> Result<usize, ModelError> {
+    opt_usize(file, key)?.ok_or_else(|| {
+        ModelError::Gguf(GgufError::MissingKey {
+            key: key.to_string(),
+        })
+    })
+}
+
+fn opt_f32(file: &GgufFile, key: &str) -> Result<Option<f32>, ModelError> {
+    match file.get(key) {
+        None => Ok(None),
+        Some(v) => v.as_f32().map(Some).ok_or_else(|| {
+            bad(
+                key,
+                format!("expected a number, found {}", v.value_type().name()),
+            )
+        }),
+    }
+}
+
+fn opt_str<'f>(file: &'f GgufFile, key: &str) -> Result<Option<&'f str>, ModelError> {
+    match file.get(key) {
+        None => Ok(None),
+        Some(v) => v.as_str().map(Some).ok_or_else(|| {
+            bad(
+                key,
+                format!("expected a string, found {}", v.value_type().name()),
+            )
+        }),
+    }
+}
+
+/// Reads a small 1-D F32/F16 tensor (rope factors) into f32.
+fn read_vector(file: &GgufFile, name: &str) -> Result<Vec<f32>, ModelError> {
+    let t = file.tensor(name).ok_or_else(|| ModelError::MissingTensor {
+        name: name.to_string(),
+    })?;
+    let ty = t.ggml_type()?;
+    let n = t.n_elements() as usize;
+    let bytes = file.tensor_bytes(t);
+    match ty {
+        GgmlType::F32 => Ok(bytes
+            .chunks_exact(4)
+            .take(n)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()),
+        GgmlType::F16 => Ok(bytes
+            .chunks_exact(2)
+            .take(n)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()),
+        other => Err(ModelError::BadTensorType {
+            name: name.to_string(),
+            found: other.name().to_string(),
+            expected: "F32 or F16",
+        }),
+    }
+}
+
 impl ModelConfig {
-    pub fn from_gguf(_file: &GgufFile) -> Result<ModelConfig, ModelError> {
-        todo!()
+    /// Reads and validates the hyperparameters of a `llama`, `qwen2` or `qwen3` GGUF.
+    pub fn from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
+        let arch_name = file.get_str("general.architecture")?;
+        let arch = Arch::parse(arch_name).ok_or_else(|| ModelError::UnsupportedArch {
+            found: arch_name.to_string(),
+            supported: Arch::SUPPORTED,
+        })?;
+        let a = arch.name();
+        let k = |s: &str| arch_key(a, s);
+
+        let name = opt_str(file, "general.name")?.map(str::to_string);
+
+        if let Some(n_expert) = opt_usize(file, &k("expert_count"))?
+            && n_expert > 0
+        {
+            return Err(bad(
+                &k("expert_count"),
+                format!(
+                    "{n_expert} experts: mixture-of-experts models are not supported; pick a dense model"
+                ),
+            ));
+        }
+
+        let n_embd = req_usize(file, &k("embedding_length"))?;
+        let n_layer = req_usize(file, &k("block_count"))?;
+        let n_ff = req_usize(file, &k("feed_forward_length"))?;
+        let n_head = req_usize(file, &k("attention.head_count"))?;
+        let n_head_kv = opt_usize(file, &k("attention.head_count_kv"))?.unwrap_or(n_head);
+        let n_ctx_train = req_usize(file, &k("context_length"))?;
+
+        for (key, v) in [
+            ("embedding_length", n_embd),
+            ("block_count", n_layer),
+            ("feed_forward_length", n_ff),
+            ("attention.head_count", n_head),
+            ("attention.head_count_kv", n_head_kv),
+            ("context_length", n_ctx_train),
+        ] {
+            if v == 0 {
+                return Err(bad(&k(key), "must be greater than 0"));
+            }
+        }
+        if !n_head.is_multiple_of(n_head_kv) {
+            return Err(bad(
+                &k("attention.head_count_kv"),
+                format!("{n_head_kv} KV heads do not divide {n_head} query heads evenly"),
+            ));
+        }
+
+        let key_length = opt_usize(file, &k("attention.key_length"))?;
+        let value_length = opt_usize(file, &k("attention.value_length"))?;
+        let head_dim = match key_length {
+            Some(d) => d,
+            None => {
+                if !n_embd.is_multiple_of(n_head) {
+                    return Err(bad(
+                        &k("attention.head_count"),
+                        format!(
+                            "{n_head} heads do not divide embedding_length {n_embd} and attention.key_length is absent"
+                        ),
+                    ));
+                }
+                n_embd / n_head
+            }
+        };
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(bad(
+                &k("attention.key_length"),
+                format!("head dimension {head_dim} must be even and greater than 0"),
+            ));
+        }
+        if let Some(vl) = value_length
+            && vl != head_dim
+        {
+            return Err(bad(
+                &k("attention.value_length"),
+                format!(
+                    "value head size {vl} differs from key head size {head_dim}; not supported"
+                ),
+            ));
+        }
+        if arch == Arch::Qwen2 && n_head * head_dim != n_embd {
+            return Err(bad(
+                &k("attention.key_length"),
+                format!(
+                    "qwen2 needs head_count × head size = embedding_length, got {n_head} × {head_dim} ≠ {n_embd}"
+                ),
+            ));
+        }
+
+        let eps_key = k("attention.layer_norm_rms_epsilon");
+        let rms_eps = opt_f32(file, &eps_key)?.ok_or_else(|| {
+            ModelError::Gguf(GgufError::MissingKey {
+                key: eps_key.clone(),
+            })
+        })?;
+        if !(rms_eps.is_finite() && rms_eps > 0.0) {
+            return Err(bad(
+                &eps_key,
+                format!("{rms_eps} must be a positive number"),
+            ));
+        }
+
+        let n_rot = opt_usize(file, &k("rope.dimension_count"))?.unwrap_or(head_dim);
+        if n_rot == 0 || !n_rot.is_multiple_of(2) || n_rot > head_dim {
+            return Err(bad(
+                &k("rope.dimension_count"),
+                format!(
+                    "{n_rot} must be even, greater than 0 and at most the head size {head_dim}"
+                ),
+            ));
+        }
+        let rope_base = opt_f32(file, &k("rope.freq_base"))?.unwrap_or(10000.0);
+        if !(rope_base.is_finite() && rope_base > 0.0) {
+            return Err(bad(
+                &k("rope.freq_base"),
+                format!("{rope_base} must be a positive number"),
+            ));
+        }
+
+        // Rope scaling, as llama.cpp reads it: the type defaults to linear; the factor comes from
+        // `rope.scaling.factor`, else the older `rope.scale_linear`; 0 or absent means none.
+        let scaling_type = opt_str(file, &k("rope.scaling.type"))?.unwrap_or("linear");
+        let factor = match opt_f32(file, &k("rope.scaling.factor"))? {
+            Some(f) => Some(f),
+            None => opt_f32(file, &k("rope.scale_linear"))?,
+        };
+        let rope_pos_scale = match scaling_type {
+            "none" => 1.0,
+            "linear" => match factor {
+                None => 1.0,
+                Some(0.0) => 1.0,
+                Some(f) if f.is_finite() && f > 0.0 => 1.0 / f,
+                Some(f) => {
+                    return Err(bad(
+                        &k("rope.scaling.factor"),
+                        format!("linear rope scaling factor {f} must be positive"),
+                    ));
+                }
+            },
+            other => {
+                return Err(bad(
+                    &k("rope.scaling.type"),
+                    format!(
+                        "rope scaling {other:?} is not supported (supported: none, linear); YaRN and LongRoPE models cannot be trained yet"
+                    ),
+                ));
+            }
+        };
+
+        let n_vocab = match opt_usize(file, &k("vocab_size"))? {
+            Some(n) => n,
+            None => match file.get("tokenizer.ggml.tokens").and_then(Value::as_array) {
+                Some(tokens) => tokens.len(),
+                None => match file.tensor("token_embd.weight") {
+                    Some(t) if t.ne.len() >= 2 => t.ne[1] as usize,
+                    _ => {
+                        return Err(ModelError::Gguf(GgufError::MissingKey {
+                            key: format!(
+                                "{} (or tokenizer.ggml.tokens, or token_embd.weight)",
+                                k("vocab_size")
+                            ),
+                        }));
+                    }
+                },
+            },
+        };
+        if n_vocab == 0 {
+            return Err(bad(&k("vocab_size"), "vocabulary is empty"));
+        }
+
+        let rope_freqs = if arch == Arch::Llama && file.tensor("rope_freqs.weight").is_some() {
+            let f = read_vector(file, "rope_freqs.weight")?;
+            if f.len() != n_rot / 2 {
+                return Err(ModelError::BadShape {
+                    name: "rope_freqs.weight".into(),
+                    found: vec![f.len() as u64],
+                    expected: vec![(n_rot / 2) as u64],
+                });
+            }
+            if let Some((i, v)) = f
+                .iter()
+                .enumerate()
+                .find(|(_, v)| !(v.is_finite() && **v > 0.0))
+            {
+                return Err(bad(
+                    "rope_freqs.weight",
+                    format!("factor {i} is {v}; every factor must be a positive number"),
+                ));
+            }
+            Some(f)
+        } else {
+            None
+        };
+
+        Ok(ModelConfig {
+            arch,
+            name,
+            n_vocab,
+            n_embd,
+            n_layer,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_ff,
+            n_ctx_train,
+            rms_eps,
+            rope_kind: arch.rope_kind(),
+            rope_base,
+            n_rot,
+            rope_pos_scale,
+            rope_freqs,
+            tied: file.tensor("output.weight").is_none(),
+            qkv_bias: file.tensor("blk.0.attn_q.bias").is_some(),
+            qk_norm: arch == Arch::Qwen3,
+        })
     }
 
-    /// Total parameters (elements of all tensors).
+    /// Width of the concatenated query heads (`n_head · head_dim`).
     pub fn q_dim(&self) -> usize {
         self.n_head * self.head_dim
     }
 
+    /// Width of the concatenated key (or value) heads (`n_head_kv · head_dim`).
     pub fn kv_dim(&self) -> usize {
         self.n_head_kv * self.head_dim
+    }
+
+    /// Total parameters of the tensors the forward pass uses (norms and biases included).
+    pub fn n_params(&self) -> u64 {
+        let (d, v, f) = (self.n_embd as u64, self.n_vocab as u64, self.n_ff as u64);
+        let (q, kv, hd) = (
+            self.q_dim() as u64,
+            self.kv_dim() as u64,
+            self.head_dim as u64,
+        );
+        let mut layer = d + d * q + 2 * d * kv + q * d + d + 3 * d * f;
+        if self.qkv_bias {
+            layer += q + 2 * kv;
+        }
+        if self.qk_norm {
+            layer += 2 * hd;
+        }
+        let head = if self.tied { 0 } else { d * v };
+        d * v + d + head + self.n_layer as u64 * layer
     }
 }

@@ -1,0 +1,5 @@
+//! Shared helpers for integration tests: one `pub mod` line per helper module.
+#![allow(dead_code, unused_imports)]
+
+pub mod gpu;
+pub mod models;
