@@ -149,7 +149,26 @@ fn with_system(prompt: Prompt, system: &str) -> Prompt {
     Prompt::Messages(msgs)
 }
 
+/// A closed stdout pipe (`bfpo-lite generate … | head`) ends output quietly, not as an error.
+pub fn ignore_broken_pipe(r: anyhow::Result<()>) -> anyhow::Result<()> {
+    match r {
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
+}
+
 pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
+    ignore_broken_pipe(run_inner(args))
+}
+
+fn run_inner(args: Args) -> anyhow::Result<()> {
     let mut prompts: Vec<(serde_json::Value, Prompt)> = match (&args.prompt, &args.prompts) {
         (Some(p), _) => vec![(
             serde_json::Value::String(p.clone()),

@@ -1,7 +1,7 @@
 //! `bfpo-lite score`: summed response log-probs of the chosen and rejected response of every
 //! preference pair, one JSON line per pair.
 
-use super::generate::{DEFAULT_GPU_LAYERS, load_model};
+use super::generate::{DEFAULT_GPU_LAYERS, ignore_broken_pipe, load_model};
 use anyhow::{Context, bail};
 use bfpo_lite::data::{ChatMessage, Example, Prompt};
 use bfpo_lite::runtime::ScoreOptions;
@@ -154,6 +154,10 @@ fn read_pairs(path: &Path) -> anyhow::Result<Vec<Row>> {
 }
 
 pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
+    ignore_broken_pipe(run_inner(args))
+}
+
+fn run_inner(args: Args) -> anyhow::Result<()> {
     if args.engine == Engine::Wgpu {
         bail!("the wgpu scoring engine is not built yet; use --engine llama (the default) for now");
     }
