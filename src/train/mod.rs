@@ -2,7 +2,9 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod engine;
 pub mod lora;
 pub mod metrics;
 pub mod optim;
+pub mod prepare;
 pub mod trainer;

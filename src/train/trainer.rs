@@ -115,19 +115,18 @@ pub enum Event {
     },
 }
 
-/// Learning rate at optimiser step `step` (1-based) of `total`.
-pub fn learning_rate(cfg: &TrainConfig, step: usize, total: usize) -> f64 {
-    let warmup = (cfg.warmup_ratio * total as f64).ceil() as usize;
-    let base = cfg.learning_rate;
-    if warmup > 0 && step <= warmup {
-        return base * step as f64 / warmup as f64;
-    }
-    let span = total.saturating_sub(warmup).max(1) as f64;
-    let progress = ((step - warmup.min(step)) as f64 / span).clamp(0.0, 1.0);
-    match cfg.schedule {
-        ScheduleKind::Constant => base,
-        ScheduleKind::Linear => base * (1.0 - progress),
-        ScheduleKind::Cosine => base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+/// The learning-rate schedule of a run (Hugging Face semantics: update `k`, 0-based).
+pub fn schedule(cfg: &TrainConfig, total: usize) -> crate::train::optim::LrSchedule {
+    use crate::train::optim::{LrSchedule, ScheduleKind as K, Warmup};
+    LrSchedule {
+        kind: match cfg.schedule {
+            ScheduleKind::Constant => K::Constant,
+            ScheduleKind::Linear => K::Linear,
+            ScheduleKind::Cosine => K::Cosine,
+        },
+        peak_lr: cfg.learning_rate,
+        warmup: Warmup::Ratio(cfg.warmup_ratio),
+        total_steps: total.max(1) as u64,
     }
 }
 
@@ -414,6 +413,7 @@ pub fn train(
         cfg.seed ^ 0xB0FF,
     );
     let fp = fingerprint(cfg, data);
+    let sched = schedule(cfg, total);
     let eval_batch = (2 * p).max(8);
 
     let mut step = 0;
@@ -589,7 +589,7 @@ pub fn train(
             continue;
         }
         bad_streak = 0;
-        let lr = learning_rate(cfg, step, total);
+        let lr = sched.lr_at((step - 1) as u64);
         let scale = if cfg.max_grad_norm > 0.0 && norm > cfg.max_grad_norm {
             cfg.max_grad_norm / norm
         } else {
@@ -667,31 +667,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn schedules_warm_up_then_decay() {
-        let cfg = TrainConfig {
-            learning_rate: 1.0,
-            warmup_ratio: 0.1,
-            schedule: ScheduleKind::Cosine,
-            ..Default::default()
-        };
-        assert!((learning_rate(&cfg, 1, 100) - 0.1).abs() < 1e-12);
-        assert!((learning_rate(&cfg, 10, 100) - 1.0).abs() < 1e-12);
-        assert!(learning_rate(&cfg, 100, 100).abs() < 1e-12);
-        assert!((learning_rate(&cfg, 55, 100) - 0.5).abs() < 1e-12);
-        let lin = TrainConfig {
-            schedule: ScheduleKind::Linear,
-            warmup_ratio: 0.0,
-            learning_rate: 2.0,
-            ..Default::default()
-        };
-        assert!((learning_rate(&lin, 50, 100) - 1.0).abs() < 1e-12);
-        let c = TrainConfig {
-            schedule: ScheduleKind::Constant,
-            warmup_ratio: 0.0,
-            learning_rate: 3.0,
-            ..Default::default()
-        };
-        assert_eq!(learning_rate(&c, 77, 100), 3.0);
+    fn schedule_follows_config() {
+        let cfg = TrainConfig { learning_rate: 1.0, warmup_ratio: 0.1, schedule: ScheduleKind::Cosine, ..Default::default() };
+        let s = schedule(&cfg, 100);
+        assert_eq!(s.warmup_steps(), 10);
+        assert!((s.lr_at(10) - 1.0).abs() < 1e-12);
+        assert!(s.lr_at(100).abs() < 1e-12);
     }
 
     #[test]
