@@ -185,3 +185,86 @@ pub fn check_arch(
     }
     Ok(())
 }
+
+/// Writes an output through a temporary sibling (file or directory) and a rename, so a crash
+/// never leaves a half-written `out`. Refuses to replace an existing `out` unless `force`.
+///
+/// `write` receives the temporary path (for a directory: already created, empty). When `out` is
+/// an existing directory and `force` is set, the old directory is moved aside, the new one renamed
+/// in, and then the old one deleted. On any error the temporary output is removed and an existing
+/// `out` is left untouched.
+pub fn write_atomically(
+    out: &std::path::Path,
+    force: bool,
+    is_dir: bool,
+    write: impl FnOnce(&std::path::Path) -> Result<(), ExportError>,
+) -> Result<(), ExportError> {
+    use std::path::Path;
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| ExportError::Io { path: p, source }
+    };
+    let exists = std::fs::symlink_metadata(out).is_ok();
+    if exists && !force {
+        return Err(ExportError::OutputExists {
+            path: out.to_path_buf(),
+        });
+    }
+    if exists && std::fs::metadata(out).map(|m| m.is_dir()).unwrap_or(false) != is_dir {
+        return Err(ExportError::Other(format!(
+            "{} exists and is a {}, but this export writes a {}; choose another --out",
+            out.display(),
+            if is_dir { "file" } else { "directory" },
+            if is_dir { "directory" } else { "file" },
+        )));
+    }
+    let parent = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+    let name = out
+        .file_name()
+        .ok_or_else(|| ExportError::Other(format!("{} has no file name", out.display())))?
+        .to_string_lossy()
+        .to_string();
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = parent.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
+    let cleanup = |p: &Path| {
+        if is_dir {
+            let _ = std::fs::remove_dir_all(p);
+        } else {
+            let _ = std::fs::remove_file(p);
+        }
+    };
+    cleanup(&tmp);
+    let result = (|| {
+        if is_dir {
+            std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+        }
+        write(&tmp)?;
+        if is_dir && exists {
+            let old = parent.join(format!(".{name}.old-{}-{n}", std::process::id()));
+            std::fs::rename(out, &old).map_err(io(out))?;
+            if let Err(source) = std::fs::rename(&tmp, out) {
+                let _ = std::fs::rename(&old, out);
+                return Err(ExportError::Io {
+                    path: out.to_path_buf(),
+                    source,
+                });
+            }
+            let _ = std::fs::remove_dir_all(&old);
+        } else {
+            std::fs::rename(&tmp, out).map_err(io(out))?;
+        }
+        if let Ok(d) = std::fs::File::open(&parent) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        cleanup(&tmp);
+    }
+    result
+}
