@@ -233,8 +233,15 @@ fn render(s: &Summary) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "wrote {} ({:?}, {}) from {}",
-        s.out, s.format, s.outtype, s.input
+        "wrote {} ({}, {}) from {}",
+        s.out,
+        match s.format {
+            Format::Gguf => "GGUF adapter",
+            Format::Peft => "PEFT adapter",
+            Format::Merged => "merged model",
+        },
+        s.outtype,
+        s.input
     );
     let _ = writeln!(
         o,
@@ -252,7 +259,15 @@ fn render(s: &Summary) -> String {
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        let _ = writeln!(o, "  trained with {loss} {}", params.join(" "));
+        let _ = writeln!(
+            o,
+            "  trained with {}",
+            [loss.clone()]
+                .into_iter()
+                .chain(params)
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
     }
     if let Some(steps) = p.steps {
         let _ = writeln!(o, "  steps: {steps}");
