@@ -6,6 +6,7 @@
 
 pub mod buffer;
 pub mod device;
+pub mod memory;
 pub mod ops;
 pub mod registry;
 
