@@ -215,3 +215,48 @@ fn merge_errors_are_clear() {
         "{e}"
     );
 }
+
+/// The merged model (F32) without an adapter computes what the base model computes with the
+/// adapter, in the f64 CPU reference model (F16 merged: within a measured bound).
+#[test]
+fn merged_model_equals_base_plus_adapter_in_reference_model() {
+    use bfpo_lite::model::Weights;
+    use bfpo_lite::model::reference::RefModel;
+    let path = models::tiny_model(Arch::Qwen2, GgmlType::F32, false);
+    let base = GgufFile::open(&path).unwrap();
+    let cfg = ModelConfig::from_gguf(&base).unwrap();
+    let lora = lora_for(&path, 0.05, 15);
+    let ids: Vec<u32> = vec![1, 40, 2, 300, 9, 77, 5];
+    let want = RefModel::new(&cfg, &Weights::from_gguf(&base, &cfg).unwrap())
+        .unwrap()
+        .logits(&ids, Some(&lora))
+        .unwrap();
+    let plain = RefModel::new(&cfg, &Weights::from_gguf(&base, &cfg).unwrap())
+        .unwrap()
+        .logits(&ids, None)
+        .unwrap();
+    for (ty, bound) in [(GgmlType::F32, 1e-4), (GgmlType::F16, 2e-2)] {
+        let (w, _) = merge(&base, &path, "qwen2", &lora, Some(ty)).unwrap();
+        let merged = GgufFile::from_bytes(w.try_to_bytes().unwrap()).unwrap();
+        let got = RefModel::new(&cfg, &Weights::from_gguf(&merged, &cfg).unwrap())
+            .unwrap()
+            .logits(&ids, None)
+            .unwrap();
+        let max = |a: &[Vec<f64>], b: &[Vec<f64>]| {
+            a.iter()
+                .flatten()
+                .zip(b.iter().flatten())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f64, f64::max)
+        };
+        let (err, effect) = (max(&want, &got), max(&want, &plain));
+        eprintln!(
+            "{ty}: merged vs base+adapter max |Δlogit| {err:.3e}; adapter effect {effect:.3e}"
+        );
+        assert!(err < bound, "{ty}: {err}");
+        assert!(
+            effect > 10.0 * bound,
+            "the adapter must change the logits ({effect})"
+        );
+    }
+}

@@ -247,3 +247,61 @@ fn written_files_read_back_with_safetensors() {
         );
     }
 }
+
+/// The strongest check short of running PEFT: a Hugging Face-layout llama (Q/K rows un-permuted,
+/// rotate-half = NEOX rope) with the PEFT tensors gives the same logits as the GGUF-layout model
+/// (NORM rope) with the GGUF adapter, in the f64 CPU reference model. Using the GGUF-order
+/// `lora_B` on the HF model instead must not match (the check is sensitive to the permutation).
+#[test]
+fn peft_adapter_on_hf_layout_model_matches_gguf_adapter_in_reference_model() {
+    use bfpo_lite::model::reference::RefModel;
+    use bfpo_lite::model::{RopeKind, Weights};
+    let path = models::tiny_model(Arch::Llama, GgmlType::F32, false);
+    let file = GgufFile::open(&path).unwrap();
+    let cfg = ModelConfig::from_gguf(&file).unwrap();
+    assert_eq!(cfg.n_rot, cfg.head_dim);
+    let gguf_model = RefModel::new(&cfg, &Weights::from_gguf(&file, &cfg).unwrap()).unwrap();
+    let l = lora(&cfg, &Target::ALL, &[0, 1], 3);
+
+    let mut hf_w = gguf_model.weights().clone();
+    for layer in &mut hf_w.layers {
+        layer.wq = unpermute_rows(&layer.wq, cfg.n_head, cfg.n_embd).unwrap();
+        layer.wk = unpermute_rows(&layer.wk, cfg.n_head_kv, cfg.n_embd).unwrap();
+    }
+    let mut hf_cfg = cfg.clone();
+    hf_cfg.rope_kind = RopeKind::Neox;
+    let hf_model = RefModel::from_parts(hf_cfg, hf_w).unwrap();
+
+    let tensors = peft_tensors(&l, &cfg).unwrap();
+    let mut hf_lora = l.clone();
+    for t in &mut hf_lora.tensors {
+        let name = format!(
+            "base_model.model.model.layers.{}.{}.lora_B.weight",
+            t.layer,
+            t.target.hf_module()
+        );
+        t.b = tensors
+            .iter()
+            .find(|x| x.name == name)
+            .unwrap()
+            .values
+            .clone();
+    }
+
+    let ids: Vec<u32> = vec![1, 17, 250, 3, 99, 42, 7, 600, 5];
+    let want = gguf_model.logits(&ids, Some(&l)).unwrap();
+    let got = hf_model.logits(&ids, Some(&hf_lora)).unwrap();
+    let wrong = hf_model.logits(&ids, Some(&l)).unwrap();
+    let (mut max_err, mut max_wrong) = (0.0f64, 0.0f64);
+    for ((w, g), x) in want.iter().zip(&got).zip(&wrong) {
+        for ((a, b), c) in w.iter().zip(g).zip(x) {
+            max_err = max_err.max((a - b).abs());
+            max_wrong = max_wrong.max((a - c).abs());
+        }
+    }
+    assert!(
+        max_err < 1e-9,
+        "HF layout + PEFT adapter differs by {max_err}"
+    );
+    assert!(max_wrong > 1e-3, "permutation not exercised ({max_wrong})");
+}
