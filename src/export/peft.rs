@@ -77,13 +77,13 @@ pub fn permute_rows(m: &[f32], n_heads: usize, cols: usize) -> Result<Vec<f32>, 
 
 fn head_dims(len: usize, n_heads: usize, cols: usize) -> Result<(usize, usize), ExportError> {
     let rows = len.checked_div(cols).unwrap_or(0);
-    if n_heads == 0 || cols == 0 || rows * cols != len || rows % n_heads != 0 {
+    if n_heads == 0 || cols == 0 || rows * cols != len || !rows.is_multiple_of(n_heads) {
         return Err(ExportError::Other(format!(
             "cannot split a matrix of {len} values with {cols} columns into {n_heads} heads"
         )));
     }
     let hd = rows / n_heads;
-    if hd % 2 != 0 {
+    if !hd.is_multiple_of(2) {
         return Err(ExportError::Other(format!(
             "head size {hd} is odd; llama Q/K rows come in rope pairs"
         )));
