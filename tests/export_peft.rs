@@ -13,6 +13,7 @@ use bfpo_lite::gguf::{GgmlType, GgufFile};
 use bfpo_lite::model::{Arch, ModelConfig};
 use bfpo_lite::train::lora::{LoraSpec, LoraWeights, Target};
 use common::models;
+use std::path::Path;
 
 fn cfg_of(arch: Arch) -> ModelConfig {
     let path = models::tiny_model(arch, GgmlType::F32, true);
@@ -304,4 +305,59 @@ fn peft_adapter_on_hf_layout_model_matches_gguf_adapter_in_reference_model() {
         "HF layout + PEFT adapter differs by {max_err}"
     );
     assert!(max_wrong > 1e-3, "permutation not exercised ({max_wrong})");
+}
+
+/// Optional (not in the default run): checks the PEFT export against the GGUF adapter with
+/// Python's `safetensors`, `numpy` and `gguf` packages and the converter's own numpy permutation
+/// (`tests/export_peft_check.py`). Run with
+/// `BFPO_PYTHON=/path/to/python cargo test --release --test export_peft -- --ignored`
+/// where that Python has `pip install safetensors numpy gguf`.
+#[test]
+#[ignore = "needs BFPO_PYTHON with safetensors, numpy and gguf installed"]
+fn python_reads_peft_export_like_hugging_face() {
+    use bfpo_lite::export::gguf_adapter::{Provenance, write_adapter};
+    let python = std::env::var("BFPO_PYTHON").expect(
+        "set BFPO_PYTHON to a Python with `pip install safetensors numpy gguf` to run this test",
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/export_peft_check.py");
+    for (arch, dtype) in [
+        (Arch::Llama, AdapterDType::F32),
+        (Arch::Llama, AdapterDType::F16),
+        (Arch::Qwen2, AdapterDType::F32),
+    ] {
+        let cfg = cfg_of(arch);
+        let l = lora(&cfg, &Target::ALL, &[0, 1], 3);
+        let dir = tempfile::tempdir().unwrap();
+        let adapter = dir.path().join("adapter.gguf");
+        write_adapter(
+            &adapter,
+            &l,
+            &cfg,
+            &Provenance::default(),
+            AdapterDType::F32,
+        )
+        .unwrap();
+        let peft_dir = dir.path().join("peft");
+        std::fs::create_dir(&peft_dir).unwrap();
+        let opts = PeftOptions {
+            dtype,
+            base_model_name_or_path: None,
+        };
+        write_peft(&peft_dir, &l, &cfg, &opts).unwrap();
+        let out = std::process::Command::new(&python)
+            .arg(&script)
+            .arg(&adapter)
+            .arg(&peft_dir)
+            .arg(cfg.n_head.to_string())
+            .arg(cfg.n_head_kv.to_string())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{arch:?} {dtype:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("OK 28 tensors"), "{stdout}");
+    }
 }
