@@ -52,6 +52,8 @@ pub fn init_logging(verbose: u8) {
     if verbose == 0 {
         return;
     }
+    // Before any model loads: llama.cpp's log lines go to tracing instead of being discarded.
+    bfpo_lite::runtime::route_llama_logs_to_tracing();
     let level = match verbose {
         1 => "info",
         2 => "debug",
