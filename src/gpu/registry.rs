@@ -33,10 +33,16 @@ macro_rules! kernel_source {
 }
 
 /// Shared WGSL snippets that kernels can `#include`.
-pub const SNIPPETS: &[(&str, &str)] = &[(
-    "common.wgsl",
-    include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/common.wgsl")),
-)];
+pub const SNIPPETS: &[(&str, &str)] = &[
+    (
+        "common.wgsl",
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/common.wgsl")),
+    ),
+    (
+        "dequant.wgsl",
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/dequant.wgsl")),
+    ),
+];
 
 /// Expands `#include` lines and `${NAME}` placeholders. Errors name the kernel and the problem.
 pub fn preprocess(kernel: &KernelSource, defines: &[(&str, String)]) -> Result<String, String> {
