@@ -80,7 +80,11 @@ pub struct CpuEngine {
 }
 
 impl CpuEngine {
-    pub fn new(model: RefModel, lora: LoraWeights, adam: AdamWConfig) -> Result<CpuEngine, TrainError> {
+    pub fn new(
+        model: RefModel,
+        lora: LoraWeights,
+        adam: AdamWConfig,
+    ) -> Result<CpuEngine, TrainError> {
         let n = flatten_lora(&lora).len();
         Ok(CpuEngine {
             model,
@@ -106,7 +110,10 @@ impl Engine for CpuEngine {
         Ok(lp
             .into_iter()
             .zip(examples)
-            .map(|(logp, e)| SeqScore { logp, n_tokens: e.n_scored() })
+            .map(|(logp, e)| SeqScore {
+                logp,
+                n_tokens: e.n_scored(),
+            })
             .collect())
     }
 
@@ -117,7 +124,10 @@ impl Engine for CpuEngine {
 
     fn backward(&mut self, weights: &[f32]) -> Result<(), TrainError> {
         let w: Vec<f64> = weights.iter().map(|&x| x as f64).collect();
-        let (_, g) = self.model.lora_grads(&self.last, &w, &self.lora).map_err(err)?;
+        let (_, g) = self
+            .model
+            .lora_grads(&self.last, &w, &self.lora)
+            .map_err(err)?;
         for (acc, x) in self.grads.iter_mut().zip(g.flatten()) {
             *acc += x as f32;
         }
@@ -130,7 +140,9 @@ impl Engine for CpuEngine {
 
     fn optimizer_step(&mut self, lr: f64, grad_scale: f64) -> Result<(), TrainError> {
         let mut p = flatten_lora(&self.lora);
-        self.opt.step(&mut p, &self.grads, lr, grad_scale).map_err(err)?;
+        self.opt
+            .step(&mut p, &self.grads, lr, grad_scale)
+            .map_err(err)?;
         unflatten_lora(&p, &mut self.lora);
         self.grads.iter_mut().for_each(|g| *g = 0.0);
         Ok(())
@@ -145,14 +157,20 @@ impl Engine for CpuEngine {
         Ok(self.lora.clone())
     }
 
-    fn save_state(&mut self) -> Result<(BTreeMap<String, Vec<f32>>, serde_json::Value), TrainError> {
+    fn save_state(
+        &mut self,
+    ) -> Result<(BTreeMap<String, Vec<f32>>, serde_json::Value), TrainError> {
         Ok((
             pack_state(&self.lora, &self.opt.m, &self.opt.v),
             serde_json::json!({ "adam_step": self.opt.step }),
         ))
     }
 
-    fn load_state(&mut self, tensors: &BTreeMap<String, Vec<f32>>, scalars: &serde_json::Value) -> Result<(), TrainError> {
+    fn load_state(
+        &mut self,
+        tensors: &BTreeMap<String, Vec<f32>>,
+        scalars: &serde_json::Value,
+    ) -> Result<(), TrainError> {
         let (m, v) = unpack_state(tensors, &mut self.lora)?;
         self.opt.m = m;
         self.opt.v = v;

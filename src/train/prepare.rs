@@ -98,7 +98,10 @@ impl PrepareReport {
 }
 
 /// Loads pair files.
-pub fn load(files: &[PathBuf], opts: &LoadOptions) -> Result<(Vec<Pair>, Vec<LoadReportSummary>), PrepareError> {
+pub fn load(
+    files: &[PathBuf],
+    opts: &LoadOptions,
+) -> Result<(Vec<Pair>, Vec<LoadReportSummary>), PrepareError> {
     let (pairs, reports) = load_many(files, opts)?;
     Ok((pairs, reports.iter().map(LoadReportSummary::from).collect()))
 }
@@ -121,10 +124,19 @@ pub fn encode_pairs(
             .and_then(|(c, r)| {
                 let prompt = &c.ids[..c.response_start];
                 if r.ids[..r.response_start] != *prompt {
-                    return Err(("prompt-mismatch", "chosen and rejected render the prompt differently".to_string()));
+                    return Err((
+                        "prompt-mismatch",
+                        "chosen and rejected render the prompt differently".to_string(),
+                    ));
                 }
-                build_pair_examples(i, prompt, &c.ids[c.response_start..], &r.ids[r.response_start..], trunc)
-                    .map_err(|e| ("truncate", e.to_string()))
+                build_pair_examples(
+                    i,
+                    prompt,
+                    &c.ids[c.response_start..],
+                    &r.ids[r.response_start..],
+                    trunc,
+                )
+                .map_err(|e| ("truncate", e.to_string()))
             });
         match res {
             Ok(ex) => {
@@ -147,7 +159,9 @@ pub fn encode_pairs(
                 }
                 *report.encode_skipped.entry(reason.to_string()).or_default() += 1;
                 if report.encode_examples.len() < 5 {
-                    report.encode_examples.push(format!("{}: {reason}: {detail}", pair.origin));
+                    report
+                        .encode_examples
+                        .push(format!("{}: {reason}: {detail}", pair.origin));
                 }
             }
         }
@@ -158,11 +172,16 @@ pub fn encode_pairs(
 }
 
 /// Splits loaded pairs into (train, held-out) by prompt.
-pub fn split(pairs: Vec<Pair>, fraction: f64, seed: u64) -> Result<(Vec<Pair>, Vec<Pair>), PrepareError> {
+pub fn split(
+    pairs: Vec<Pair>,
+    fraction: f64,
+    seed: u64,
+) -> Result<(Vec<Pair>, Vec<Pair>), PrepareError> {
     if fraction <= 0.0 {
         return Ok((pairs, Vec::new()));
     }
-    let s = split_heldout(&pairs, fraction, seed).map_err(|e| PrepareError::Other(e.to_string()))?;
+    let s =
+        split_heldout(&pairs, fraction, seed).map_err(|e| PrepareError::Other(e.to_string()))?;
     let pick = |idx: &[usize]| idx.iter().map(|&i| pairs[i].clone()).collect::<Vec<_>>();
     Ok((pick(&s.train), pick(&s.heldout)))
 }
@@ -219,7 +238,10 @@ pub fn fill_reference(
                     }
                 })
                 .collect();
-            Some(c.store(&k, &values).map_err(|e| PrepareError::Other(e.to_string()))?)
+            Some(
+                c.store(&k, &values)
+                    .map_err(|e| PrepareError::Other(e.to_string()))?,
+            )
         }
         _ => None,
     };
@@ -228,7 +250,10 @@ pub fn fill_reference(
 
 /// The examples of a set of pairs, chosen then rejected for each pair.
 pub fn sequences(pairs: &[PreparedPair]) -> Vec<&Example> {
-    pairs.iter().flat_map(|p| [&p.chosen, &p.rejected]).collect()
+    pairs
+        .iter()
+        .flat_map(|p| [&p.chosen, &p.rejected])
+        .collect()
 }
 
 /// The default cache directory: `$BFPO_CACHE_DIR`, else `$XDG_CACHE_HOME/bfpo-lite`, else

@@ -668,7 +668,12 @@ mod tests {
 
     #[test]
     fn schedule_follows_config() {
-        let cfg = TrainConfig { learning_rate: 1.0, warmup_ratio: 0.1, schedule: ScheduleKind::Cosine, ..Default::default() };
+        let cfg = TrainConfig {
+            learning_rate: 1.0,
+            warmup_ratio: 0.1,
+            schedule: ScheduleKind::Cosine,
+            ..Default::default()
+        };
         let s = schedule(&cfg, 100);
         assert_eq!(s.warmup_steps(), 10);
         assert!((s.lr_at(10) - 1.0).abs() < 1e-12);
