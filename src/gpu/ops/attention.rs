@@ -1,0 +1,359 @@
+//! Causal grouped-query attention over a padded batch (`kernels/attention.wgsl`), streaming with
+//! an online softmax: memory is O(T·heads) (the output and one log-sum-exp per row and head),
+//! never an `[L, L]` score matrix.
+//!
+//! Layout: B sequences padded to L rows (T = B·L); row `t = b·L + i`. Query (b, i) attends keys
+//! (b, j ≤ i); rows `i ≥ lens[b]` produce zeros (and lse 0). Scale `1/√head_dim` by default.
+
+use super::check::{bad_shape, need_words};
+use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder, groups};
+use crate::kernel_source;
+use crate::util::Tol;
+
+/// Params of `kernels/attention.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AttentionParams {
+    /// Sequences B.
+    pub n_seq: u32,
+    /// Padded length L (rows per sequence).
+    pub seq_len: u32,
+    /// Query heads.
+    pub n_head: u32,
+    /// KV heads (divides n_head).
+    pub n_head_kv: u32,
+    /// First query row of this dispatch.
+    pub row_start: u32,
+    /// Query rows in this dispatch.
+    pub n_rows: u32,
+    /// Score scale (1/√head_dim).
+    pub scale: f32,
+    pub _pad0: u32,
+}
+
+/// Shape of one attention call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnShape {
+    pub n_seq: usize,
+    pub seq_len: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+impl AttnShape {
+    /// With the standard scale `1/√head_dim`.
+    pub fn new(
+        n_seq: usize,
+        seq_len: usize,
+        n_head: usize,
+        n_head_kv: usize,
+        head_dim: usize,
+    ) -> AttnShape {
+        AttnShape {
+            n_seq,
+            seq_len,
+            n_head,
+            n_head_kv,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+
+    /// Rows T = B·L.
+    pub fn n_rows(&self) -> usize {
+        self.n_seq * self.seq_len
+    }
+
+    fn validate(&self) -> Result<(), GpuError> {
+        if self.head_dim == 0 || self.head_dim % 4 != 0 || self.head_dim > 512 {
+            return Err(bad_shape(
+                "attention",
+                format!(
+                    "head_dim {} is not supported: it must be a multiple of 4 and at most 512",
+                    self.head_dim
+                ),
+            ));
+        }
+        if self.n_head_kv == 0 || self.n_head % self.n_head_kv != 0 {
+            return Err(bad_shape(
+                "attention",
+                format!(
+                    "n_head {} is not a multiple of n_head_kv {}",
+                    self.n_head, self.n_head_kv
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// GPU (f32, online softmax) vs the f64 reference for O(1) inputs and L ≲ 300.
+pub const ATTENTION_TOL: Tol = Tol::new(5e-6, 1e-5);
+
+/// Multiply-adds one dispatch may do (≈ 0.27 G): keeps each dispatch far below GPU watchdogs.
+const MACS_PER_DISPATCH: usize = 1 << 27;
+
+/// Records attention. q, o: `[T, n_head, head_dim]`; k, v: `[T, n_head_kv, head_dim]`;
+/// lens: `[B]` u32 (each ≤ L); lse: `[T, n_head]`. All f32 except lens.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    gpu: &Gpu,
+    rec: &mut Recorder<'_>,
+    shape: &AttnShape,
+    q: &GpuBuf,
+    k: &GpuBuf,
+    v: &GpuBuf,
+    lens: &GpuBuf,
+    o: &GpuBuf,
+    lse: &GpuBuf,
+) -> Result<(), GpuError> {
+    let per_row = (shape.n_head * shape.seq_len * shape.head_dim * 2).max(1);
+    let rows = (MACS_PER_DISPATCH / per_row).max(1);
+    attention_split(gpu, rec, shape, q, k, v, lens, o, lse, rows)
+}
+
+/// [`attention`] with at most `rows_per_dispatch` query rows per dispatch.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_split(
+    gpu: &Gpu,
+    rec: &mut Recorder<'_>,
+    shape: &AttnShape,
+    q: &GpuBuf,
+    k: &GpuBuf,
+    v: &GpuBuf,
+    lens: &GpuBuf,
+    o: &GpuBuf,
+    lse: &GpuBuf,
+    rows_per_dispatch: usize,
+) -> Result<(), GpuError> {
+    shape.validate()?;
+    let t = shape.n_rows();
+    if t == 0 || shape.n_head == 0 {
+        return Ok(());
+    }
+    let s = format!(
+        "attention B {} × L {}, {} heads / {} KV heads of {}",
+        shape.n_seq, shape.seq_len, shape.n_head, shape.n_head_kv, shape.head_dim
+    );
+    need_words("attention", q, t * shape.n_head * shape.head_dim, &s)?;
+    need_words("attention", k, t * shape.n_head_kv * shape.head_dim, &s)?;
+    need_words("attention", v, t * shape.n_head_kv * shape.head_dim, &s)?;
+    need_words("attention", lens, shape.n_seq, &s)?;
+    need_words("attention", o, t * shape.n_head * shape.head_dim, &s)?;
+    need_words("attention", lse, t * shape.n_head, &s)?;
+    let p = gpu.pipeline(
+        &kernel_source!("attention"),
+        "main",
+        &[("HD4", (shape.head_dim / 4).to_string())],
+    )?;
+    let step = rows_per_dispatch.max(1);
+    let mut start = 0;
+    while start < t {
+        let n = step.min(t - start);
+        let params = AttentionParams {
+            n_seq: shape.n_seq as u32,
+            seq_len: shape.seq_len as u32,
+            n_head: shape.n_head as u32,
+            n_head_kv: shape.n_head_kv as u32,
+            row_start: start as u32,
+            n_rows: n as u32,
+            scale: shape.scale,
+            _pad0: 0,
+        };
+        rec.dispatch(
+            &p,
+            &[
+                Bind::Whole(q),
+                Bind::Whole(k),
+                Bind::Whole(v),
+                Bind::Whole(lens),
+                Bind::Whole(o),
+                Bind::Whole(lse),
+            ],
+            &params,
+            groups(((n * shape.n_head) as u32).div_ceil(64)),
+        )?;
+        start += n;
+    }
+    Ok(())
+}
+
+/// CPU reference (f64 inside, plain two-pass softmax): returns `(o [T, n_head, hd], lse [T, n_head])`.
+pub fn attention_ref(
+    shape: &AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    lens: &[u32],
+) -> (Vec<f32>, Vec<f32>) {
+    let (nh, nkv, hd, l) = (shape.n_head, shape.n_head_kv, shape.head_dim, shape.seq_len);
+    let t_all = shape.n_rows();
+    let mut o = vec![0.0f32; t_all * nh * hd];
+    let mut lse = vec![0.0f32; t_all * nh];
+    let group = nh / nkv;
+    for b in 0..shape.n_seq {
+        for i in 0..(lens[b] as usize).min(l) {
+            let t = b * l + i;
+            for h in 0..nh {
+                let kvh = h / group;
+                let qv = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+                let scores: Vec<f64> = (0..=i)
+                    .map(|j| {
+                        let kr = ((b * l + j) * nkv + kvh) * hd;
+                        shape.scale as f64
+                            * qv.iter()
+                                .zip(&k[kr..kr + hd])
+                                .map(|(&a, &c)| a as f64 * c as f64)
+                                .sum::<f64>()
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+                for d in 0..hd {
+                    let mut acc = 0.0f64;
+                    for (j, s) in scores.iter().enumerate() {
+                        acc += (s - m).exp() / z * v[((b * l + j) * nkv + kvh) * hd + d] as f64;
+                    }
+                    o[(t * nh + h) * hd + d] = acc as f32;
+                }
+                lse[t * nh + h] = (m + z.ln()) as f32;
+            }
+        }
+    }
+    (o, lse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::{Rng, assert_close};
+
+    #[test]
+    fn params_layout() {
+        assert_eq!(std::mem::size_of::<AttentionParams>(), 32);
+        assert_eq!(std::mem::align_of::<AttentionParams>(), 4);
+    }
+
+    fn run(
+        gpu: &Gpu,
+        shape: &AttnShape,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        lens: &[u32],
+        rows_per_dispatch: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let t = shape.n_rows();
+        let qb = gpu.upload("q", q).unwrap();
+        let kb = gpu.upload("k", k).unwrap();
+        let vb = gpu.upload("v", v).unwrap();
+        let lb = gpu.upload("lens", lens).unwrap();
+        // Pre-fill outputs with garbage so "rows ≥ length write zeros" is really checked.
+        let ob = gpu
+            .upload("o", &vec![7.0f32; t * shape.n_head * shape.head_dim])
+            .unwrap();
+        let sb = gpu.upload("lse", &vec![7.0f32; t * shape.n_head]).unwrap();
+        let mut rec = gpu.recorder();
+        attention_split(
+            gpu,
+            &mut rec,
+            shape,
+            &qb,
+            &kb,
+            &vb,
+            &lb,
+            &ob,
+            &sb,
+            rows_per_dispatch,
+        )
+        .unwrap();
+        rec.run("attention test").unwrap();
+        (gpu.read(&ob).unwrap(), gpu.read(&sb).unwrap())
+    }
+
+    #[test]
+    fn attention_matches_reference_padded_gqa() {
+        let gpu = crate::gpu::test_device();
+        let mut rng = Rng::new(31);
+        // (B, L, lens, n_head, n_head_kv, head_dim, rows per dispatch)
+        let cases: [(usize, usize, Vec<u32>, usize, usize, usize, usize); 4] = [
+            (3, 13, vec![13, 5, 1], 4, 2, 16, usize::MAX),
+            (2, 9, vec![0, 9], 3, 3, 8, 4),
+            (1, 37, vec![30], 6, 1, 64, 7),
+            (4, 5, vec![2, 5, 3, 4], 2, 1, 4, 1),
+        ];
+        for (b, l, lens, nh, nkv, hd, split) in cases {
+            let shape = AttnShape::new(b, l, nh, nkv, hd);
+            let t = b * l;
+            let q = rng.normal_vec(t * nh * hd, 1.0);
+            let k = rng.normal_vec(t * nkv * hd, 1.0);
+            let v = rng.normal_vec(t * nkv * hd, 1.0);
+            let (go, gl) = run(&gpu, &shape, &q, &k, &v, &lens, split);
+            let (wo, wl) = attention_ref(&shape, &q, &k, &v, &lens);
+            let what = format!("attention B {b} L {l} heads {nh}/{nkv} hd {hd}");
+            assert_close(&format!("{what} o"), &go, &wo, ATTENTION_TOL);
+            assert_close(&format!("{what} lse"), &gl, &wl, ATTENTION_TOL);
+        }
+    }
+
+    #[test]
+    fn attention_fixed_case() {
+        // One sequence of 2 rows, one head, head_dim 4 (scale 1/2). Row 0 sees only key 0, so
+        // o0 = v0 and lse0 = s00. Row 1: q1·k0 = 0, q1·k1 = 2·ln 3, so the scores are (0, ln 3),
+        // weights (1/4, 3/4), lse = ln 4.
+        let gpu = crate::gpu::test_device();
+        let shape = AttnShape::new(1, 2, 1, 1, 4);
+        let l3 = 3f32.ln();
+        let q = [1.0, 0.0, 0.0, 0.0, 0.0, 2.0 * l3, 0.0, 0.0];
+        let k = [2.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0];
+        let v = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+        let (o, lse) = run(&gpu, &shape, &q, &k, &v, &[2], usize::MAX);
+        let want_o = [1.0, 2.0, 3.0, 4.0, 4.0, 5.0, 6.0, 7.0];
+        assert_close("fixed o", &o, &want_o, Tol::new(1e-6, 1e-6));
+        assert_close(
+            "fixed lse",
+            &lse,
+            &[1.0f64, 4f64.ln()],
+            Tol::new(1e-6, 1e-6),
+        );
+    }
+
+    #[test]
+    fn attention_rejects_bad_shapes() {
+        let gpu = crate::gpu::test_device();
+        let b = gpu.alloc("b", 1024).unwrap();
+        let mut rec = gpu.recorder();
+        let e = attention(
+            &gpu,
+            &mut rec,
+            &AttnShape::new(1, 2, 4, 3, 8),
+            &b,
+            &b,
+            &b,
+            &b,
+            &b,
+            &b,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("n_head 4 is not a multiple of n_head_kv 3"),
+            "{e}"
+        );
+        let e = attention(
+            &gpu,
+            &mut rec,
+            &AttnShape::new(1, 2, 1, 1, 6),
+            &b,
+            &b,
+            &b,
+            &b,
+            &b,
+            &b,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("head_dim 6"), "{e}");
+    }
+}

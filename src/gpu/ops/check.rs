@@ -1,0 +1,32 @@
+//! Launch-time checks shared by the launchers: a buffer too small for the shape it is given is a
+//! clear error naming the op, the buffer and the numbers, never an out-of-bounds dispatch.
+
+use crate::gpu::{GpuBuf, GpuError};
+
+/// Fails unless `buf` holds at least `words` 4-byte elements.
+pub(crate) fn need_words(
+    op: &str,
+    buf: &GpuBuf,
+    words: usize,
+    shape: &str,
+) -> Result<(), GpuError> {
+    if buf.len_words() < words {
+        return Err(GpuError::Validation {
+            context: format!("launching {op}"),
+            detail: format!(
+                "buffer {:?} holds {} 4-byte elements but {shape} needs {words}",
+                buf.label,
+                buf.len_words()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A shape or parameter the kernel does not support.
+pub(crate) fn bad_shape(op: &str, detail: String) -> GpuError {
+    GpuError::Validation {
+        context: format!("launching {op}"),
+        detail,
+    }
+}

@@ -1,0 +1,351 @@
+//! LM head fused with the per-token log-prob of the target (`kernels/logprob.wgsl`).
+//!
+//! The vocabulary is processed in column chunks: `matmul_rows` writes a `[N, chunk]` logits
+//! buffer, and the `logprob` kernel merges it into a running (max, sum-exp, target logit) per row.
+//! After the last chunk, `lse = max + ln(sum)` and `logp = target logit − lse`. Memory is
+//! `N × chunk` floats for the logits plus O(N); never a `[N × V]` matrix.
+
+use super::check::{bad_shape, need_words};
+use super::matmul::{GpuWeight, matmul_rows};
+use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder, groups};
+use crate::kernel_source;
+use crate::util::Tol;
+use std::ops::Range;
+
+/// Params of `kernels/logprob.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct LogprobParams {
+    /// Rows N.
+    pub n_rows: u32,
+    /// Columns in this chunk (row stride of the logits buffer).
+    pub n_cols: u32,
+    /// Vocabulary index of chunk column 0.
+    pub col_start: u32,
+    /// 1: add `bias[col_start + c]`.
+    pub has_bias: u32,
+    /// 1: initialise the running state from this chunk.
+    pub first: u32,
+    /// 1: write logp and lse after merging.
+    pub last: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+}
+
+/// GPU f32 (online, tree-merged) vs the f64 reference, for logits of magnitude ≲ 100 and
+/// vocabularies ≲ 10⁴: errors scale with |logit| · 1e-7 and ln(V) · 1e-7.
+pub const LOGPROB_TOL: Tol = Tol::new(2e-5, 2e-6);
+
+/// Records the merge of one logits chunk (`logits` `[n_rows, cols.len()]`, vocabulary columns
+/// `cols`) into the running `state` `[n_rows, 4]`; `first` initialises it, `last` writes
+/// `logp` `[n_rows]` and `lse` `[n_rows]`. targets: `[n_rows]` u32; bias: `[V]` f32 or `None`.
+#[allow(clippy::too_many_arguments)]
+pub fn logprob_update(
+    gpu: &Gpu,
+    rec: &mut Recorder<'_>,
+    logits: &GpuBuf,
+    bias: Option<&GpuBuf>,
+    targets: &GpuBuf,
+    state: &GpuBuf,
+    logp: &GpuBuf,
+    lse: &GpuBuf,
+    n_rows: usize,
+    cols: Range<usize>,
+    first: bool,
+    last: bool,
+) -> Result<(), GpuError> {
+    if n_rows == 0 {
+        return Ok(());
+    }
+    if cols.is_empty() {
+        return Err(bad_shape(
+            "logprob",
+            format!("empty vocabulary chunk {cols:?}"),
+        ));
+    }
+    let shape = format!("logprob of {n_rows} rows, vocabulary chunk {cols:?}");
+    need_words("logprob", logits, n_rows * cols.len(), &shape)?;
+    if let Some(b) = bias {
+        need_words("logprob", b, cols.end, &shape)?;
+    }
+    need_words("logprob", targets, n_rows, &shape)?;
+    need_words("logprob", state, n_rows * 4, &shape)?;
+    need_words("logprob", logp, n_rows, &shape)?;
+    need_words("logprob", lse, n_rows, &shape)?;
+    let p = gpu.pipeline(&kernel_source!("logprob"), "main", &[])?;
+    let params = LogprobParams {
+        n_rows: n_rows as u32,
+        n_cols: cols.len() as u32,
+        col_start: cols.start as u32,
+        has_bias: bias.is_some() as u32,
+        first: first as u32,
+        last: last as u32,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    rec.dispatch(
+        &p,
+        &[
+            Bind::Whole(logits),
+            // A bias binding must exist even when unused; the logits stand in for it.
+            Bind::Whole(bias.unwrap_or(logits)),
+            Bind::Whole(targets),
+            Bind::Whole(state),
+            Bind::Whole(logp),
+            Bind::Whole(lse),
+        ],
+        &params,
+        groups(n_rows as u32),
+    )
+}
+
+/// Vocabulary chunks for an LM head of `n_vocab` rows over `n_rows` tokens: at most
+/// `max_cols` columns each, never straddling a weight chunk (`weight_chunks` = row starts of
+/// each weight chunk, ascending, starting at 0).
+pub fn vocab_chunks(n_vocab: usize, max_cols: usize, weight_chunks: &[usize]) -> Vec<Range<usize>> {
+    let max_cols = max_cols.max(1);
+    let mut bounds: Vec<usize> = weight_chunks
+        .iter()
+        .copied()
+        .filter(|&s| s < n_vocab)
+        .collect();
+    bounds.push(n_vocab);
+    if bounds[0] != 0 {
+        bounds.insert(0, 0);
+    }
+    let mut out = Vec::new();
+    for w in bounds.windows(2) {
+        let mut s = w[0];
+        while s < w[1] {
+            let e = (s + max_cols).min(w[1]);
+            out.push(s..e);
+            s = e;
+        }
+    }
+    out
+}
+
+/// Scratch for [`lm_head_logprobs`]: the logits chunk and the running state.
+#[derive(Debug)]
+pub struct LmHeadScratch {
+    /// `[max_rows, max_cols]` f32.
+    pub logits: GpuBuf,
+    /// `[max_rows, 4]` f32.
+    pub state: GpuBuf,
+    pub max_rows: usize,
+    pub max_cols: usize,
+}
+
+impl LmHeadScratch {
+    /// Allocates scratch for up to `max_rows` rows, with the chunk width chosen so the logits
+    /// buffer stays ≤ `budget_bytes` and ≤ the device's binding limit.
+    pub fn new(
+        gpu: &Gpu,
+        max_rows: usize,
+        n_vocab: usize,
+        budget_bytes: u64,
+    ) -> Result<LmHeadScratch, GpuError> {
+        let max_rows = max_rows.max(1);
+        let cap = budget_bytes.min(gpu.max_binding()) / (4 * max_rows as u64);
+        let max_cols = (cap as usize).clamp(1, n_vocab.max(1));
+        Ok(LmHeadScratch {
+            logits: gpu.alloc("lm-head logits chunk", (max_rows * max_cols * 4) as u64)?,
+            state: gpu.alloc("lm-head state", (max_rows * 16) as u64)?,
+            max_rows,
+            max_cols,
+        })
+    }
+
+    /// Device bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.logits.size + self.state.size
+    }
+}
+
+/// Records the fused LM head: for every vocabulary chunk, `logits = x·W[chunk]ᵀ` then the
+/// running log-softmax merge. x: `[n_rows, n_embd]` f32 (already final-normed); w: the LM
+/// head `[n_vocab, n_embd]`; bias: `[n_vocab]` f32 or `None`; targets: `[n_rows]` u32.
+/// Writes logp `[n_rows]` and lse `[n_rows]`.
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head_logprobs(
+    gpu: &Gpu,
+    rec: &mut Recorder<'_>,
+    x: &GpuBuf,
+    w: &GpuWeight,
+    bias: Option<&GpuBuf>,
+    targets: &GpuBuf,
+    scratch: &LmHeadScratch,
+    logp: &GpuBuf,
+    lse: &GpuBuf,
+    n_rows: usize,
+) -> Result<(), GpuError> {
+    if n_rows > scratch.max_rows {
+        return Err(bad_shape(
+            "lm head",
+            format!(
+                "{n_rows} rows but the scratch holds {} rows",
+                scratch.max_rows
+            ),
+        ));
+    }
+    let starts: Vec<usize> = w.chunks.iter().map(|c| c.row_start).collect();
+    let chunks = vocab_chunks(w.n_out, scratch.max_cols, &starts);
+    let n = chunks.len();
+    for (i, cols) in chunks.into_iter().enumerate() {
+        matmul_rows(gpu, rec, x, w, cols.clone(), &scratch.logits, n_rows)?;
+        logprob_update(
+            gpu,
+            rec,
+            &scratch.logits,
+            bias,
+            targets,
+            &scratch.state,
+            logp,
+            lse,
+            n_rows,
+            cols,
+            i == 0,
+            i + 1 == n,
+        )?;
+    }
+    Ok(())
+}
+
+/// CPU reference (f64): `logits` `[N, V]`, optional bias `[V]`, targets `[N]` →
+/// `(logp [N], lse [N])`.
+pub fn logprob_ref(
+    logits: &[f32],
+    bias: Option<&[f32]>,
+    targets: &[u32],
+    n_vocab: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut logp = Vec::with_capacity(targets.len());
+    let mut lse = Vec::with_capacity(targets.len());
+    for (r, &t) in targets.iter().enumerate() {
+        let z: Vec<f64> = (0..n_vocab)
+            .map(|c| logits[r * n_vocab + c] as f64 + bias.map_or(0.0, |b| b[c] as f64))
+            .collect();
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let l = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        lse.push(l);
+        logp.push(z[t as usize] - l);
+    }
+    (logp, lse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::{Rng, assert_close};
+
+    #[test]
+    fn params_layout() {
+        assert_eq!(std::mem::size_of::<LogprobParams>(), 32);
+        assert_eq!(std::mem::align_of::<LogprobParams>(), 4);
+    }
+
+    #[test]
+    fn vocab_chunks_respect_weight_chunks() {
+        assert_eq!(vocab_chunks(10, 4, &[0]), vec![0..4, 4..8, 8..10]);
+        assert_eq!(vocab_chunks(10, 4, &[0, 6]), vec![0..4, 4..6, 6..10]);
+        assert_eq!(vocab_chunks(3, 100, &[0]), vec![0..3]);
+    }
+
+    /// Runs the chunked kernel on CPU-made logits (each chunk uploaded separately).
+    fn run(
+        gpu: &Gpu,
+        logits: &[f32],
+        bias: Option<&[f32]>,
+        targets: &[u32],
+        n_vocab: usize,
+        chunk: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let n = targets.len();
+        let tb = gpu.upload("targets", targets).unwrap();
+        let bb = bias.map(|b| gpu.upload("bias", b).unwrap());
+        let state = gpu.alloc("state", (n * 16) as u64).unwrap();
+        let logp = gpu.alloc("logp", (n * 4) as u64).unwrap();
+        let lse = gpu.alloc("lse", (n * 4) as u64).unwrap();
+        let chunks = vocab_chunks(n_vocab, chunk, &[0]);
+        let k = chunks.len();
+        for (i, cols) in chunks.into_iter().enumerate() {
+            let mut part = Vec::with_capacity(n * cols.len());
+            for r in 0..n {
+                part.extend_from_slice(&logits[r * n_vocab + cols.start..r * n_vocab + cols.end]);
+            }
+            let lb = gpu.upload("logits chunk", &part).unwrap();
+            let mut rec = gpu.recorder();
+            logprob_update(
+                gpu,
+                &mut rec,
+                &lb,
+                bb.as_ref(),
+                &tb,
+                &state,
+                &logp,
+                &lse,
+                n,
+                cols,
+                i == 0,
+                i + 1 == k,
+            )
+            .unwrap();
+            rec.run("logprob test").unwrap();
+        }
+        (gpu.read(&logp).unwrap(), gpu.read(&lse).unwrap())
+    }
+
+    #[test]
+    fn logprob_matches_reference_chunked_with_and_without_bias() {
+        let gpu = crate::gpu::test_device();
+        let mut rng = Rng::new(51);
+        for (n, v, chunk, with_bias, offset) in [
+            (5usize, 1000usize, 333usize, false, 0.0f32),
+            (3, 257, 1000, true, 0.0),
+            (4, 999, 256, true, 80.0), // large logits: the running max must keep it stable
+            (1, 7, 3, false, -50.0),
+        ] {
+            let logits: Vec<f32> = rng
+                .normal_vec(n * v, 3.0)
+                .iter()
+                .map(|x| x + offset)
+                .collect();
+            let bias = with_bias.then(|| rng.normal_vec(v, 1.0));
+            // Targets at chunk edges and random places.
+            let targets: Vec<u32> = (0..n)
+                .map(|i| match i {
+                    0 => 0,
+                    1 => (chunk.min(v) - 1) as u32,
+                    2 => (chunk.min(v - 1)) as u32,
+                    _ => rng.below(v as u64) as u32,
+                })
+                .collect();
+            let (gl, gs) = run(&gpu, &logits, bias.as_deref(), &targets, v, chunk);
+            let (wl, ws) = logprob_ref(&logits, bias.as_deref(), &targets, v);
+            let what = format!("logprob N {n} V {v} chunk {chunk} bias {with_bias}");
+            assert_close(&format!("{what} logp"), &gl, &wl, LOGPROB_TOL);
+            assert_close(&format!("{what} lse"), &gs, &ws, LOGPROB_TOL);
+        }
+    }
+
+    #[test]
+    fn logprob_fixed_case() {
+        // Logits (0, ln 3) split into two one-column chunks: target 1 → ln(3/4), lse = ln 4;
+        // target 0 → ln(1/4).
+        let gpu = crate::gpu::test_device();
+        let l3 = 3f32.ln();
+        let (lp, ls) = run(&gpu, &[0.0, l3, 0.0, l3], None, &[1, 0], 2, 1);
+        assert_close(
+            "fixed logp",
+            &lp,
+            &[0.75f64.ln(), 0.25f64.ln()],
+            Tol::new(1e-6, 0.0),
+        );
+        assert_close(
+            "fixed lse",
+            &ls,
+            &[4f64.ln(), 4f64.ln()],
+            Tol::new(1e-6, 0.0),
+        );
+    }
+}
