@@ -750,14 +750,24 @@ fn print_summary(s: &Summary<'_>, out: &Path) {
 }
 
 fn make_gpu_engine(
-    _file: &GgufFile,
-    _cfg: &ModelConfig,
-    _lora: LoraWeights,
-    _adam: bfpo_lite::train::optim::AdamWConfig,
-    _tc: &TrainConfig,
+    file: &GgufFile,
+    cfg: &ModelConfig,
+    lora: LoraWeights,
+    adam: bfpo_lite::train::optim::AdamWConfig,
+    tc: &TrainConfig,
     plan: &memory::Plan,
 ) -> anyhow::Result<Box<dyn Engine>> {
-    let _ = PlanLimits::PORTABLE;
-    let _ = plan;
-    bail!("the GPU engine is not wired into tune yet; use --engine cpu")
+    let gpu = bfpo_lite::gpu::Gpu::new(&bfpo_lite::gpu::DeviceOptions {
+        selector: tc.device.clone(),
+    })?;
+    let limits = PlanLimits {
+        max_storage_buffer_binding_size: gpu.max_binding(),
+        max_buffer_size: gpu.max_buffer(),
+    };
+    // wgpu does not report device memory; check the limits it does report.
+    plan.fits(&limits, u64::MAX)
+        .context("this run does not fit the GPU's limits")?;
+    Ok(Box::new(bfpo_lite::train::gpu_engine::GpuEngine::new(
+        gpu, file, cfg, lora, adam,
+    )?))
 }

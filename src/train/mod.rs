@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
+pub mod gpu_engine;
 pub mod lora;
 pub mod metrics;
 pub mod optim;
