@@ -49,8 +49,11 @@ fuzz_target!(|data: &[u8]| {
         w.add_tensor(t.name.clone(), &t.ne, t.type_id, f.tensor_bytes(t))
             .expect("writer accepts every tensor the reader accepted");
     }
-    let g = GgufFile::from_bytes(w.try_to_bytes().expect("writer accepts the reader's values"))
-        .expect("reader accepts the writer's output");
+    let g = GgufFile::from_bytes(
+        w.try_to_bytes()
+            .expect("writer accepts the reader's values"),
+    )
+    .expect("reader accepts the writer's output");
     assert_eq!(g.alignment(), f.alignment());
     let kvs = |x: &GgufFile| -> Vec<(String, Value)> {
         x.kvs()
@@ -67,7 +70,10 @@ fuzz_target!(|data: &[u8]| {
     }
     assert_eq!(f.tensors().len(), g.tensors().len());
     for (s, t) in f.tensors().iter().zip(g.tensors()) {
-        assert_eq!((&s.name, &s.ne, s.type_id, s.n_bytes), (&t.name, &t.ne, t.type_id, t.n_bytes));
+        assert_eq!(
+            (&s.name, &s.ne, s.type_id, s.n_bytes),
+            (&t.name, &t.ne, t.type_id, t.n_bytes)
+        );
         assert_eq!(f.tensor_bytes(s), g.tensor_bytes(t));
     }
 });
