@@ -1,7 +1,8 @@
 //! Exported adapters in llama.cpp (the oracle): per-token log-probs of tiny `init-model` models
 //! (llama and qwen2, tied and untied, F32 and Q8_0) with our GGUF adapter (F32 and F16) in
-//! llama.cpp's exact-numerics mode equal the CPU reference model (`model::reference`, f64) with
-//! the same LoRA; alpha/scale semantics; and a merged F16 model against base + adapter.
+//! llama.cpp's exact-numerics mode equal the CPU reference model (`model::reference`, f64) and our
+//! GPU forward with the same LoRA; alpha/scale semantics; and a merged F16 model against
+//! base + adapter.
 //!
 //! Tolerances (max |Δ log-prob| over the 23 scored tokens), measured with
 //! `cargo test --release --test export_llama -- --nocapture --test-threads 1` (2-core VM, llama.cpp
@@ -19,8 +20,10 @@
 //!   activations) → `TOL_MERGED_FLOAT`; Q8_0 base 8.9e-2 (the merged F16 tensors are multiplied
 //!   with f16 instead of Q8_0 activations) → `TOL_MERGED_Q8`.
 //!
-//! The comparison is against the CPU reference model; the GPU forward (`gpu::forward`) is
-//! compared with the reference by its own tests.
+//! * Our GPU forward (`gpu::forward`, lavapipe) with the same LoRA vs llama.cpp + the exported
+//!   adapter: F32 base 3.4e-6 / 3.9e-6 (F32 adapter; `TOL_GPU_F32` = 1e-3 leaves room for other
+//!   GPUs' reduction orders), 4.0e-4 / 5.0e-4 (F16 adapter); Q8_0 bases 7.9e-2 – 1.3e-1 (`TOL_Q8`,
+//!   the same activation-quantization gap as the reference).
 
 mod common;
 
@@ -36,6 +39,8 @@ use common::models;
 
 /// F32 base + F32 adapter vs reference (f32 vs f64 arithmetic).
 const TOL_F32_ADAPTER: f64 = 1e-4;
+/// Our GPU forward (f32 WGSL kernels) + LoRA vs llama.cpp + F32 adapter, F32 base.
+const TOL_GPU_F32: f64 = 1e-3;
 /// F32 base + F16 adapter (f16 activations in the LoRA matmuls).
 const TOL_F16_ADAPTER: f64 = 1e-3;
 /// Q8_0 base: llama.cpp quantizes activations to Q8_0 (see the module doc).
@@ -238,5 +243,63 @@ fn merged_f16_model_matches_base_plus_adapter_in_llama_cpp() {
         };
         assert!(effect > 3.0 * tol, "adapter effect only {effect}");
         assert!(err <= tol, "{} {ty}: {err} > {tol}", arch.name());
+    }
+}
+
+/// Our GPU forward with the LoRA (what the trainer optimizes) against llama.cpp with the exported
+/// adapter (F32 and F16, the GPU gets exactly the weights stored in the file).
+#[test]
+fn llama_cpp_with_exported_adapter_matches_gpu_forward() {
+    use bfpo_lite::gpu::forward::GpuModel;
+    use bfpo_lite::gpu::ops::lora::GpuLora;
+    let gpu = common::gpu::gpu();
+    let dir = tempfile::tempdir().unwrap();
+    for (k, (arch, ty, tied)) in [
+        (Arch::Llama, GgmlType::F32, false),
+        (Arch::Qwen2, GgmlType::F32, true),
+        (Arch::Llama, GgmlType::Q8_0, true),
+        (Arch::Qwen2, GgmlType::Q8_0, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let label = format!(
+            "{} {ty} {}",
+            arch.name(),
+            if tied { "tied" } else { "untied" }
+        );
+        let path = models::tiny_model(arch, ty, tied);
+        let file = GgufFile::open(&path).unwrap();
+        let cfg = ModelConfig::from_gguf(&file).unwrap();
+        let lora = lora_for(&cfg, 8.0, 300 + k as u64);
+        let ex = example(cfg.n_vocab);
+        let model = GpuModel::load(&gpu, &file, &cfg).unwrap();
+        let mut rt = RtModel::load(&path, &LoadOptions::default()).unwrap();
+        for dtype in [AdapterDType::F32, AdapterDType::F16] {
+            let apath = dir.path().join(format!("gpu-{k}-{dtype:?}.gguf"));
+            write_adapter(&apath, &lora, &cfg, &Provenance::default(), dtype).unwrap();
+            let (stored, _, _) = read_adapter(&apath).unwrap();
+            let id = rt.load_adapter(&apath).unwrap();
+            rt.set_adapter(id, 1.0).unwrap();
+            let llama = llama_logprobs(&rt, &ex);
+            rt.clear_adapter();
+            let gl = GpuLora::upload(&gpu, &stored).unwrap();
+            let ours: Vec<f64> = model
+                .forward(&gpu, std::slice::from_ref(&ex), Some(&gl))
+                .unwrap()
+                .token_logprobs
+                .remove(0)
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            let err = max_diff(&llama, &ours);
+            let tol = match (ty, dtype) {
+                (GgmlType::F32, AdapterDType::F32) => TOL_GPU_F32,
+                (GgmlType::F32, AdapterDType::F16) => TOL_F16_ADAPTER,
+                _ => TOL_Q8,
+            };
+            eprintln!("{label} {dtype:?} adapter: max |Δlogp| llama.cpp vs GPU forward {err:.2e}");
+            assert!(err <= tol, "{label} {dtype:?}: {err} > {tol}");
+        }
     }
 }
