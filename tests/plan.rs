@@ -38,11 +38,16 @@ fn qwen05b_target_plans_under_1_5_gb_with_hand_computed_items() {
     assert_eq!(p.item("Adam moments m, v"), Some(8_798_208 * 8));
     // Checkpoints: 25 × [2 seq · 1024, 896] f32.
     assert_eq!(p.item("layer checkpoints"), Some(25 * 2048 * 896 * 4));
-    // Attention: 16 MiB per chunk / 4 MiB per head (1024² f32) = 4 heads; probs + grads.
-    assert_eq!(p.head_chunk, 4);
+    // Attention streams (no [T, T] matrix): every head at once, no probabilities item.
+    assert_eq!(p.head_chunk, 14);
+    assert_eq!(p.item("attention probs + grads"), None);
+    // Workspaces, per row (gpu::forward::Workspace + gpu::backward): values 5·896 + 2·896 +
+    // 2·128 + 3·4864 + 7·16 + 2 + 14 = 21,248; gradients 2·896 + 2·896 + 2·128 + 4864 + 16
+    // + 2·14 = 8,748; 2048 rows.
+    assert_eq!(p.item("layer workspace (values)"), Some(2048 * 21_248 * 4));
     assert_eq!(
-        p.item("attention probs + grads"),
-        Some(2 * 4 * 1024 * 1024 * 4)
+        p.item("layer workspace (gradients)"),
+        Some(2048 * 8_748 * 4)
     );
     // LM head chunk [1024, 8192] f32.
     assert_eq!(p.item("LM head logits chunk"), Some(1024 * 8192 * 4));
@@ -111,7 +116,7 @@ fn refuses_a_device_that_is_too_small_and_says_what_to_reduce() {
 
 #[test]
 fn refuses_bindings_and_buffers_over_the_limits() {
-    // 8192 tokens: one head's attention matrix is 8192²·4 = 256 MiB > 128 MiB.
+    // 8192 tokens: the FFN activation [2·8192, 4864] f32 is 304 MiB > 128 MiB.
     let mut long = target_input();
     long.max_len = 8192;
     let p = plan(&long).unwrap();

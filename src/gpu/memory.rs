@@ -13,18 +13,26 @@
 //! * **Checkpoints** (activation checkpointing on, the default): the residual stream at the input
 //!   of every layer plus the final output, `(n_layer + 1)` buffers of `[R, d]`. The backward pass
 //!   recomputes one layer at a time from its checkpoint.
-//! * **Layer workspace, values** (one layer; with checkpointing off, one set per layer):
-//!   `n1, h, n2 [R, d]`, `q, att [R, q_dim]`, `k, v [R, kv_dim]`, `g, u, s [R, n_ff]`, LoRA
-//!   `z = A·x [R, r]` per adapted target, per-row 1/rms of both norms `[R, 2]`; qwen3 adds the
-//!   pre-norm `q, k` and per-head 1/rms.
-//! * **Layer workspace, gradients**: `dx` (running residual gradient), `dn` (shared by both
-//!   norms) `[R, d]`, `datt, dq [R, q_dim]`, `dk, dv [R, kv_dim]`, `ds, dg, du [R, n_ff]`, one
-//!   LoRA `dz [R, r]` scratch.
-//! * **Attention** runs per (sequence, chunk of heads): probabilities and their gradients
-//!   `[hc, T, T]` each, `hc = min(n_head, max(1, attn_chunk_bytes / (T²·4)))`.
+//! * **Layer workspace, values** (one layer; with checkpointing off, one set per layer), as
+//!   `gpu::forward::Workspace` and `gpu::backward` allocate them: two layer-I/O buffers, the
+//!   norm outputs `n1` (attention) and `xn` (FFN) and the residual `h` `[R, d]`
+//!   each, `q, att [R, q_dim]`, `k, v [R, kv_dim]`, `g, u, s [R, n_ff]`, LoRA `z = A·x [R, r]`
+//!   per adapted target, per-row 1/rms of both norms `[R, 2]`, the attention log-sum-exp
+//!   `[R, n_head]`; qwen3 adds the pre-norm `q, k` and per-head 1/rms.
+//! * **Layer workspace, gradients** (`gpu::backward`): `dx` (running residual gradient), `dn`
+//!   (shared by both norms) `[R, d]`, `datt, dq [R, q_dim]`, `dk, dv [R, kv_dim]`, `ds
+//!   [R, n_ff]` (the SwiGLU backward writes `dg, du` over the forward's `g, u`), attention
+//!   `(lse, D)` `[R, n_head, 2]`, one LoRA `dz [R, r]` scratch; qwen3 adds `dk` before the head
+//!   norm `[R, kv_dim]`.
+//! * **Attention** streams (online softmax forward; backward recomputes probabilities from the
+//!   log-sum-exp): no `[T, T]` matrix exists, only the per-row buffers above. `head_chunk` is
+//!   therefore every head and `attn_chunk_bytes` is not used.
 //! * **LM head** runs per (sequence, vocabulary chunk): logits (then dlogits in place)
 //!   `[T, vocab_chunk]`, plus the final-norm output and its gradient `[R, d]` each, and per-row
-//!   max, sum-exp, target logit and log-prob `[R, 4]`.
+//!   max, sum-exp, target logit and log-prob `[R, 4]`. (Not yet in step: the engine's
+//!   `LmHeadScratch` takes all scored rows at once, `[N, cols]` with `cols` sized to a 64 MiB
+//!   budget (`WorkspaceSpec::DEFAULT_LM_HEAD_BUDGET`), so at the default shapes it holds up to
+//!   twice this item.)
 //! * **Small buffers**: token ids and targets `[R]` u32 each, gradient-norm partials.
 //!
 //! Not counted: params uniforms and staging buffers for readback (kilobytes), the driver's own
@@ -424,18 +432,21 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
 
     // Checkpoints.
     let ckpt_one = rows * d * f;
-    let fwd_per_row = 3 * d
+    let n_head = c.n_head as u64;
+    let fwd_per_row = 5 * d
         + 2 * qd
         + 2 * kvd
         + 3 * ff
         + n_t * r
         + 2
+        + n_head
         + if c.qk_norm {
             qd + kvd + (c.n_head + c.n_head_kv) as u64
         } else {
             0
         };
-    let grad_per_row = 2 * d + 2 * qd + 2 * kvd + 3 * ff + r.max(1);
+    let grad_per_row =
+        2 * d + 2 * qd + 2 * kvd + ff + r.max(1) + 2 * n_head + if c.qk_norm { kvd } else { 0 };
     let rows_desc = format!("R = {s} seq × {t} tok = {rows} rows");
     if input.checkpointing {
         push(
@@ -479,21 +490,8 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         rows * qd * f,
     );
 
-    // Attention chunk.
-    let per_head = t * t * f;
-    let head_chunk = ((input.attn_chunk_bytes / per_head).max(1) as usize).min(c.n_head);
-    let scores = head_chunk as u64 * per_head;
-    push(
-        &mut items,
-        "attention probs + grads",
-        2 * scores,
-        format!("2 × [{head_chunk} heads, {t}, {t}] f32, per sequence"),
-    );
-    bind(
-        &mut bindings,
-        format!("attention probs [{head_chunk}, {t}, {t}]"),
-        scores,
-    );
+    // Attention streams: its per-row buffers are in the workspace items above.
+    let head_chunk = c.n_head;
 
     // LM head.
     let vc = input.vocab_chunk.min(c.n_vocab) as u64;

@@ -4,6 +4,7 @@
 //! `kernels/*.wgsl` once; `buffer` holds tensors, uploads, readbacks and batched dispatches;
 //! `ops/` has one launcher per kernel family, each with its CPU reference and tests.
 
+pub mod backward;
 pub mod buffer;
 pub mod device;
 pub mod forward;

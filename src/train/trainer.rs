@@ -1,1 +1,694 @@
-//! (Pending.)
+//! The training loop. The loss lives on the CPU: an [`Engine`] returns per-sequence summed
+//! log-probs and takes back one weight per sequence (∂loss/∂logp); gradients of the LoRA
+//! parameters accumulate on the engine's side over micro-steps, then one optimiser step runs.
+//!
+//! Data order is a pure function of (seed, epoch), so a run resumed from a checkpoint replays
+//! exactly the batches an uninterrupted run would have seen.
+
+use crate::data::Example;
+use crate::data::RowOrigin;
+use crate::loss::{Loss, PairInput, PairLogps};
+use crate::train::checkpoint::Checkpoint;
+use crate::train::config::{ScheduleKind, TrainConfig};
+use crate::train::lora::LoraWeights;
+use crate::train::metrics::{PairObservation, PairStats, SafetyCase, StepMetrics};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Engine(String),
+    #[error(
+        "{count} optimiser steps in a row had a non-finite loss or gradient (last at step {step}: {detail}); lower the learning rate or check the data"
+    )]
+    TooManyBadSteps {
+        count: usize,
+        step: usize,
+        detail: String,
+    },
+    #[error("no training pairs left after loading and truncation ({detail})")]
+    NoData { detail: String },
+    #[error("checkpoint does not match this run: {0}")]
+    Resume(String),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::train::checkpoint::CheckpointError),
+}
+
+/// A tokenized preference pair ready for training.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedPair {
+    pub chosen: Example,
+    pub rejected: Example,
+    pub chosen_safe: bool,
+    pub rejected_safe: bool,
+    pub origin: RowOrigin,
+    /// Reference (adapter-off) summed log-probs of chosen and rejected, once computed.
+    pub ref_logps: Option<(f64, f64)>,
+}
+
+impl PreparedPair {
+    pub fn case(&self) -> SafetyCase {
+        SafetyCase::of(self.chosen_safe, self.rejected_safe)
+    }
+    fn len(&self) -> usize {
+        self.chosen.len().max(self.rejected.len())
+    }
+}
+
+/// A sequence's summed response log-prob and the number of scored tokens.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SeqScore {
+    pub logp: f64,
+    pub n_tokens: usize,
+}
+
+/// What computes log-probs and LoRA gradients (the GPU engine, or the CPU reference).
+pub trait Engine {
+    /// A short description for logs (`wgpu: llvmpipe`, `cpu reference`).
+    fn describe(&self) -> String;
+    /// Summed response log-probs, adapter on (`adapter = true`) or off, without gradients.
+    fn score(&mut self, examples: &[&Example], adapter: bool) -> Result<Vec<SeqScore>, TrainError>;
+    /// Policy forward that keeps what [`Engine::backward`] needs.
+    fn forward_train(&mut self, examples: &[&Example]) -> Result<Vec<SeqScore>, TrainError>;
+    /// Accumulates ∂(Σ_s weights[s]·logp_s)/∂(LoRA) for the sequences of the last forward_train.
+    fn backward(&mut self, weights: &[f32]) -> Result<(), TrainError>;
+    /// Global L2 norm of the accumulated gradients.
+    fn grad_norm(&mut self) -> Result<f64, TrainError>;
+    /// One AdamW step at `lr` with gradients multiplied by `grad_scale` (clipping); zeroes grads.
+    fn optimizer_step(&mut self, lr: f64, grad_scale: f64) -> Result<(), TrainError>;
+    fn zero_grads(&mut self) -> Result<(), TrainError>;
+    /// The current adapter.
+    fn lora(&mut self) -> Result<LoraWeights, TrainError>;
+    /// LoRA parameters and optimiser state as named tensors plus scalars (for checkpoints).
+    fn save_state(&mut self)
+    -> Result<(BTreeMap<String, Vec<f32>>, serde_json::Value), TrainError>;
+    fn load_state(
+        &mut self,
+        tensors: &BTreeMap<String, Vec<f32>>,
+        scalars: &serde_json::Value,
+    ) -> Result<(), TrainError>;
+    /// Device bytes in use, if known.
+    fn device_memory(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// Progress reported to the caller (the CLI draws bars from it; the library never prints).
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// Reference log-probs: `done` of `total` sequences scored.
+    Reference {
+        done: usize,
+        total: usize,
+    },
+    Step(StepMetrics),
+    Eval(StepMetrics),
+    SkippedStep {
+        step: usize,
+        reason: String,
+    },
+    Checkpoint {
+        step: usize,
+        dir: std::path::PathBuf,
+    },
+}
+
+/// The learning-rate schedule of a run (Hugging Face semantics: update `k`, 0-based).
+pub fn schedule(cfg: &TrainConfig, total: usize) -> crate::train::optim::LrSchedule {
+    use crate::train::optim::{LrSchedule, ScheduleKind as K, Warmup};
+    LrSchedule {
+        kind: match cfg.schedule {
+            ScheduleKind::Constant => K::Constant,
+            ScheduleKind::Linear => K::Linear,
+            ScheduleKind::Cosine => K::Cosine,
+        },
+        peak_lr: cfg.learning_rate,
+        warmup: Warmup::Ratio(cfg.warmup_ratio),
+        total_steps: total.max(1) as u64,
+    }
+}
+
+/// A cursor over micro-batches across epochs (cycling for the buffer set).
+#[derive(Clone, Debug)]
+struct Cursor {
+    lengths: Vec<usize>,
+    per_batch: usize,
+    seed: u64,
+    /// Micro-batches consumed so far.
+    consumed: usize,
+    epoch_cache: Option<(u64, Vec<Vec<usize>>)>,
+}
+
+impl Cursor {
+    fn new(lengths: Vec<usize>, per_batch: usize, seed: u64) -> Self {
+        Cursor {
+            lengths,
+            per_batch,
+            seed,
+            consumed: 0,
+            epoch_cache: None,
+        }
+    }
+    fn batches_per_epoch(&self) -> usize {
+        self.lengths.len().div_ceil(self.per_batch.max(1))
+    }
+    fn next(&mut self) -> Vec<usize> {
+        let per_epoch = self.batches_per_epoch().max(1);
+        let epoch = (self.consumed / per_epoch) as u64;
+        let i = self.consumed % per_epoch;
+        if self.epoch_cache.as_ref().map(|c| c.0) != Some(epoch) {
+            let batcher = crate::data::batch::Batcher {
+                bucket_batches: 8,
+                ..crate::data::batch::Batcher::new(self.per_batch.max(1), self.seed)
+            };
+            let batches = batcher.epoch(&self.lengths, epoch).unwrap_or_default();
+            self.epoch_cache = Some((epoch, batches));
+        }
+        self.consumed += 1;
+        self.epoch_cache
+            .as_ref()
+            .map(|c| c.1[i].clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The data of a run, prepared and with reference log-probs filled in.
+pub struct TrainData {
+    pub train: Vec<PreparedPair>,
+    pub eval: Vec<PreparedPair>,
+    pub buffer: Vec<PreparedPair>,
+}
+
+/// Ranking quality on held-out pairs from raw (length-normalised) log-probs: does the model
+/// give the response BFPO prefers a higher mean per-token log-prob, and the safe one of a mixed
+/// pair a higher one?
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RankingEval {
+    pub pairs: usize,
+    pub preference_accuracy: f64,
+    pub mixed_pairs: usize,
+    pub safety_ranking_accuracy: f64,
+}
+
+impl RankingEval {
+    /// From per-pair (chosen, rejected) summed log-probs and the pairs' token counts.
+    pub fn from_logps(pairs: &[PreparedPair], logps: &[(f64, f64)]) -> RankingEval {
+        let mut r = RankingEval::default();
+        let (mut pref, mut safe) = (0usize, 0usize);
+        for (p, &(c, j)) in pairs.iter().zip(logps) {
+            let mc = c / p.chosen.n_scored().max(1) as f64;
+            let mj = j / p.rejected.n_scored().max(1) as f64;
+            let case = p.case();
+            r.pairs += 1;
+            let ok = if case.prefers_chosen() {
+                mc > mj
+            } else {
+                mj > mc
+            };
+            pref += ok as usize;
+            if case.is_mixed() {
+                r.mixed_pairs += 1;
+                safe += ok as usize;
+            }
+        }
+        r.preference_accuracy = pref as f64 / r.pairs.max(1) as f64;
+        r.safety_ranking_accuracy = safe as f64 / r.mixed_pairs.max(1) as f64;
+        r
+    }
+}
+
+/// How a run ended.
+#[derive(Clone, Debug)]
+pub struct TrainOutcome {
+    pub steps: usize,
+    pub interrupted: bool,
+    pub skipped_steps: usize,
+    pub final_train: Option<StepMetrics>,
+    pub final_eval: Option<StepMetrics>,
+    pub eval_before: Option<RankingEval>,
+    pub eval_after: Option<RankingEval>,
+    pub tokens: u64,
+    pub seconds: f64,
+}
+
+/// Total optimiser steps of a run.
+pub fn total_steps(cfg: &TrainConfig, n_train: usize) -> usize {
+    if cfg.max_steps > 0 {
+        return cfg.max_steps;
+    }
+    let per_epoch = n_train
+        .div_ceil(cfg.pairs_per_step)
+        .div_ceil(cfg.grad_accum);
+    (per_epoch * cfg.epochs).max(1)
+}
+
+/// Fills `ref_logps` of every pair that lacks them, scoring `batch` sequences at a time with the
+/// adapter off.
+pub fn compute_reference(
+    engine: &mut dyn Engine,
+    pairs: &mut [PreparedPair],
+    batch: usize,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<(), TrainError> {
+    let todo: Vec<usize> = (0..pairs.len())
+        .filter(|&i| pairs[i].ref_logps.is_none())
+        .collect();
+    let total = todo.len() * 2;
+    let mut done = 0;
+    for chunk in todo.chunks(batch.max(2) / 2) {
+        let scores = {
+            let seqs: Vec<&Example> = chunk
+                .iter()
+                .flat_map(|&i| [&pairs[i].chosen, &pairs[i].rejected])
+                .collect();
+            engine.score(&seqs, false)?
+        };
+        for (k, &i) in chunk.iter().enumerate() {
+            pairs[i].ref_logps = Some((scores[2 * k].logp, scores[2 * k + 1].logp));
+        }
+        done += 2 * chunk.len();
+        on_event(Event::Reference { done, total });
+    }
+    Ok(())
+}
+
+/// Scores pairs with the adapter on; returns (chosen, rejected) summed log-probs.
+pub fn score_pairs(
+    engine: &mut dyn Engine,
+    pairs: &[PreparedPair],
+    batch: usize,
+    adapter: bool,
+) -> Result<Vec<(f64, f64)>, TrainError> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(batch.max(2) / 2) {
+        let seqs: Vec<&Example> = chunk
+            .iter()
+            .flat_map(|p| [&p.chosen, &p.rejected])
+            .collect();
+        let s = engine.score(&seqs, adapter)?;
+        out.extend(s.chunks(2).map(|c| (c[0].logp, c[1].logp)));
+    }
+    Ok(out)
+}
+
+fn pair_input(p: &PreparedPair, policy: (f64, f64)) -> PairInput {
+    let (rc, rr) = p.ref_logps.unwrap_or((f64::NAN, f64::NAN));
+    PairInput {
+        logps: PairLogps::new(policy.0, policy.1, rc, rr),
+        chosen_safe: p.chosen_safe,
+        rejected_safe: p.rejected_safe,
+    }
+}
+
+/// Held-out loss, rewards and accuracies (adapter on) as an `eval` record.
+pub fn evaluate(
+    engine: &mut dyn Engine,
+    loss: &Loss,
+    pairs: &[PreparedPair],
+    batch: usize,
+    step: usize,
+) -> Result<(StepMetrics, Vec<(f64, f64)>), TrainError> {
+    let logps = score_pairs(engine, pairs, batch, true)?;
+    let mut stats = PairStats::default();
+    for (p, &lp) in pairs.iter().zip(&logps) {
+        let pl = loss.pair(pair_input(p, lp).logps, p.chosen_safe, p.rejected_safe);
+        stats.add(PairObservation {
+            loss: pl.loss,
+            reward_chosen: pl.reward_chosen,
+            reward_rejected: pl.reward_rejected,
+            logp_chosen: lp.0,
+            logp_rejected: lp.1,
+            case: p.case(),
+        });
+    }
+    let mut m = StepMetrics {
+        split: "eval".into(),
+        step,
+        ..Default::default()
+    };
+    stats.fill(&mut m);
+    Ok((m, logps))
+}
+
+/// Checkpoint state besides tensors.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LoopState {
+    step: usize,
+    train_consumed: usize,
+    buffer_consumed: usize,
+    skipped_steps: usize,
+    tokens: u64,
+    engine: serde_json::Value,
+    /// Fingerprint of the run's data and settings, checked on resume.
+    fingerprint: String,
+}
+
+/// Where checkpoints go and what to put beside them.
+pub struct CheckpointSink<'a> {
+    pub dir: std::path::PathBuf,
+    /// Writes extra files (the GGUF adapter) into a checkpoint directory being created.
+    pub write_extra: &'a mut dyn FnMut(&std::path::Path, &LoraWeights, usize) -> Result<(), String>,
+}
+
+fn fingerprint(cfg: &TrainConfig, data: &TrainData) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in data.train.iter().chain(&data.buffer) {
+        for ex in [&p.chosen, &p.rejected] {
+            h.update((ex.ids.len() as u64).to_le_bytes());
+            for id in &ex.ids {
+                h.update(id.to_le_bytes());
+            }
+        }
+    }
+    let relevant = format!(
+        "{}|{}|{}|{}|{}|{}|{}|{}",
+        cfg.loss,
+        cfg.rank,
+        cfg.lora_alpha,
+        cfg.targets,
+        cfg.layers,
+        cfg.pairs_per_step,
+        cfg.grad_accum,
+        cfg.seed
+    );
+    h.update(relevant.as_bytes());
+    h.finalize()
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Runs training. `resume` restores a checkpoint taken by an earlier run of the same settings;
+/// `stop` (set by Ctrl-C) makes the loop save a checkpoint and return with `interrupted`.
+pub fn train(
+    engine: &mut dyn Engine,
+    cfg: &TrainConfig,
+    data: &TrainData,
+    resume: Option<Checkpoint>,
+    stop: &AtomicBool,
+    sink: &mut CheckpointSink<'_>,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<TrainOutcome, TrainError> {
+    if data.train.is_empty() {
+        return Err(TrainError::NoData {
+            detail: "the training set is empty".into(),
+        });
+    }
+    let loss = Loss::parse(&cfg.loss).map_err(|e| TrainError::Engine(e.to_string()))?;
+    let total = total_steps(cfg, data.train.len());
+    let p = cfg.pairs_per_step;
+    let n_buffer = if data.buffer.is_empty() {
+        0
+    } else {
+        ((p as f64) * cfg.buffer_ratio).round().max(1.0) as usize
+    };
+    let mut train_cursor = Cursor::new(data.train.iter().map(|x| x.len()).collect(), p, cfg.seed);
+    let mut buffer_cursor = Cursor::new(
+        data.buffer.iter().map(|x| x.len()).collect(),
+        n_buffer.max(1),
+        cfg.seed ^ 0xB0FF,
+    );
+    let fp = fingerprint(cfg, data);
+    let sched = schedule(cfg, total);
+    let eval_batch = (2 * p).max(8);
+
+    let mut step = 0;
+    let mut skipped = 0;
+    let mut tokens: u64 = 0;
+    if let Some(mut ck) = resume {
+        let state: LoopState = serde_json::from_value(ck.meta.state.clone())
+            .map_err(|e| TrainError::Resume(e.to_string()))?;
+        if state.fingerprint != fp {
+            return Err(TrainError::Resume(format!(
+                "it was written for different data or settings (fingerprint {} vs {fp}); resume with the same config and data",
+                state.fingerprint
+            )));
+        }
+        let tensors = std::mem::take(&mut ck.tensors);
+        engine.load_state(&tensors, &state.engine)?;
+        step = state.step;
+        skipped = state.skipped_steps;
+        tokens = state.tokens;
+        train_cursor.consumed = state.train_consumed;
+        buffer_cursor.consumed = state.buffer_consumed;
+    }
+
+    let started = Instant::now();
+    let eval_before = if !data.eval.is_empty() && step == 0 {
+        let refs: Vec<(f64, f64)> = data
+            .eval
+            .iter()
+            .map(|p| p.ref_logps.unwrap_or((f64::NAN, f64::NAN)))
+            .collect();
+        Some(RankingEval::from_logps(&data.eval, &refs))
+    } else {
+        None
+    };
+    let mut bad_streak = 0;
+    let mut last_train = None;
+    let mut last_eval = None;
+    let mut interrupted = false;
+
+    let save = |engine: &mut dyn Engine,
+                step: usize,
+                skipped: usize,
+                tokens: u64,
+                tc: usize,
+                bc: usize,
+                sink: &mut CheckpointSink<'_>,
+                on_event: &mut dyn FnMut(Event)|
+     -> Result<(), TrainError> {
+        let (tensors, scalars) = engine.save_state()?;
+        let lora = engine.lora()?;
+        let state = LoopState {
+            step,
+            train_consumed: tc,
+            buffer_consumed: bc,
+            skipped_steps: skipped,
+            tokens,
+            engine: scalars,
+            fingerprint: fp.clone(),
+        };
+        let ck = Checkpoint::new(
+            step,
+            serde_json::to_value(&state).map_err(|e| TrainError::Engine(e.to_string()))?,
+            tensors,
+        );
+        let dir = sink.dir.clone();
+        let extra = &mut *sink.write_extra;
+        ck.save(&dir, |tmp| extra(tmp, &lora, step))?;
+        on_event(Event::Checkpoint { step, dir });
+        Ok(())
+    };
+
+    while step < total {
+        if stop.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+        let step_start = Instant::now();
+        step += 1;
+        engine.zero_grads()?;
+        let mut stats = PairStats::default();
+        let mut bad: Option<String> = None;
+        let mut step_tokens = 0u64;
+        for _ in 0..cfg.grad_accum {
+            let safety: Vec<usize> = train_cursor.next();
+            let buffer: Vec<usize> = if n_buffer > 0 {
+                buffer_cursor.next()
+            } else {
+                Vec::new()
+            };
+            let groups: [(&[PreparedPair], &[usize]); 2] =
+                [(&data.train, &safety), (&data.buffer, &buffer)];
+            let seqs: Vec<&Example> = groups
+                .iter()
+                .flat_map(|(set, idx)| {
+                    idx.iter()
+                        .flat_map(move |&i| [&set[i].chosen, &set[i].rejected])
+                })
+                .collect();
+            if seqs.is_empty() {
+                continue;
+            }
+            let scores = engine.forward_train(&seqs)?;
+            step_tokens += scores.iter().map(|s| s.n_tokens as u64).sum::<u64>();
+            let mut weights = Vec::with_capacity(seqs.len());
+            let mut offset = 0;
+            for (set, idx) in groups {
+                if idx.is_empty() {
+                    continue;
+                }
+                let inputs: Vec<PairInput> = idx
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &i)| {
+                        pair_input(
+                            &set[i],
+                            (scores[offset + 2 * k].logp, scores[offset + 2 * k + 1].logp),
+                        )
+                    })
+                    .collect();
+                match loss.batch(&inputs) {
+                    Ok(bl) => {
+                        for (k, pl) in bl.pairs.iter().enumerate() {
+                            weights.push((bl.d_policy_chosen[k] / cfg.grad_accum as f64) as f32);
+                            weights.push((bl.d_policy_rejected[k] / cfg.grad_accum as f64) as f32);
+                            if std::ptr::eq(set, data.train.as_slice()) {
+                                stats.add(PairObservation {
+                                    loss: pl.loss,
+                                    reward_chosen: pl.reward_chosen,
+                                    reward_rejected: pl.reward_rejected,
+                                    logp_chosen: inputs[k].logps.policy_chosen,
+                                    logp_rejected: inputs[k].logps.policy_rejected,
+                                    case: set[idx[k]].case(),
+                                });
+                            }
+                        }
+                        if !bl.loss.is_finite() {
+                            bad = Some(format!("loss {}", bl.loss));
+                        }
+                    }
+                    Err(e) => bad = Some(e.to_string()),
+                }
+                offset += 2 * idx.len();
+            }
+            if bad.is_some() {
+                break;
+            }
+            engine.backward(&weights)?;
+        }
+        tokens += step_tokens;
+        let norm = if bad.is_none() {
+            engine.grad_norm()?
+        } else {
+            f64::NAN
+        };
+        if bad.is_none() && !norm.is_finite() {
+            bad = Some(format!("gradient norm {norm}"));
+        }
+        if let Some(reason) = bad {
+            engine.zero_grads()?;
+            skipped += 1;
+            bad_streak += 1;
+            on_event(Event::SkippedStep {
+                step,
+                reason: reason.clone(),
+            });
+            if bad_streak >= cfg.max_bad_steps.max(1) {
+                return Err(TrainError::TooManyBadSteps {
+                    count: bad_streak,
+                    step,
+                    detail: reason,
+                });
+            }
+            continue;
+        }
+        bad_streak = 0;
+        let lr = sched.lr_at((step - 1) as u64);
+        let scale = if cfg.max_grad_norm > 0.0 && norm > cfg.max_grad_norm {
+            cfg.max_grad_norm / norm
+        } else {
+            1.0
+        };
+        engine.optimizer_step(lr, scale)?;
+        let secs = step_start.elapsed().as_secs_f64();
+        let mut m = StepMetrics {
+            split: "train".into(),
+            step,
+            epoch: train_cursor.consumed as f64 / train_cursor.batches_per_epoch().max(1) as f64,
+            grad_norm: Some(norm),
+            learning_rate: Some(lr),
+            tokens_per_second: Some(step_tokens as f64 / secs.max(1e-9)),
+            num_tokens: Some(tokens),
+            device_memory_bytes: engine.device_memory(),
+            elapsed_seconds: Some(started.elapsed().as_secs_f64()),
+            ..Default::default()
+        };
+        stats.fill(&mut m);
+        on_event(Event::Step(m.clone()));
+        last_train = Some(m);
+        if !data.eval.is_empty() && cfg.eval_every > 0 && step % cfg.eval_every == 0 && step < total
+        {
+            let (e, _) = evaluate(engine, &loss, &data.eval, eval_batch, step)?;
+            on_event(Event::Eval(e.clone()));
+            last_eval = Some(e);
+        }
+        if cfg.save_every > 0 && step % cfg.save_every == 0 && step < total {
+            save(
+                engine,
+                step,
+                skipped,
+                tokens,
+                train_cursor.consumed,
+                buffer_cursor.consumed,
+                sink,
+                on_event,
+            )?;
+        }
+    }
+
+    let mut eval_after = None;
+    if !data.eval.is_empty() && !interrupted {
+        let (e, logps) = evaluate(engine, &loss, &data.eval, eval_batch, step)?;
+        on_event(Event::Eval(e.clone()));
+        last_eval = Some(e);
+        eval_after = Some(RankingEval::from_logps(&data.eval, &logps));
+    }
+    save(
+        engine,
+        step,
+        skipped,
+        tokens,
+        train_cursor.consumed,
+        buffer_cursor.consumed,
+        sink,
+        on_event,
+    )?;
+    Ok(TrainOutcome {
+        steps: step,
+        interrupted,
+        skipped_steps: skipped,
+        final_train: last_train,
+        final_eval: last_eval,
+        eval_before,
+        eval_after,
+        tokens,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_follows_config() {
+        let cfg = TrainConfig {
+            learning_rate: 1.0,
+            warmup_ratio: 0.1,
+            schedule: ScheduleKind::Cosine,
+            ..Default::default()
+        };
+        let s = schedule(&cfg, 100);
+        assert_eq!(s.warmup_steps(), 10);
+        assert!((s.lr_at(10) - 1.0).abs() < 1e-12);
+        assert!(s.lr_at(100).abs() < 1e-12);
+    }
+
+    #[test]
+    fn cursor_cycles_epochs() {
+        let mut c = Cursor::new(vec![1; 5], 2, 3);
+        let first: Vec<Vec<usize>> = (0..3).map(|_| c.next()).collect();
+        let mut seen: Vec<usize> = first.iter().flatten().copied().collect();
+        seen.sort();
+        assert_eq!(seen, vec![0, 1, 2, 3, 4]);
+        let again = c.next();
+        assert!(!again.is_empty());
+        assert_eq!(c.consumed, 4);
+    }
+}

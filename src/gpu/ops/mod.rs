@@ -3,11 +3,16 @@
 pub mod adamw;
 pub mod add;
 pub mod attention;
+pub mod attention_back;
 pub(crate) mod check;
 pub mod embedding;
 pub mod logprob;
+pub mod logprob_back;
 pub mod lora;
 pub mod matmul;
 pub mod rmsnorm;
+pub mod rmsnorm_back;
 pub mod rope;
+pub mod rope_back;
 pub mod swiglu;
+pub mod swiglu_back;

@@ -1,0 +1,273 @@
+//! Backward kernels at real model shapes (Qwen2.5-0.5B and Llama-3.2-1B, T = 512), one criterion
+//! group per family, each iteration recorded, submitted and waited for.
+//!
+//! Throughput: memory-bound kernels report bytes moved (criterion's B/s); attention and the LM
+//! head report FLOPs as "elements" (criterion's elem/s = FLOP/s).
+//!
+//! `BFPO_BENCH_QUICK=1` shrinks T to 64 and the LM head to a 16384-row vocabulary slice
+//! (lavapipe does a few GFLOP/s). Run: `cargo bench --bench backward`.
+
+use bfpo_lite::gguf::GgmlType;
+use bfpo_lite::gpu::ops::attention::AttnShape;
+use bfpo_lite::gpu::ops::attention_back::attention_backward;
+use bfpo_lite::gpu::ops::logprob::LmHeadScratch;
+use bfpo_lite::gpu::ops::logprob_back::lm_head_backward;
+use bfpo_lite::gpu::ops::matmul::GpuWeight;
+use bfpo_lite::gpu::ops::rmsnorm_back::rmsnorm_backward;
+use bfpo_lite::gpu::ops::rope::RopeConfig;
+use bfpo_lite::gpu::ops::rope_back::rope_backward_inplace;
+use bfpo_lite::gpu::ops::swiglu_back::swiglu_backward_inplace;
+use bfpo_lite::gpu::{Gpu, GpuBuf, Recorder, test_device};
+use bfpo_lite::model::RopeKind;
+use bfpo_lite::util::Rng;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use std::time::Duration;
+
+struct Shape {
+    name: &'static str,
+    d: usize,
+    ff: usize,
+    n_head: usize,
+    n_head_kv: usize,
+    head_dim: usize,
+    vocab: usize,
+    rope_base: f32,
+    rope: RopeKind,
+}
+
+const SHAPES: [Shape; 2] = [
+    Shape {
+        name: "qwen2.5-0.5b",
+        d: 896,
+        ff: 4864,
+        n_head: 14,
+        n_head_kv: 2,
+        head_dim: 64,
+        vocab: 151_936,
+        rope_base: 1_000_000.0,
+        rope: RopeKind::Neox,
+    },
+    Shape {
+        name: "llama-3.2-1b",
+        d: 2048,
+        ff: 8192,
+        n_head: 32,
+        n_head_kv: 8,
+        head_dim: 64,
+        vocab: 128_256,
+        rope_base: 500_000.0,
+        rope: RopeKind::Norm,
+    },
+];
+
+fn quick() -> bool {
+    std::env::var_os("BFPO_BENCH_QUICK").is_some_and(|v| v != "0")
+}
+
+fn tokens() -> usize {
+    if quick() { 64 } else { 512 }
+}
+
+fn random(gpu: &Gpu, label: &str, n: usize, seed: u64) -> GpuBuf {
+    gpu.upload(label, &Rng::new(seed).normal_vec(n, 1.0))
+        .unwrap()
+}
+
+fn run(gpu: &Gpu, f: impl FnOnce(&mut Recorder<'_>)) {
+    let mut rec = gpu.recorder();
+    f(&mut rec);
+    rec.run("bench").unwrap();
+}
+
+fn configure<'c>(
+    c: &'c mut Criterion,
+    name: &str,
+) -> criterion::BenchmarkGroup<'c, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_secs(2));
+    g
+}
+
+fn bench_rmsnorm_back(c: &mut Criterion) {
+    let gpu = test_device();
+    let t = tokens();
+    let mut g = configure(c, "rmsnorm_back");
+    for s in &SHAPES {
+        let x = random(&gpu, "x", t * s.d, 1);
+        let w = random(&gpu, "w", s.d, 2);
+        let r = random(&gpu, "rstd", t, 3);
+        let dy = random(&gpu, "dy", t * s.d, 4);
+        let dx = gpu.alloc("dx", (t * s.d * 4) as u64).unwrap();
+        // Reads x, dy, dx; writes dx (accumulate).
+        g.throughput(Throughput::Bytes((4 * t * s.d * 4) as u64));
+        g.bench_function(BenchmarkId::new(s.name, format!("T{t}xd{}", s.d)), |b| {
+            b.iter(|| {
+                run(&gpu, |rec| {
+                    rmsnorm_backward(&gpu, rec, &x, &w, &r, &dy, &dx, t, s.d, true).unwrap()
+                })
+            })
+        });
+    }
+}
+
+fn bench_rope_back(c: &mut Criterion) {
+    let gpu = test_device();
+    let t = tokens();
+    let mut g = configure(c, "rope_back");
+    for s in &SHAPES {
+        let cfg = RopeConfig {
+            kind: s.rope,
+            base: s.rope_base,
+            n_rot: s.head_dim,
+            head_dim: s.head_dim,
+            pos_scale: 1.0,
+            freqs: None,
+        };
+        let table = cfg.upload_table(&gpu).unwrap();
+        let pos: Vec<u32> = (0..t as u32).collect();
+        let pos = gpu.upload("pos", &pos).unwrap();
+        let dq = random(&gpu, "dq", t * s.n_head * s.head_dim, 5);
+        g.throughput(Throughput::Bytes(
+            (2 * t * s.n_head * s.head_dim * 4) as u64,
+        ));
+        g.bench_function(
+            BenchmarkId::new(s.name, format!("dq T{t}x{}x{}", s.n_head, s.head_dim)),
+            |b| {
+                b.iter(|| {
+                    run(&gpu, |rec| {
+                        rope_backward_inplace(&gpu, rec, &cfg, &table, &pos, &dq, t, s.n_head)
+                            .unwrap()
+                    })
+                })
+            },
+        );
+    }
+}
+
+fn bench_attention_back(c: &mut Criterion) {
+    let gpu = test_device();
+    let t = tokens();
+    let mut g = configure(c, "attention_back");
+    for s in &SHAPES {
+        let shape = AttnShape::new(1, t, s.n_head, s.n_head_kv, s.head_dim);
+        let (qn, kn) = (t * s.n_head * s.head_dim, t * s.n_head_kv * s.head_dim);
+        let q = random(&gpu, "q", qn, 6);
+        let k = random(&gpu, "k", kn, 7);
+        let v = random(&gpu, "v", kn, 8);
+        let o = random(&gpu, "o", qn, 9);
+        let lse = gpu.upload("lse", &vec![10.0f32; t * s.n_head]).unwrap();
+        let dout = random(&gpu, "dout", qn, 10);
+        let lens = gpu.upload("lens", &[t as u32]).unwrap();
+        let lsed = gpu.alloc("lsed", (t * s.n_head * 8) as u64).unwrap();
+        let dq = gpu.alloc("dq", (qn * 4) as u64).unwrap();
+        let dk = gpu.alloc("dk", (kn * 4) as u64).unwrap();
+        let dv = gpu.alloc("dv", (kn * 4) as u64).unwrap();
+        // Causal pairs Σ_i (i + 1) per head; the dq pass does q·k, dO·v, ds·k (6·hd FLOPs per
+        // pair) and the dk/dv pass q·k, dO·v, ds·q, p·dO (8·hd): 14·hd per pair.
+        let flops = (t * (t + 1) / 2 * s.n_head * s.head_dim * 14) as u64;
+        g.throughput(Throughput::Elements(flops));
+        g.bench_function(
+            BenchmarkId::new(
+                s.name,
+                format!("causal L{t} {}/{} heads", s.n_head, s.n_head_kv),
+            ),
+            |b| {
+                b.iter(|| {
+                    run(&gpu, |rec| {
+                        attention_backward(
+                            &gpu, rec, &shape, &q, &k, &v, &o, &lse, &dout, &lens, &lsed, &dq, &dk,
+                            &dv,
+                        )
+                        .unwrap()
+                    })
+                })
+            },
+        );
+    }
+}
+
+fn bench_swiglu_back(c: &mut Criterion) {
+    let gpu = test_device();
+    let t = tokens();
+    let mut g = configure(c, "swiglu_back");
+    for s in &SHAPES {
+        let n = t * s.ff;
+        let dy = random(&gpu, "dy", n, 11);
+        let gate = random(&gpu, "gate", n, 12);
+        let up = random(&gpu, "up", n, 13);
+        // Reads dy, gate, up; writes gate, up. (Repeated runs differentiate their own output:
+        // values change but the work does not.)
+        g.throughput(Throughput::Bytes((5 * n * 4) as u64));
+        g.bench_function(BenchmarkId::new(s.name, format!("T{t}xff{}", s.ff)), |b| {
+            b.iter(|| {
+                run(&gpu, |rec| {
+                    swiglu_backward_inplace(&gpu, rec, &dy, &gate, &up, n).unwrap()
+                })
+            })
+        });
+    }
+}
+
+fn f16_table(n_rows: usize, d: usize, seed: u64) -> Vec<u8> {
+    let v: Vec<half::f16> = Rng::new(seed)
+        .normal_vec(n_rows * d, 0.02)
+        .into_iter()
+        .map(half::f16::from_f32)
+        .collect();
+    bytemuck::cast_slice(&v).to_vec()
+}
+
+fn bench_lm_head_back(c: &mut Criterion) {
+    let gpu = test_device();
+    let t = tokens();
+    let mut g = configure(c, "lm_head_back");
+    for s in &SHAPES {
+        let vocab = if quick() { 16_384 } else { s.vocab };
+        let w = GpuWeight::upload_raw(
+            &gpu,
+            "lm_head",
+            GgmlType::F16,
+            s.d,
+            vocab,
+            &f16_table(vocab, s.d, 14),
+        )
+        .unwrap();
+        let scratch = LmHeadScratch::new(&gpu, t, vocab, 64 << 20).unwrap();
+        let x = random(&gpu, "x", t * s.d, 15);
+        let mut rng = Rng::new(16);
+        let targets: Vec<u32> = (0..t).map(|_| rng.below(vocab as u64) as u32).collect();
+        let targets = gpu.upload("targets", &targets).unwrap();
+        let lse = gpu.upload("lse", &vec![12.0f32; t]).unwrap();
+        let roww = gpu.upload("roww", &vec![0.5f32; t]).unwrap();
+        let dx = gpu.alloc("dx", (t * s.d * 4) as u64).unwrap();
+        // Logits recompute (2·T·d·V) + dx = dlogits·W (2·T·d·V).
+        g.throughput(Throughput::Elements((4 * t * s.d * vocab) as u64));
+        g.bench_function(
+            BenchmarkId::new(s.name, format!("F16 T{t}xV{vocab}")),
+            |b| {
+                b.iter(|| {
+                    // Not through `run`: the LM head submits between vocabulary chunks, so its
+                    // recorder must borrow this very device.
+                    let mut rec = gpu.recorder();
+                    lm_head_backward(
+                        &gpu, &mut rec, &x, &w, None, &targets, &lse, &roww, &scratch, &dx, t,
+                    )
+                    .unwrap();
+                    rec.run("bench").unwrap();
+                })
+            },
+        );
+    }
+}
+
+criterion_group!(
+    benches,
+    bench_rmsnorm_back,
+    bench_rope_back,
+    bench_attention_back,
+    bench_swiglu_back,
+    bench_lm_head_back
+);
+criterion_main!(benches);

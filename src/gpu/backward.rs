@@ -1,0 +1,439 @@
+//! The whole-model backward pass on the GPU: gradients of `J = Σ_s w_s·logp_s` with respect to
+//! every LoRA A and B, where `logp_s` is the summed response log-prob of sequence s and `w_s`
+//! the one number per sequence the CPU loss returns (`DESIGN.md`: the loss lives on the CPU).
+//!
+//! # API (what the trainer calls)
+//! * [`forward_train`]: the policy forward over a batch with the adapter on, keeping every
+//!   layer's input (activation checkpointing); returns per-sequence log-probs ([`SeqLogp`]) and a
+//!   [`TrainState`].
+//! * [`backward`]: consumes the state and **adds** `∂J/∂A`, `∂J/∂B` into
+//!   `lora.tensors[*].grad_a / grad_b` (zero them with `GpuLora::zero_grads` once per optimiser
+//!   step; micro-steps accumulate for free). The adapter must be unchanged since the forward.
+//!
+//! Each `forward_train` allocates its buffers (workspace, checkpoints, gradient scratch) for
+//! exactly its batch; dropping the state (or `backward`, which consumes it) frees them.
+//!
+//! # Graph (per layer, reverse order; one submission per layer, one for the head)
+//! The seed is `dlogits = w_s·(onehot(target) − softmax(logits))` on the scored rows
+//! (`ops::logprob_back`), giving `dxsn = dlogits·W_out` chunk by chunk, then the final RMSNorm
+//! backward, scattered into the `[T, d]` residual gradient `dx`. For each layer from the top,
+//! the layer is recomputed from its checkpointed input (`GpuModel::layer_forward`, same bits as
+//! the forward) and then, with `dx = ∂J/∂x_out`:
+//! ```text
+//! FFN:        dact = dx·W_down (+ LoRA down: grads, dact += du·A)
+//!             (dg, du) = swiglu_back(gate, up, dact)          in place over gate, up
+//!             dn = dg·W_gate + du·W_up (+ LoRA gate, up)
+//!             dx += rmsnorm_back(h, ffn_norm, dn)              dx is now ∂J/∂h (residual)
+//! attention:  datt = dx·W_o (+ LoRA o)
+//!             (dq, dk, dv) = attention_back(q, k, v, o, lse, datt)   probabilities recomputed
+//!             dq, dk = rope⁻¹(dq), rope⁻¹(dk)   (qwen3: then per-head rmsnorm_back)
+//!             dn = dq·W_q + dk·W_k + dv·W_v (+ LoRA q, k, v; their input is the recomputed n1)
+//!             dx += rmsnorm_back(x_in, attn_norm, dn)          dx is now ∂J/∂x_in
+//! ```
+//! QKV biases, norms and all base weights are frozen: only LoRA gradients are formed. The
+//! residual adds pass the gradient through (`dx` is updated in place). Every kernel sums in a
+//! fixed order without atomics, so the same inputs give the same bits.
+//!
+//! # Memory (f32; T = B·L rows, N scored rows; in addition to the forward's `Workspace` and
+//! the `n_layer + 1` checkpoints `[T, d]`)
+//! | buffer | shape | use |
+//! |---|---|---|
+//! | `dx` | [T, d] | running residual gradient |
+//! | `dn` | [T, d] | gradient of a norm's output (both norms; the head's final norm) |
+//! | `datt`, `dq` | [T, q] each | |
+//! | `dk`, `dv` | [T, kv] each | (qwen3 adds `dk_pre` [T, kv]) |
+//! | `dact` | [T, ff] | `dg`, `du` overwrite the forward's gate/up in place |
+//! | `lsed` | [T, n_head, 2] | attention (lse, D) |
+//! | `du` | [T, r] | LoRA scratch |
+//! | `roww` | [N] | seed weight per scored row |
+//! | (`ws.ping[0]`, `ws.ping[1]`) | [T, d] | the forward's spare layer buffers, reused: the recompute's output, the head's `dxsn` |
+//!
+//! `gpu::memory` (the planner) counts exactly these per-row buffers in its "layer workspace"
+//! items (updated to this engine: streaming attention has no `[T, T]` buffers); its LM-head item
+//! still differs from the forward's `LmHeadScratch` (see the planner's notes).
+
+use super::forward::{ForwardError, GpuBatch, GpuModel, LayerInputs, Workspace, WorkspaceSpec};
+use super::ops::attention::AttnShape;
+use super::ops::attention_back::attention_backward;
+use super::ops::logprob_back::{lm_head_backward, scatter_rows};
+use super::ops::lora::{GpuLora, lora_backward};
+use super::ops::matmul::matmul_back_input;
+use super::ops::rmsnorm_back::rmsnorm_backward;
+use super::ops::rope_back::rope_backward_inplace;
+use super::ops::swiglu_back::swiglu_backward_inplace;
+use super::{Gpu, GpuBuf, GpuError, Recorder};
+use crate::data::Example;
+use crate::train::lora::Target;
+
+/// One sequence's response log-probs from [`forward_train`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SeqLogp {
+    /// Σ of the token log-probs (accumulated in f64).
+    pub logp: f64,
+    /// Scored tokens (`len − response_start`).
+    pub n_tokens: usize,
+    /// One log-prob per scored token (`ids[response_start..]`).
+    pub token_logps: Vec<f32>,
+}
+
+/// Gradient scratch of one layer (shapes in the module table).
+#[derive(Debug)]
+struct BackScratch {
+    dx: GpuBuf,
+    dn: GpuBuf,
+    datt: GpuBuf,
+    dq: GpuBuf,
+    dk: GpuBuf,
+    dv: GpuBuf,
+    dk_pre: Option<GpuBuf>,
+    dact: GpuBuf,
+    lsed: GpuBuf,
+    du: GpuBuf,
+}
+
+/// What [`backward`] needs from [`forward_train`]: the padded batch on the device, the
+/// workspace (head values: gathered rows, final-norm rstd, lse), the layer checkpoints and the
+/// gradient scratch.
+#[derive(Debug)]
+pub struct TrainState {
+    pub batch: GpuBatch,
+    pub ws: Workspace,
+    pub checkpoints: LayerInputs,
+    scratch: BackScratch,
+}
+
+impl TrainState {
+    /// Device bytes held (workspace, checkpoints, gradient scratch; not the batch inputs).
+    pub fn bytes(&self) -> u64 {
+        let s = &self.scratch;
+        let mut b = self.ws.bytes()
+            + self.checkpoints.bufs.iter().map(|b| b.size).sum::<u64>()
+            + [
+                &s.dx, &s.dn, &s.datt, &s.dq, &s.dk, &s.dv, &s.dact, &s.lsed, &s.du,
+            ]
+            .iter()
+            .map(|b| b.size)
+            .sum::<u64>();
+        if let Some(k) = &s.dk_pre {
+            b += k.size;
+        }
+        b
+    }
+}
+
+fn gpu_err(e: ForwardError) -> GpuError {
+    match e {
+        ForwardError::Gpu(g) => g,
+        other => GpuError::Validation {
+            context: "the training forward pass".into(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+fn invalid(detail: String) -> GpuError {
+    GpuError::Validation {
+        context: "the training backward pass".into(),
+        detail,
+    }
+}
+
+/// The policy forward over `examples` with `lora` on, keeping what [`backward`] needs.
+/// Returns one [`SeqLogp`] per example (same order) and the state to pass to [`backward`].
+pub fn forward_train(
+    model: &GpuModel,
+    gpu: &Gpu,
+    examples: &[Example],
+    lora: &GpuLora,
+) -> Result<(Vec<SeqLogp>, TrainState), GpuError> {
+    if examples.is_empty() {
+        return Err(GpuError::Validation {
+            context: "the training forward pass".into(),
+            detail: "no examples: give at least one sequence".into(),
+        });
+    }
+    let cfg = &model.cfg;
+    let batch = GpuBatch::new(gpu, cfg, examples).map_err(gpu_err)?;
+    let ws = Workspace::new(gpu, cfg, &WorkspaceSpec::for_batch(&batch, Some(lora)))?;
+    let checkpoints = LayerInputs::new(gpu, cfg, batch.n_rows())?;
+    let t = batch.n_rows();
+    let f = |label: &str, elems: usize| gpu.alloc(label, (elems.max(1) * 4) as u64);
+    let (d, q, kv, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
+    let scratch = BackScratch {
+        dx: f("grad dx", t * d)?,
+        dn: f("grad dn", t * d)?,
+        datt: f("grad datt", t * q)?,
+        dq: f("grad dq", t * q)?,
+        dk: f("grad dk", t * kv)?,
+        dv: f("grad dv", t * kv)?,
+        dk_pre: if cfg.qk_norm {
+            Some(f("grad dk_pre", t * kv)?)
+        } else {
+            None
+        },
+        dact: f("grad dact", t * ff)?,
+        lsed: f("attention lse, D", t * cfg.n_head * 2)?,
+        du: f("lora du", t * lora.rank.max(1))?,
+    };
+    let out = model
+        .forward_batch(gpu, &ws, &batch, Some(lora), Some(&checkpoints))
+        .map_err(gpu_err)?;
+    let seqs = out
+        .token_logprobs
+        .into_iter()
+        .zip(out.seq_logprobs)
+        .map(|(token_logps, logp)| SeqLogp {
+            logp,
+            n_tokens: token_logps.len(),
+            token_logps,
+        })
+        .collect();
+    Ok((
+        seqs,
+        TrainState {
+            batch,
+            ws,
+            checkpoints,
+            scratch,
+        },
+    ))
+}
+
+/// Adds `∂(Σ_s seq_weights[s]·logp_s)/∂(A, B)` of every LoRA tensor into its `grad_a` /
+/// `grad_b`, for the batch of `state` (from [`forward_train`] with the same, unchanged `lora`).
+/// Returns when the work is submitted; a later readback or `gpu.sync` waits for it.
+pub fn backward(
+    model: &GpuModel,
+    gpu: &Gpu,
+    state: TrainState,
+    seq_weights: &[f32],
+    lora: &GpuLora,
+) -> Result<(), GpuError> {
+    let TrainState {
+        batch,
+        ws,
+        checkpoints,
+        scratch: s,
+    } = state;
+    if seq_weights.len() != batch.lens.len() {
+        return Err(invalid(format!(
+            "{} sequence weights for a batch of {} sequences; give one weight per sequence",
+            seq_weights.len(),
+            batch.lens.len()
+        )));
+    }
+    if let Some(i) = seq_weights.iter().position(|w| !w.is_finite()) {
+        return Err(invalid(format!(
+            "sequence weight {i} is {}; the loss gradient must be finite",
+            seq_weights[i]
+        )));
+    }
+    model.check_lora(lora).map_err(gpu_err)?;
+    let cfg = &model.cfg;
+    let (t, n, d) = (batch.n_rows(), batch.n_scored(), cfg.n_embd);
+    if n == 0 {
+        return Ok(());
+    }
+
+    // Head: dlogits → dxsn (in the spare ws.ping[1]) → final norm backward (into s.dn) →
+    // scatter into dx.
+    let mut roww = vec![0.0f32; n];
+    for (r, &w) in batch.scored.iter().zip(seq_weights) {
+        roww[r.clone()].iter_mut().for_each(|v| *v = w);
+    }
+    let roww = gpu.upload("seed weight per scored row", &roww)?;
+    let mut rec = gpu.recorder();
+    lm_head_backward(
+        gpu,
+        &mut rec,
+        &ws.xsn,
+        model.lm_head(),
+        model.output_bias.as_ref(),
+        &batch.targets,
+        &ws.lse,
+        &roww,
+        &ws.lm_head,
+        &ws.ping[1],
+        n,
+    )?;
+    rmsnorm_backward(
+        gpu,
+        &mut rec,
+        &ws.xs,
+        &model.output_norm,
+        &ws.rstd_out,
+        &ws.ping[1],
+        &s.dn,
+        n,
+        d,
+        false,
+    )?;
+    rec.clear(&s.dx, 0, (t * d * 4) as u64);
+    scatter_rows(gpu, &mut rec, &s.dn, &batch.rows, &s.dx, n, d)?;
+    rec.submit();
+
+    for il in (0..cfg.n_layer).rev() {
+        let mut rec = gpu.recorder();
+        layer_backward(
+            model,
+            gpu,
+            &mut rec,
+            il,
+            &batch,
+            &ws,
+            &checkpoints.bufs[il],
+            &s,
+            lora,
+        )?;
+        rec.submit();
+    }
+    Ok(())
+}
+
+/// Records the recompute of layer `il` from `x_in` and its backward: on entry `s.dx` holds
+/// `∂J/∂x_out`, on exit `∂J/∂x_in`; LoRA gradients of the layer are accumulated.
+#[allow(clippy::too_many_arguments)]
+fn layer_backward(
+    model: &GpuModel,
+    gpu: &Gpu,
+    rec: &mut Recorder<'_>,
+    il: usize,
+    batch: &GpuBatch,
+    ws: &Workspace,
+    x_in: &GpuBuf,
+    s: &BackScratch,
+    lora: &GpuLora,
+) -> Result<(), GpuError> {
+    let cfg = &model.cfg;
+    let l = &model.layers[il];
+    let t = batch.n_rows();
+    let (d, hd) = (cfg.n_embd, cfg.head_dim);
+    let (rank, scale) = (lora.rank, lora.scale());
+
+    // Recompute: every intermediate of this layer lands in `ws` (x_out goes to the spare
+    // `ping[0]`; the checkpoint of layer il + 1 is not touched).
+    model
+        .layer_forward(gpu, rec, il, batch, ws, x_in, &ws.ping[0], Some(lora))
+        .map_err(gpu_err)?;
+
+    // Input gradient through a frozen projection plus its LoRA branch (if adapted):
+    // dx_in (+)= dy·W (+ LoRA: grads and dx_in += du·A).
+    let back = |rec: &mut Recorder<'_>,
+                target: Target,
+                x: &GpuBuf,
+                dy: &GpuBuf,
+                dx_in: &GpuBuf,
+                accumulate: bool|
+     -> Result<(), GpuError> {
+        matmul_back_input(gpu, rec, dy, l.weight(target), dx_in, t, accumulate)?;
+        if let Some(lt) = lora.get(il, target) {
+            lora_backward(
+                gpu,
+                rec,
+                lt,
+                rank,
+                scale,
+                x,
+                ws.lora_u(target)?,
+                dy,
+                &s.du,
+                dx_in,
+                t,
+            )?;
+        }
+        Ok(())
+    };
+
+    // FFN.
+    back(rec, Target::FfnDown, &ws.act, &s.dx, &s.dact, false)?;
+    swiglu_backward_inplace(gpu, rec, &s.dact, &ws.gate, &ws.up, t * cfg.n_ff)?;
+    back(rec, Target::FfnGate, &ws.xn, &ws.gate, &s.dn, false)?;
+    back(rec, Target::FfnUp, &ws.xn, &ws.up, &s.dn, true)?;
+    rmsnorm_backward(
+        gpu,
+        rec,
+        &ws.h,
+        &l.ffn_norm,
+        &ws.rstd_ffn,
+        &s.dn,
+        &s.dx,
+        t,
+        d,
+        true,
+    )?;
+
+    // Attention.
+    back(rec, Target::AttnOutput, &ws.attn, &s.dx, &s.datt, false)?;
+    let shape = AttnShape::new(batch.n_seq, batch.seq_len, cfg.n_head, cfg.n_head_kv, hd);
+    attention_backward(
+        gpu,
+        rec,
+        &shape,
+        &ws.q,
+        &ws.k,
+        &ws.v,
+        &ws.attn,
+        &ws.attn_lse,
+        &s.datt,
+        &batch.lens_buf,
+        &s.lsed,
+        &s.dq,
+        &s.dk,
+        &s.dv,
+    )?;
+    let (rope, table) = (&model.rope, &model.rope_table);
+    rope_backward_inplace(gpu, rec, rope, table, &batch.pos, &s.dq, t, cfg.n_head)?;
+    rope_backward_inplace(gpu, rec, rope, table, &batch.pos, &s.dk, t, cfg.n_head_kv)?;
+    let (dq, dk) = match (&l.q_norm, &l.k_norm, &ws.qk, &s.dk_pre) {
+        (Some(qn), Some(kn), Some(qk), Some(dk_pre)) => {
+            // qwen3: per-head RMSNorm between the projection and rope. datt is free again.
+            rmsnorm_backward(
+                gpu,
+                rec,
+                &qk.q_pre,
+                qn,
+                &qk.q_rstd,
+                &s.dq,
+                &s.datt,
+                t * cfg.n_head,
+                hd,
+                false,
+            )?;
+            rmsnorm_backward(
+                gpu,
+                rec,
+                &qk.k_pre,
+                kn,
+                &qk.k_rstd,
+                &s.dk,
+                dk_pre,
+                t * cfg.n_head_kv,
+                hd,
+                false,
+            )?;
+            (&s.datt, dk_pre)
+        }
+        (None, None, _, _) => (&s.dq, &s.dk),
+        _ => {
+            return Err(invalid(format!(
+                "layer {il}: Q/K head norms need both weights and buffers made for them"
+            )));
+        }
+    };
+    back(rec, Target::AttnQ, &ws.n1, dq, &s.dn, false)?;
+    back(rec, Target::AttnK, &ws.n1, dk, &s.dn, true)?;
+    back(rec, Target::AttnV, &ws.n1, &s.dv, &s.dn, true)?;
+    rmsnorm_backward(
+        gpu,
+        rec,
+        x_in,
+        &l.attn_norm,
+        &ws.rstd_attn,
+        &s.dn,
+        &s.dx,
+        t,
+        d,
+        true,
+    )?;
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! Backward of causal GQA attention (`kernels/attention_back_delta.wgsl`,
+//! `kernels/attention_back.wgsl`; the derivatives are written at the top of the latter).
+//!
+//! Three dispatch families, all deterministic (every output element is summed by one invocation
+//! in a fixed order, no atomics), none storing an `[L, L]` matrix: probabilities are recomputed
+//! from the forward's per-row log-sum-exp.
+//! 1. `D = rowsum(dO ⊙ O)` per (row, head), packed with lse into `lsed` `[T, n_head, 2]`;
+//! 2. `dq`, one invocation per (query row, head), keys in order;
+//! 3. `dk`, `dv`, one invocation per (key row, KV head), the group's heads then queries in order.
+
+use super::attention::AttnShape;
+use super::check::{bad_shape, need_words};
+use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder, groups};
+use crate::kernel_source;
+use crate::util::Tol;
+
+/// Params of `kernels/attention_back_delta.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AttnDeltaParams {
+    /// Rows × heads (T · n_head).
+    pub n: u32,
+    /// head_dim / 4.
+    pub hd4: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+}
+
+/// Params of `kernels/attention_back.wgsl` (same layout as the forward's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AttnBackParams {
+    /// Sequences B.
+    pub n_seq: u32,
+    /// Padded length L.
+    pub seq_len: u32,
+    /// Query heads.
+    pub n_head: u32,
+    /// KV heads.
+    pub n_head_kv: u32,
+    /// First row of this dispatch (query rows for dq, key rows for dk/dv).
+    pub row_start: u32,
+    /// Rows in this dispatch.
+    pub n_rows: u32,
+    /// Score scale.
+    pub scale: f32,
+    pub _pad0: u32,
+}
+
+/// GPU (f32, recomputed probabilities from an f32 lse) vs the f64 reference, O(1) inputs,
+/// L ≲ 64: gradients are sums of ≤ L·group terms of size O(1).
+pub const ATTENTION_BACK_TOL: Tol = Tol::new(2e-5, 5e-5);
+
+/// Multiply-adds one dispatch may do (as in the forward): short dispatches on any GPU.
+const MACS_PER_DISPATCH: usize = 1 << 27;
+
+fn validate(shape: &AttnShape) -> Result<(), GpuError> {
+    if shape.head_dim == 0 || !shape.head_dim.is_multiple_of(4) || shape.head_dim > 512 {
+        return Err(bad_shape(
+            "attention backward",
+            format!(
+                "head_dim {} is not supported: it must be a multiple of 4 and at most 512",
+                shape.head_dim
+            ),
+        ));
+    }
+    if shape.n_head_kv == 0 || !shape.n_head.is_multiple_of(shape.n_head_kv) {
+        return Err(bad_shape(
+            "attention backward",
+            format!(
+                "n_head {} is not a multiple of n_head_kv {}",
+                shape.n_head, shape.n_head_kv
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Records the attention backward. Inputs: q `[T, n_head, hd]` and k, v `[T, n_head_kv, hd]`
+/// (what the forward read, after rope), o `[T, n_head, hd]` and lse `[T, n_head]` (what it
+/// wrote), dout `[T, n_head, hd]`, lens `[B]` u32. Scratch: lsed `[T, n_head, 2]`. Outputs
+/// (overwritten): dq `[T, n_head, hd]`, dk, dv `[T, n_head_kv, hd]`. All f32 except lens.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    gpu: &Gpu,
+    rec: &mut Recorder<'_>,
+    shape: &AttnShape,
+    q: &GpuBuf,
+    k: &GpuBuf,
+    v: &GpuBuf,
+    o: &GpuBuf,
+    lse: &GpuBuf,
+    dout: &GpuBuf,
+    lens: &GpuBuf,
+    lsed: &GpuBuf,
+    dq: &GpuBuf,
+    dk: &GpuBuf,
+    dv: &GpuBuf,
+) -> Result<(), GpuError> {
+    let per_row = (shape.n_head * shape.seq_len * shape.head_dim * 4).max(1);
+    let rows = (MACS_PER_DISPATCH / per_row).max(1);
+    attention_backward_split(
+        gpu, rec, shape, q, k, v, o, lse, dout, lens, lsed, dq, dk, dv, rows,
+    )
+}
+
+/// [`attention_backward`] with at most `rows_per_dispatch` rows per dq / dk-dv dispatch.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_split(
+    gpu: &Gpu,
+    rec: &mut Recorder<'_>,
+    shape: &AttnShape,
+    q: &GpuBuf,
+    k: &GpuBuf,
+    v: &GpuBuf,
+    o: &GpuBuf,
+    lse: &GpuBuf,
+    dout: &GpuBuf,
+    lens: &GpuBuf,
+    lsed: &GpuBuf,
+    dq: &GpuBuf,
+    dk: &GpuBuf,
+    dv: &GpuBuf,
+    rows_per_dispatch: usize,
+) -> Result<(), GpuError> {
+    validate(shape)?;
+    let t = shape.n_rows();
+    if t == 0 || shape.n_head == 0 {
+        return Ok(());
+    }
+    let (nh, nkv, hd) = (shape.n_head, shape.n_head_kv, shape.head_dim);
+    let s = format!(
+        "attention backward B {} × L {}, {nh} heads / {nkv} KV heads of {hd}",
+        shape.n_seq, shape.seq_len
+    );
+    let op = "attention backward";
+    need_words(op, q, t * nh * hd, &s)?;
+    need_words(op, k, t * nkv * hd, &s)?;
+    need_words(op, v, t * nkv * hd, &s)?;
+    need_words(op, o, t * nh * hd, &s)?;
+    need_words(op, lse, t * nh, &s)?;
+    need_words(op, dout, t * nh * hd, &s)?;
+    need_words(op, lens, shape.n_seq, &s)?;
+    need_words(op, lsed, t * nh * 2, &s)?;
+    need_words(op, dq, t * nh * hd, &s)?;
+    need_words(op, dk, t * nkv * hd, &s)?;
+    need_words(op, dv, t * nkv * hd, &s)?;
+
+    let pd = gpu.pipeline(&kernel_source!("attention_back_delta"), "main", &[])?;
+    let n = t * nh;
+    rec.dispatch(
+        &pd,
+        &[
+            Bind::Whole(o),
+            Bind::Whole(dout),
+            Bind::Whole(lse),
+            Bind::Whole(lsed),
+        ],
+        &AttnDeltaParams {
+            n: n as u32,
+            hd4: (hd / 4) as u32,
+            _pad0: 0,
+            _pad1: 0,
+        },
+        groups((n as u32).div_ceil(256)),
+    )?;
+
+    let hd4 = (hd / 4).to_string();
+    for pass in 0..2u32 {
+        let p = gpu.pipeline(
+            &kernel_source!("attention_back"),
+            "main",
+            &[("HD4", hd4.clone()), ("PASS", pass.to_string())],
+        )?;
+        let (out_a, out_b, heads) = if pass == 0 {
+            (dq, dk, nh)
+        } else {
+            (dk, dv, nkv)
+        };
+        let step = rows_per_dispatch.max(1);
+        let mut start = 0;
+        while start < t {
+            let rows = step.min(t - start);
+            let params = AttnBackParams {
+                n_seq: shape.n_seq as u32,
+                seq_len: shape.seq_len as u32,
+                n_head: nh as u32,
+                n_head_kv: nkv as u32,
+                row_start: start as u32,
+                n_rows: rows as u32,
+                scale: shape.scale,
+                _pad0: 0,
+            };
+            rec.dispatch(
+                &p,
+                &[
+                    Bind::Whole(q),
+                    Bind::Whole(k),
+                    Bind::Whole(v),
+                    Bind::Whole(dout),
+                    Bind::Whole(lsed),
+                    Bind::Whole(lens),
+                    Bind::Whole(out_a),
+                    Bind::Whole(out_b),
+                ],
+                &params,
+                groups(((rows * heads) as u32).div_ceil(64)),
+            )?;
+            start += rows;
+        }
+    }
+    Ok(())
+}
+
+/// CPU reference over a padded batch, built on the per-sequence
+/// [`crate::model::reference::attention_back`] (f64): returns `(dq, dk, dv)`; padding rows get 0.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_ref(
+    shape: &AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    lens: &[u32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (nh, nkv, hd, l) = (shape.n_head, shape.n_head_kv, shape.head_dim, shape.seq_len);
+    let (qw, kw) = (nh * hd, nkv * hd);
+    let t_all = shape.n_rows();
+    let mut dq = vec![0.0f32; t_all * qw];
+    let mut dk = vec![0.0f32; t_all * kw];
+    let mut dv = vec![0.0f32; t_all * kw];
+    let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+    for (b, &len) in lens.iter().enumerate().take(shape.n_seq) {
+        let n = (len as usize).min(l);
+        if n == 0 {
+            continue;
+        }
+        let r0 = b * l;
+        let (gq, gk, gv) = crate::model::reference::attention_back(
+            &wide(&q[r0 * qw..(r0 + n) * qw]),
+            &wide(&k[r0 * kw..(r0 + n) * kw]),
+            &wide(&v[r0 * kw..(r0 + n) * kw]),
+            &wide(&dout[r0 * qw..(r0 + n) * qw]),
+            nh,
+            nkv,
+            hd,
+        );
+        for (d, s) in dq[r0 * qw..(r0 + n) * qw].iter_mut().zip(&gq) {
+            *d = *s as f32;
+        }
+        for (d, s) in dk[r0 * kw..(r0 + n) * kw].iter_mut().zip(&gk) {
+            *d = *s as f32;
+        }
+        for (d, s) in dv[r0 * kw..(r0 + n) * kw].iter_mut().zip(&gv) {
+            *d = *s as f32;
+        }
+    }
+    (dq, dk, dv)
+}

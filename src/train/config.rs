@@ -1,0 +1,268 @@
+//! Settings of a training run: read from a TOML `--config` file, then overridden by command-line
+//! flags (the CLI wins). Every field has a default, so an empty file is a valid config.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {detail}")]
+    Parse { path: PathBuf, detail: String },
+    #[error("invalid setting {key} = {value}: {detail}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        detail: String,
+    },
+}
+
+/// Learning-rate schedule shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// Which engine computes log-probs and gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// Our WGSL kernels through wgpu (the product path).
+    Gpu,
+    /// The f64 CPU reference model (tiny models only: tests and cross-checks).
+    Cpu,
+}
+
+/// A training run's settings. Field names are the TOML keys.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    // --- inputs and outputs
+    pub model: Option<PathBuf>,
+    /// Safety preference data files (JSONL, .gz, .xz, Parquet, JSON array).
+    pub data: Vec<PathBuf>,
+    /// Dataset format: auto, pku, redteam, generic, trl, ultrafeedback, hh.
+    pub format: String,
+    pub eval_data: Option<PathBuf>,
+    /// Fraction of the data held out for evaluation when `eval_data` is not given.
+    pub eval_fraction: f64,
+    /// Helpfulness buffer mixed into every step (BFPO's buffered training).
+    pub buffer: Option<PathBuf>,
+    /// Buffer pairs per safety pair in each step.
+    pub buffer_ratio: f64,
+    pub out: PathBuf,
+    /// Stop at the first bad row instead of skipping and counting it.
+    pub strict: bool,
+    // --- loss
+    /// `bfpo`, `ipo` or `dpo`, optionally with parameters (`bfpo:tau=0.01,b1=3,alpha=0.5`).
+    pub loss: String,
+    // --- LoRA
+    pub rank: usize,
+    pub lora_alpha: f32,
+    /// Comma list of attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down, or `all`.
+    pub targets: String,
+    /// `all` or ranges like `0-11,14`.
+    pub layers: String,
+    pub lora_dropout: f32,
+    // --- optimisation
+    pub learning_rate: f64,
+    pub schedule: ScheduleKind,
+    /// Warmup as a fraction of the total steps.
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    /// Global gradient-norm clip (0 disables).
+    pub max_grad_norm: f64,
+    pub epochs: usize,
+    /// Stop after this many optimiser steps (0 = run the epochs).
+    pub max_steps: usize,
+    /// Safety pairs per micro-step.
+    pub pairs_per_step: usize,
+    pub grad_accum: usize,
+    pub max_length: usize,
+    pub max_prompt_length: usize,
+    pub seed: u64,
+    // --- bookkeeping
+    pub save_every: usize,
+    pub eval_every: usize,
+    /// Recompute reference log-probs even if cached.
+    pub no_ref_cache: bool,
+    /// Where reference log-probs are cached (default: `<out>/../.bfpo-cache` or the user cache).
+    pub cache_dir: Option<PathBuf>,
+    pub engine: EngineKind,
+    /// GPU adapter index or name.
+    pub device: Option<String>,
+    /// Stop after this many non-finite steps in a row.
+    pub max_bad_steps: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: None,
+            data: Vec::new(),
+            format: "auto".into(),
+            eval_data: None,
+            eval_fraction: 0.0,
+            buffer: None,
+            buffer_ratio: 1.0,
+            out: PathBuf::from("runs/bfpo"),
+            strict: false,
+            loss: "bfpo".into(),
+            rank: 16,
+            lora_alpha: 32.0,
+            targets: "ffn_down".into(),
+            layers: "all".into(),
+            lora_dropout: 0.0,
+            learning_rate: 1e-4,
+            schedule: ScheduleKind::Cosine,
+            warmup_ratio: 0.1,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            max_grad_norm: 1.0,
+            epochs: 1,
+            max_steps: 0,
+            pairs_per_step: 2,
+            grad_accum: 4,
+            max_length: 1024,
+            max_prompt_length: 512,
+            seed: 42,
+            save_every: 100,
+            eval_every: 50,
+            no_ref_cache: false,
+            cache_dir: None,
+            engine: EngineKind::Gpu,
+            device: None,
+            max_bad_steps: 3,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML file (unknown keys are errors, naming the key).
+    pub fn from_toml_file(path: &Path) -> Result<TrainConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text).map_err(|detail| ConfigError::Parse {
+            path: path.to_path_buf(),
+            detail,
+        })
+    }
+
+    pub fn from_toml_str(text: &str) -> Result<TrainConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Checks ranges; errors name the key, the value and what is allowed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(key: &'static str, value: impl ToString, detail: &str) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                value: value.to_string(),
+                detail: detail.to_string(),
+            }
+        }
+        if self.rank == 0 {
+            return Err(bad("rank", self.rank, "must be at least 1"));
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return Err(bad(
+                "learning_rate",
+                self.learning_rate,
+                "must be a positive number",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            return Err(bad(
+                "eval_fraction",
+                self.eval_fraction,
+                "must be in [0, 1)",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return Err(bad("warmup_ratio", self.warmup_ratio, "must be in [0, 1]"));
+        }
+        if self.pairs_per_step == 0 {
+            return Err(bad("pairs_per_step", 0, "must be at least 1"));
+        }
+        if self.grad_accum == 0 {
+            return Err(bad("grad_accum", 0, "must be at least 1"));
+        }
+        if self.epochs == 0 && self.max_steps == 0 {
+            return Err(bad("epochs", 0, "set epochs ≥ 1 or max_steps ≥ 1"));
+        }
+        if self.max_prompt_length >= self.max_length {
+            return Err(bad(
+                "max_prompt_length",
+                self.max_prompt_length,
+                "must be smaller than max_length",
+            ));
+        }
+        if !(0.0..1.0).contains(&(self.lora_dropout as f64)) {
+            return Err(bad("lora_dropout", self.lora_dropout, "must be in [0, 1)"));
+        }
+        if self.buffer_ratio < 0.0 || !self.buffer_ratio.is_finite() {
+            return Err(bad("buffer_ratio", self.buffer_ratio, "must be ≥ 0"));
+        }
+        crate::loss::Loss::parse(&self.loss)
+            .map_err(|e| bad("loss", &self.loss, &e.to_string()))?;
+        crate::train::lora::parse_targets(&self.targets)
+            .map_err(|e| bad("targets", &self.targets, &e.to_string()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_round_trip_defaults_and_unknown_keys() {
+        let c = TrainConfig::default();
+        let back = TrainConfig::from_toml_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+        let c = TrainConfig::from_toml_str("rank = 8\nlearning_rate = 5e-5\ntargets = \"all\"\n")
+            .unwrap();
+        assert_eq!(
+            (c.rank, c.learning_rate, c.targets.as_str()),
+            (8, 5e-5, "all")
+        );
+        assert_eq!(c.epochs, 1, "unset keys keep defaults");
+        let e = TrainConfig::from_toml_str("rnak = 8\n").unwrap_err();
+        assert!(e.contains("rnak"), "{e}");
+    }
+
+    #[test]
+    fn validation_names_key_and_value() {
+        let c = TrainConfig {
+            max_prompt_length: 2048,
+            ..Default::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("max_prompt_length = 2048"), "{e}");
+        let c = TrainConfig {
+            loss: "ppo".into(),
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("loss = ppo"));
+        TrainConfig::default().validate().unwrap();
+    }
+}

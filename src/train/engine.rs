@@ -1,0 +1,182 @@
+//! Engines for the training loop: [`CpuEngine`] runs the f64 CPU reference model (tiny models:
+//! tests and cross-checks); the GPU engine lives in `gpu_engine.rs`.
+
+use crate::data::Example;
+use crate::model::reference::{RefModel, flatten_lora, unflatten_lora};
+use crate::train::lora::LoraWeights;
+use crate::train::optim::{AdamW, AdamWConfig, global_norm};
+use crate::train::trainer::{Engine, SeqScore, TrainError};
+use std::collections::BTreeMap;
+
+fn err(e: impl std::fmt::Display) -> TrainError {
+    TrainError::Engine(e.to_string())
+}
+
+/// Names of checkpoint tensors: `"<gguf tensor>.lora_a"` / `.lora_b`, with `.adam_m` / `.adam_v`.
+pub fn tensor_names(lora: &LoraWeights) -> Vec<(String, String)> {
+    lora.tensors
+        .iter()
+        .map(|t| {
+            let base = t.target.tensor_name(t.layer);
+            (format!("{base}.lora_a"), format!("{base}.lora_b"))
+        })
+        .collect()
+}
+
+/// Packs parameters and moments (each in `flatten_lora` order) into named checkpoint tensors.
+pub fn pack_state(lora: &LoraWeights, m: &[f32], v: &[f32]) -> BTreeMap<String, Vec<f32>> {
+    let mut out = BTreeMap::new();
+    let mut off = 0;
+    for (t, (na, nb)) in lora.tensors.iter().zip(tensor_names(lora)) {
+        for (name, data) in [(na, &t.a), (nb, &t.b)] {
+            let n = data.len();
+            out.insert(format!("{name}.adam_m"), m[off..off + n].to_vec());
+            out.insert(format!("{name}.adam_v"), v[off..off + n].to_vec());
+            out.insert(name, data.clone());
+            off += n;
+        }
+    }
+    out
+}
+
+/// Inverse of [`pack_state`]: fills `lora` and returns (m, v). Errors name a missing tensor or a
+/// length mismatch.
+pub fn unpack_state(
+    tensors: &BTreeMap<String, Vec<f32>>,
+    lora: &mut LoraWeights,
+) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
+    let (mut m, mut v) = (Vec::new(), Vec::new());
+    let names = tensor_names(lora);
+    for (t, (na, nb)) in lora.tensors.iter_mut().zip(names) {
+        for (name, dst) in [(na, &mut t.a), (nb, &mut t.b)] {
+            let get = |k: &str| {
+                tensors
+                    .get(k)
+                    .ok_or_else(|| TrainError::Resume(format!("checkpoint lacks tensor {k}")))
+            };
+            let p = get(&name)?;
+            if p.len() != dst.len() {
+                return Err(TrainError::Resume(format!(
+                    "tensor {name} has {} values, this run's adapter has {}",
+                    p.len(),
+                    dst.len()
+                )));
+            }
+            dst.copy_from_slice(p);
+            m.extend_from_slice(get(&format!("{name}.adam_m"))?);
+            v.extend_from_slice(get(&format!("{name}.adam_v"))?);
+        }
+    }
+    Ok((m, v))
+}
+
+/// The CPU reference engine.
+pub struct CpuEngine {
+    model: RefModel,
+    lora: LoraWeights,
+    opt: AdamW,
+    grads: Vec<f32>,
+    last: Vec<Example>,
+}
+
+impl CpuEngine {
+    pub fn new(
+        model: RefModel,
+        lora: LoraWeights,
+        adam: AdamWConfig,
+    ) -> Result<CpuEngine, TrainError> {
+        let n = flatten_lora(&lora).len();
+        Ok(CpuEngine {
+            model,
+            lora,
+            opt: AdamW::new(adam, n).map_err(err)?,
+            grads: vec![0.0; n],
+            last: Vec::new(),
+        })
+    }
+}
+
+impl Engine for CpuEngine {
+    fn describe(&self) -> String {
+        "cpu reference (f64)".into()
+    }
+
+    fn score(&mut self, examples: &[&Example], adapter: bool) -> Result<Vec<SeqScore>, TrainError> {
+        let owned: Vec<Example> = examples.iter().map(|e| (*e).clone()).collect();
+        let lp = self
+            .model
+            .sequence_logprobs(&owned, adapter.then_some(&self.lora))
+            .map_err(err)?;
+        Ok(lp
+            .into_iter()
+            .zip(examples)
+            .map(|(logp, e)| SeqScore {
+                logp,
+                n_tokens: e.n_scored(),
+            })
+            .collect())
+    }
+
+    fn forward_train(&mut self, examples: &[&Example]) -> Result<Vec<SeqScore>, TrainError> {
+        self.last = examples.iter().map(|e| (*e).clone()).collect();
+        self.score(examples, true)
+    }
+
+    fn backward(&mut self, weights: &[f32]) -> Result<(), TrainError> {
+        let w: Vec<f64> = weights.iter().map(|&x| x as f64).collect();
+        let (_, g) = self
+            .model
+            .lora_grads(&self.last, &w, &self.lora)
+            .map_err(err)?;
+        for (acc, x) in self.grads.iter_mut().zip(g.flatten()) {
+            *acc += x as f32;
+        }
+        Ok(())
+    }
+
+    fn grad_norm(&mut self) -> Result<f64, TrainError> {
+        Ok(global_norm(&self.grads))
+    }
+
+    fn optimizer_step(&mut self, lr: f64, grad_scale: f64) -> Result<(), TrainError> {
+        let mut p = flatten_lora(&self.lora);
+        self.opt
+            .step(&mut p, &self.grads, lr, grad_scale)
+            .map_err(err)?;
+        unflatten_lora(&p, &mut self.lora);
+        self.grads.iter_mut().for_each(|g| *g = 0.0);
+        Ok(())
+    }
+
+    fn zero_grads(&mut self) -> Result<(), TrainError> {
+        self.grads.iter_mut().for_each(|g| *g = 0.0);
+        Ok(())
+    }
+
+    fn lora(&mut self) -> Result<LoraWeights, TrainError> {
+        Ok(self.lora.clone())
+    }
+
+    fn save_state(
+        &mut self,
+    ) -> Result<(BTreeMap<String, Vec<f32>>, serde_json::Value), TrainError> {
+        Ok((
+            pack_state(&self.lora, &self.opt.m, &self.opt.v),
+            serde_json::json!({ "adam_step": self.opt.step }),
+        ))
+    }
+
+    fn load_state(
+        &mut self,
+        tensors: &BTreeMap<String, Vec<f32>>,
+        scalars: &serde_json::Value,
+    ) -> Result<(), TrainError> {
+        let (m, v) = unpack_state(tensors, &mut self.lora)?;
+        self.opt.m = m;
+        self.opt.v = v;
+        self.opt.step = scalars["adam_step"]
+            .as_u64()
+            .ok_or_else(|| TrainError::Resume("state lacks adam_step".into()))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,480 @@
+//! The training pipeline end to end on tiny models: exact stop-and-resume, the reference cache,
+//! bad rows, and the built-in demo learning what it should.
+
+mod common;
+
+use bfpo_lite::data::Example;
+use bfpo_lite::data::batch::TruncationConfig;
+use bfpo_lite::data::formats::LoadOptions;
+use bfpo_lite::data::refcache::RefCache;
+use bfpo_lite::gguf::{GgmlType, GgufFile};
+use bfpo_lite::model::reference::RefModel;
+use bfpo_lite::model::{Arch, ModelConfig, Weights};
+use bfpo_lite::runtime::{LoadOptions as RtLoad, RtModel};
+use bfpo_lite::train::checkpoint::Checkpoint;
+use bfpo_lite::train::config::TrainConfig;
+use bfpo_lite::train::engine::CpuEngine;
+use bfpo_lite::train::gpu_engine::GpuEngine;
+use bfpo_lite::train::lora::{LoraSpec, LoraWeights, Target};
+use bfpo_lite::train::optim::AdamWConfig;
+use bfpo_lite::train::prepare::{self, PrepareReport, RefSource};
+use bfpo_lite::train::trainer::{
+    self, CheckpointSink, Engine, Event, SeqScore, TrainData, TrainError,
+};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+fn demo_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/demo")
+        .join(name)
+}
+
+/// A small, fixed slice of the demo data, tokenized with a tiny model's template.
+fn data(model: &Path, n_train: usize, n_eval: usize) -> TrainData {
+    let rt = RtModel::load(model, &RtLoad::default()).unwrap();
+    let trunc = TruncationConfig {
+        max_length: 128,
+        max_prompt_length: 64,
+        ..Default::default()
+    };
+    let mut report = PrepareReport::default();
+    let opts = LoadOptions::default();
+    let (train, _) = prepare::load(&[demo_file("train.jsonl")], &opts).unwrap();
+    let (eval, _) = prepare::load(&[demo_file("heldout.jsonl")], &opts).unwrap();
+    let train = prepare::encode_pairs(&rt, &train[..n_train], &trunc, true, &mut report).unwrap();
+    let eval = prepare::encode_pairs(&rt, &eval[..n_eval], &trunc, true, &mut report).unwrap();
+    TrainData {
+        train,
+        eval,
+        buffer: Vec::new(),
+    }
+}
+
+fn config() -> TrainConfig {
+    TrainConfig {
+        rank: 4,
+        lora_alpha: 8.0,
+        targets: "attn_v,ffn_down".into(),
+        learning_rate: 5e-3,
+        pairs_per_step: 2,
+        grad_accum: 2,
+        max_steps: 8,
+        save_every: 0,
+        eval_every: 0,
+        max_length: 128,
+        max_prompt_length: 64,
+        ..Default::default()
+    }
+}
+
+fn lora(cfg: &ModelConfig, tc: &TrainConfig) -> LoraWeights {
+    let spec = LoraSpec {
+        targets: vec![Target::AttnV, Target::FfnDown],
+        layers: (0..cfg.n_layer).collect(),
+        rank: tc.rank,
+        alpha: tc.lora_alpha,
+        dropout: 0.0,
+        seed: tc.seed,
+    };
+    LoraWeights::init(&spec, cfg).unwrap()
+}
+
+fn cpu_engine(model: &Path, tc: &TrainConfig) -> CpuEngine {
+    let file = GgufFile::open(model).unwrap();
+    let cfg = ModelConfig::from_gguf(&file).unwrap();
+    let w = Weights::from_gguf(&file, &cfg).unwrap();
+    CpuEngine::new(
+        RefModel::from_weights(&cfg, &w).unwrap(),
+        lora(&cfg, tc),
+        AdamWConfig::default(),
+    )
+    .unwrap()
+}
+
+fn gpu_engine(model: &Path, tc: &TrainConfig) -> GpuEngine {
+    let file = GgufFile::open(model).unwrap();
+    let cfg = ModelConfig::from_gguf(&file).unwrap();
+    GpuEngine::new(
+        common::gpu::gpu(),
+        &file,
+        &cfg,
+        lora(&cfg, tc),
+        AdamWConfig::default(),
+    )
+    .unwrap()
+}
+
+/// Runs training, recording train losses; stops (as Ctrl-C would) after `stop_after` steps.
+fn run(
+    engine: &mut dyn Engine,
+    tc: &TrainConfig,
+    data: &TrainData,
+    ck_dir: &Path,
+    resume: Option<Checkpoint>,
+    stop_after: Option<usize>,
+) -> (Vec<f64>, trainer::TrainOutcome) {
+    let stop = AtomicBool::new(false);
+    let mut extra = |_: &Path, _: &LoraWeights, _: usize| Ok(());
+    let mut sink = CheckpointSink {
+        dir: ck_dir.to_path_buf(),
+        write_extra: &mut extra,
+    };
+    let mut losses = Vec::new();
+    let out = trainer::train(engine, tc, data, resume, &stop, &mut sink, &mut |e| {
+        if let Event::Step(m) = e {
+            losses.push(m.loss);
+            if Some(m.step) == stop_after {
+                stop.store(true, Ordering::SeqCst);
+            }
+        }
+    })
+    .unwrap();
+    (losses, out)
+}
+
+fn with_reference(engine: &mut dyn Engine, data: &mut TrainData) {
+    for set in [&mut data.train, &mut data.eval] {
+        trainer::compute_reference(engine, set, 8, &mut |_| {}).unwrap();
+    }
+}
+
+fn check_resume(make: &dyn Fn() -> Box<dyn Engine>, model: &Path, what: &str) {
+    let tc = config();
+    let mut d = data(model, 12, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = make();
+    with_reference(a.as_mut(), &mut d);
+    let (full, out) = run(a.as_mut(), &tc, &d, &dir.path().join("a"), None, None);
+    assert_eq!(full.len(), 8);
+    assert!(!out.interrupted);
+    let lora_full = a.lora().unwrap();
+
+    let mut b = make();
+    let (first, out_b) = run(b.as_mut(), &tc, &d, &dir.path().join("b"), None, Some(3));
+    assert!(
+        out_b.interrupted,
+        "{what}: the stop flag ends the run with a checkpoint"
+    );
+    assert_eq!(first, full[..3].to_vec(), "{what}: the same first losses");
+    let ck = Checkpoint::load(&dir.path().join("b")).unwrap();
+    assert_eq!(ck.meta.step, 3);
+    let mut c = make();
+    let (rest, out_c) = run(c.as_mut(), &tc, &d, &dir.path().join("b"), Some(ck), None);
+    assert_eq!(out_c.steps, 8);
+    assert_eq!(
+        rest,
+        full[3..].to_vec(),
+        "{what}: resumed losses equal the uninterrupted run's"
+    );
+    assert_eq!(
+        c.lora().unwrap(),
+        lora_full,
+        "{what}: the same final adapter, bit for bit"
+    );
+}
+
+#[test]
+fn stop_and_resume_equals_an_uninterrupted_run_cpu() {
+    let model = common::models::tiny_model(Arch::Qwen2, GgmlType::Q8_0, true);
+    let tc = config();
+    check_resume(&|| Box::new(cpu_engine(&model, &tc)), &model, "cpu engine");
+}
+
+#[test]
+fn stop_and_resume_equals_an_uninterrupted_run_gpu() {
+    let model = common::models::tiny_model(Arch::Llama, GgmlType::F16, false);
+    let tc = config();
+    check_resume(&|| Box::new(gpu_engine(&model, &tc)), &model, "gpu engine");
+}
+
+#[test]
+fn resume_refuses_a_checkpoint_of_other_settings() {
+    let model = common::models::tiny_model(Arch::Qwen2, GgmlType::F32, true);
+    let tc = config();
+    let mut d = data(&model, 6, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = cpu_engine(&model, &tc);
+    with_reference(&mut e, &mut d);
+    run(
+        &mut e,
+        &TrainConfig {
+            max_steps: 2,
+            ..tc.clone()
+        },
+        &d,
+        dir.path(),
+        None,
+        None,
+    );
+    let ck = Checkpoint::load(dir.path()).unwrap();
+    let other = TrainConfig { seed: 7, ..tc };
+    let stop = AtomicBool::new(false);
+    let mut extra = |_: &Path, _: &LoraWeights, _: usize| Ok(());
+    let mut sink = CheckpointSink {
+        dir: dir.path().join("x"),
+        write_extra: &mut extra,
+    };
+    let err = trainer::train(
+        &mut cpu_engine(&model, &other),
+        &other,
+        &d,
+        Some(ck),
+        &stop,
+        &mut sink,
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(matches!(err, TrainError::Resume(_)), "{err}");
+    assert!(
+        err.to_string().contains("different data or settings"),
+        "{err}"
+    );
+}
+
+/// Counts scoring calls of a wrapped engine.
+struct Counting<E> {
+    inner: E,
+    scored: usize,
+}
+
+impl<E: Engine> Engine for Counting<E> {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn score(&mut self, ex: &[&Example], adapter: bool) -> Result<Vec<SeqScore>, TrainError> {
+        self.scored += ex.len();
+        self.inner.score(ex, adapter)
+    }
+    fn forward_train(&mut self, ex: &[&Example]) -> Result<Vec<SeqScore>, TrainError> {
+        self.inner.forward_train(ex)
+    }
+    fn backward(&mut self, w: &[f32]) -> Result<(), TrainError> {
+        self.inner.backward(w)
+    }
+    fn grad_norm(&mut self) -> Result<f64, TrainError> {
+        self.inner.grad_norm()
+    }
+    fn optimizer_step(&mut self, lr: f64, s: f64) -> Result<(), TrainError> {
+        self.inner.optimizer_step(lr, s)
+    }
+    fn zero_grads(&mut self) -> Result<(), TrainError> {
+        self.inner.zero_grads()
+    }
+    fn lora(&mut self) -> Result<LoraWeights, TrainError> {
+        self.inner.lora()
+    }
+    fn save_state(
+        &mut self,
+    ) -> Result<(BTreeMap<String, Vec<f32>>, serde_json::Value), TrainError> {
+        self.inner.save_state()
+    }
+    fn load_state(
+        &mut self,
+        t: &BTreeMap<String, Vec<f32>>,
+        s: &serde_json::Value,
+    ) -> Result<(), TrainError> {
+        self.inner.load_state(t, s)
+    }
+}
+
+#[test]
+fn reference_cache_is_reused_and_invalidated() {
+    let model = common::models::tiny_model(Arch::Llama, GgmlType::Q8_0, false);
+    let tc = config();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = RefCache::open(dir.path()).unwrap();
+    let id = cache.fingerprint(&model).unwrap().identity();
+    let mut e = Counting {
+        inner: cpu_engine(&model, &tc),
+        scored: 0,
+    };
+    let fill = |e: &mut Counting<CpuEngine>,
+                pairs: &mut [trainer::PreparedPair],
+                id: &[u8],
+                settings: &str| {
+        prepare::fill_reference(e, Some((&cache, id)), settings, pairs, 8, &mut |_| {}).unwrap()
+    };
+    let mut d = data(&model, 5, 0);
+    let first = fill(&mut e, &mut d.train, &id, "s");
+    assert!(matches!(first, RefSource::Computed(Some(_))), "{first:?}");
+    assert_eq!(e.scored, 10, "a first run scores every sequence");
+    let want: Vec<_> = d.train.iter().map(|p| p.ref_logps).collect();
+
+    // A second run with the same model, data and settings reads the cache: no forward pass.
+    let mut d2 = data(&model, 5, 0);
+    let second = fill(&mut e, &mut d2.train, &id, "s");
+    assert!(matches!(second, RefSource::Cache(_)), "{second:?}");
+    assert_eq!(e.scored, 10, "the second run must not score anything");
+    assert_eq!(
+        d2.train.iter().map(|p| p.ref_logps).collect::<Vec<_>>(),
+        want
+    );
+
+    // Each part of the key invalidates it: settings, data, model identity.
+    fill(&mut e, &mut d2.train, &id, "other settings");
+    assert_eq!(e.scored, 20);
+    let mut d3 = data(&model, 4, 0);
+    fill(&mut e, &mut d3.train, &id, "s");
+    assert_eq!(e.scored, 28);
+    let other_model = common::models::tiny_model(Arch::Llama, GgmlType::F16, false);
+    let other_id = cache.fingerprint(&other_model).unwrap().identity();
+    assert_ne!(other_id, id);
+    fill(&mut e, &mut d2.train, &other_id, "s");
+    assert_eq!(e.scored, 38);
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bfpo-lite"));
+    c.env(
+        "BFPO_CACHE_DIR",
+        std::env::temp_dir().join(format!("bfpo-test-cache-{}", std::process::id())),
+    );
+    c
+}
+
+#[test]
+fn bad_rows_are_counted_or_stop_a_strict_run() {
+    let model = common::models::tiny_model(Arch::Qwen2, GgmlType::F32, true);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    let good = std::fs::read_to_string(demo_file("train.jsonl")).unwrap();
+    let mut lines: Vec<&str> = good.lines().take(6).collect();
+    lines.insert(2, "{\"prompt\": \"hi\", \"response_0\": \"a\"}");
+    lines.insert(4, "not json");
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = dir.path().join("run");
+    let o = bin()
+        .args([
+            "tune",
+            "--engine",
+            "cpu",
+            "--max-steps",
+            "1",
+            "--pairs-per-step",
+            "2",
+            "--grad-accum",
+            "1",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("2 rows skipped"), "{stderr}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let skipped: u64 = summary["data"]["loads"][0]["skipped_by_reason"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(skipped, 2, "{summary}");
+    assert!(out.join("adapter.gguf").exists());
+
+    let o = bin()
+        .args(["tune", "--engine", "cpu", "--strict", "--max-steps", "1"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.path().join("strict"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("pairs.jsonl:3"),
+        "names file and line: {stderr}"
+    );
+}
+
+#[test]
+fn existing_runs_are_not_overwritten_without_force() {
+    let model = common::models::tiny_model(Arch::Qwen2, GgmlType::F32, true);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("adapter.gguf"), b"keep me").unwrap();
+    let o = bin()
+        .args(["tune", "--engine", "cpu", "--max-steps", "1"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(demo_file("heldout.jsonl"))
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    assert_eq!(
+        std::fs::read(dir.path().join("adapter.gguf")).unwrap(),
+        b"keep me"
+    );
+}
+
+/// The README's first command: `bfpo-lite tune` with no model or data runs the demo on the GPU
+/// engine (lavapipe here) and must learn the safety ranking.
+#[test]
+fn demo_lowers_the_loss_and_learns_the_safety_ranking() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let o = bin()
+        .args(["tune", "--json"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let metrics = bfpo_lite::train::metrics::read_metrics(&out.join("metrics.jsonl")).unwrap();
+    let train: Vec<f64> = metrics
+        .iter()
+        .filter(|m| m.split == "train")
+        .map(|m| m.loss)
+        .collect();
+    let k = 8;
+    let early = train[..k].iter().sum::<f64>() / k as f64;
+    let late = train[train.len() - k..].iter().sum::<f64>() / k as f64;
+    assert!(
+        late < 0.2 * early,
+        "loss falls: first {k} steps {early:.1}, last {k} {late:.1}"
+    );
+    let before = s["heldout_before"]["safety_ranking_accuracy"]
+        .as_f64()
+        .unwrap();
+    let after = s["heldout_after"]["safety_ranking_accuracy"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        after >= 0.6 && after > before + 0.2,
+        "held-out safety ranking {before} -> {after}"
+    );
+    let acc = s["final_eval"]["accuracy/bfpo"].as_f64().unwrap();
+    assert!(
+        acc >= 0.7,
+        "held-out BFPO-ranking accuracy of the implicit reward {acc}"
+    );
+    for f in [
+        "adapter.gguf",
+        "demo-model.gguf",
+        "demo-data/train.jsonl",
+        "curves.svg",
+        "summary.json",
+        "checkpoint/state.json",
+    ] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    // The adapter loads in llama.cpp on the demo model.
+    let mut rt = RtModel::load(&out.join("demo-model.gguf"), &RtLoad::default()).unwrap();
+    rt.load_adapter(&out.join("adapter.gguf")).unwrap();
+}
