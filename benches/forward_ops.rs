@@ -73,7 +73,7 @@ fn random(gpu: &Gpu, label: &str, n: usize, seed: u64) -> GpuBuf {
 }
 
 /// Records with `f`, submits and waits.
-fn run(gpu: &Gpu, f: impl FnOnce(&mut Recorder<'_>)) {
+fn run<'g>(gpu: &'g Gpu, f: impl FnOnce(&mut Recorder<'g>)) {
     let mut rec = gpu.recorder();
     f(&mut rec);
     rec.run("bench").unwrap();

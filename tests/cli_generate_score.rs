@@ -240,10 +240,10 @@ fn cli_errors_name_the_problem() {
             .arg(&model)
             .arg("-d")
             .arg(&data)
-            .args(["--engine", "wgpu"]),
+            .args(["--engine", "wgpu", "--adapter", "nope.gguf"]),
     );
     assert!(
-        err.contains("wgpu") && err.contains("not built yet"),
+        err.contains("--adapter is not supported with --engine wgpu"),
         "{err}"
     );
     // A context too small for the pairs names the row.

@@ -158,8 +158,10 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
 }
 
 fn run_inner(args: Args) -> anyhow::Result<()> {
-    if args.engine == Engine::Wgpu {
-        bail!("the wgpu scoring engine is not built yet; use --engine llama (the default) for now");
+    if args.engine == Engine::Wgpu && args.adapter.is_some() {
+        bail!(
+            "--adapter is not supported with --engine wgpu yet (GGUF adapters cannot be read back into the trainer's format); score adapters with --engine llama"
+        );
     }
     let rows = read_pairs(&args.data)?;
     let model = load_model(
@@ -201,25 +203,28 @@ fn run_inner(args: Args) -> anyhow::Result<()> {
         ProgressBar::hidden()
     };
     let t0 = Instant::now();
-    let sums = model
-        .score_sums_with_progress(&examples, &opts, &mut |done, _| {
-            bar.set_position((done / 2) as u64)
-        })
-        .map_err(|e| {
-            // Name the row rather than the example index.
-            let msg = e.to_string();
-            match &e {
-                bfpo_lite::runtime::RuntimeError::TooLong { index, .. }
-                | bfpo_lite::runtime::RuntimeError::BadExample { index, .. }
-                | bfpo_lite::runtime::RuntimeError::NonFinite { index, .. } => {
-                    let r = &rows[index / 2];
-                    let which = if index % 2 == 0 { "chosen" } else { "rejected" };
-                    anyhow::anyhow!("{} ({which}): {msg}", r.at)
+    let sums = match args.engine {
+        Engine::Wgpu => score_wgpu(&args, &rows, &examples, &bar)?,
+        Engine::Llama => model
+            .score_sums_with_progress(&examples, &opts, &mut |done, _| {
+                bar.set_position((done / 2) as u64)
+            })
+            .map_err(|e| {
+                // Name the row rather than the example index.
+                let msg = e.to_string();
+                match &e {
+                    bfpo_lite::runtime::RuntimeError::TooLong { index, .. }
+                    | bfpo_lite::runtime::RuntimeError::BadExample { index, .. }
+                    | bfpo_lite::runtime::RuntimeError::NonFinite { index, .. } => {
+                        let r = &rows[index / 2];
+                        let which = if index % 2 == 0 { "chosen" } else { "rejected" };
+                        anyhow::anyhow!("{} ({which}): {msg}", r.at)
+                    }
+                    _ => anyhow::Error::new(e),
                 }
-                _ => anyhow::Error::new(e),
-            }
-        })
-        .context("scoring with llama.cpp")?;
+            })
+            .context("scoring with llama.cpp")?,
+    };
     bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
 
@@ -265,4 +270,40 @@ fn run_inner(args: Args) -> anyhow::Result<()> {
             .unwrap_or_default()
     );
     Ok(())
+}
+
+/// Scores with bfpo-lite's own WGSL forward pass (tokenized by llama.cpp above).
+fn score_wgpu(
+    args: &Args,
+    rows: &[Row],
+    examples: &[Example],
+    bar: &ProgressBar,
+) -> anyhow::Result<Vec<f64>> {
+    use bfpo_lite::gpu::forward::{GpuModel, ScoreBatching};
+    let file = bfpo_lite::gguf::GgufFile::open(&args.model)
+        .with_context(|| format!("reading {}", args.model.display()))?;
+    let cfg = bfpo_lite::model::ModelConfig::from_gguf(&file)
+        .with_context(|| format!("reading the configuration of {}", args.model.display()))?;
+    let max_len = args.ctx.unwrap_or(cfg.n_ctx_train);
+    if let Some(i) = examples.iter().position(|e| e.len() > max_len) {
+        let which = if i % 2 == 0 { "chosen" } else { "rejected" };
+        bail!(
+            "{} ({which}): {} tokens, longer than the limit of {max_len} (the model's training context unless --ctx is given)",
+            rows[i / 2].at,
+            examples[i].len()
+        );
+    }
+    let gpu =
+        bfpo_lite::gpu::Gpu::new(&Default::default()).context("opening a GPU for --engine wgpu")?;
+    let model = GpuModel::load(&gpu, &file, &cfg).context("uploading the model to the GPU")?;
+    let batching = ScoreBatching {
+        batch_tokens: args.batch_tokens,
+        max_seqs: args.max_seqs,
+    };
+    let out = model
+        .score(&gpu, examples, None, batching, &mut |done, _| {
+            bar.set_position((done / 2) as u64)
+        })
+        .with_context(|| format!("scoring on {} with the wgpu engine", gpu.info.name))?;
+    Ok(out.seq_logprobs)
 }
