@@ -27,6 +27,8 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+// `tune::Args` is large; the enum is built once per process.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Train a LoRA adapter with BFPO (no arguments: the built-in demo).

@@ -185,7 +185,7 @@ impl GgmlType {
 
     /// Bytes of one row of `n` elements, or `None` when `n` is not a whole number of blocks.
     pub const fn row_bytes(self, n: usize) -> Option<usize> {
-        if n % self.block_elems() != 0 {
+        if !n.is_multiple_of(self.block_elems()) {
             None
         } else {
             Some(n / self.block_elems() * self.block_bytes())

@@ -299,10 +299,7 @@ impl Gpu {
         if let Some(l) = self.lost.lock().ok().and_then(|l| l.clone()) {
             return Err(GpuError::DeviceLost(l));
         }
-        let first = self.errors.lock().ok().and_then(|mut v| {
-            let e = v.drain(..).next();
-            e
-        });
+        let first = self.errors.lock().ok().and_then(|mut v| v.drain(..).next());
         match first {
             None => Ok(()),
             Some(wgpu::Error::OutOfMemory { source }) => Err(GpuError::OutOfMemory {

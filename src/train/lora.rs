@@ -227,7 +227,7 @@ impl LoraWeights {
     /// PEFT's default initialisation: A ~ U(−1/√n_in, 1/√n_in) (Kaiming-uniform with a = √5),
     /// B = 0, so the adapted model starts exactly at the base model.
     pub fn init(spec: &LoraSpec, cfg: &ModelConfig) -> Result<LoraWeights, LoraError> {
-        Self::build(spec, cfg, |rng, n| rng_uniform(rng, n), |_, n| vec![0.0; n])
+        Self::build(spec, cfg, rng_uniform, |_, n| vec![0.0; n])
     }
 
     /// Random nonzero A and B (tests and export checks), B ~ N(0, b_std²).
@@ -236,12 +236,7 @@ impl LoraWeights {
         cfg: &ModelConfig,
         b_std: f32,
     ) -> Result<LoraWeights, LoraError> {
-        Self::build(
-            spec,
-            cfg,
-            |rng, n| rng_uniform(rng, n),
-            |rng, n| rng.normal_vec(n, b_std),
-        )
+        Self::build(spec, cfg, rng_uniform, |rng, n| rng.normal_vec(n, b_std))
     }
 
     fn build(

@@ -265,6 +265,7 @@ struct Series<'a> {
     points: Vec<(f64, f64)>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn panel(
     out: &mut String,
     x0: f64,
