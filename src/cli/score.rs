@@ -158,11 +158,6 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
 }
 
 fn run_inner(args: Args) -> anyhow::Result<()> {
-    if args.engine == Engine::Wgpu && args.adapter.is_some() {
-        bail!(
-            "--adapter is not supported with --engine wgpu yet (GGUF adapters cannot be read back into the trainer's format); score adapters with --engine llama"
-        );
-    }
     let rows = read_pairs(&args.data)?;
     let model = load_model(
         &args.model,
@@ -296,12 +291,32 @@ fn score_wgpu(
     let gpu =
         bfpo_lite::gpu::Gpu::new(&Default::default()).context("opening a GPU for --engine wgpu")?;
     let model = GpuModel::load(&gpu, &file, &cfg).context("uploading the model to the GPU")?;
+    let lora = match &args.adapter {
+        Some(path) => {
+            let (mut w, _, arch) = bfpo_lite::export::gguf_adapter::read_adapter(path)
+                .with_context(|| format!("reading the adapter {}", path.display()))?;
+            bfpo_lite::export::check_arch(&arch, &cfg, &args.model)?;
+            bfpo_lite::export::check_against(&w, &cfg).with_context(|| {
+                format!(
+                    "the adapter {} does not fit {}",
+                    path.display(),
+                    args.model.display()
+                )
+            })?;
+            // llama.cpp's user scale multiplies alpha/r.
+            w.alpha *= args.scale;
+            let g = bfpo_lite::gpu::ops::lora::GpuLora::upload(&gpu, &w)?;
+            model.check_lora(&g)?;
+            Some(g)
+        }
+        None => None,
+    };
     let batching = ScoreBatching {
         batch_tokens: args.batch_tokens,
         max_seqs: args.max_seqs,
     };
     let out = model
-        .score(&gpu, examples, None, batching, &mut |done, _| {
+        .score(&gpu, examples, lora.as_ref(), batching, &mut |done, _| {
             bar.set_position((done / 2) as u64)
         })
         .with_context(|| format!("scoring on {} with the wgpu engine", gpu.info.name))?;
