@@ -488,10 +488,17 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
     } else {
         Some(RefCache::open(&cache_dir)?)
     };
-    let identity = match &cache {
-        Some(c) => c.fingerprint(&model_path)?.identity(),
-        None => Vec::new(),
+    // The model's SHA-256 keys the cache and is recorded in the adapter's provenance.
+    let fingerprint = match &cache {
+        Some(c) => c.fingerprint(&model_path)?,
+        None => RefCache::open(&cache_dir)?.fingerprint(&model_path)?,
     };
+    let identity = fingerprint.identity();
+    let model_sha256: String = fingerprint
+        .sha256
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let settings = format!("engine={:?};ref=adapter-off", cfg.engine);
     let score_batch = (4 * cfg.pairs_per_step).max(8);
     let bar = ProgressBar::new(0);
@@ -560,8 +567,28 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
             .progress_chars("=> "),
     );
     bar.set_prefix("training");
+    let loss_params = match bfpo_lite::loss::Loss::parse(&cfg.loss)? {
+        bfpo_lite::loss::Loss::Bfpo { tau, b1, alpha } => {
+            vec![("tau", tau), ("b1", b1), ("alpha", alpha)]
+        }
+        bfpo_lite::loss::Loss::Ipo { tau } => vec![("tau", tau)],
+        bfpo_lite::loss::Loss::Dpo {
+            beta,
+            label_smoothing,
+        } => vec![("beta", beta), ("label_smoothing", label_smoothing)],
+    };
     let prov = Provenance {
-        loss: Some(cfg.loss.clone()),
+        loss: Some(
+            bfpo_lite::loss::Loss::parse(&cfg.loss)?
+                .kind()
+                .name()
+                .to_string(),
+        ),
+        loss_params: loss_params
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        base_model_sha256: Some(model_sha256),
         steps: None,
         base_model_name: Some(mcfg.name.clone().unwrap_or_else(|| {
             model_path
