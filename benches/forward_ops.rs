@@ -16,79 +16,12 @@ use bfpo_lite::gpu::ops::matmul::GpuWeight;
 use bfpo_lite::gpu::ops::rmsnorm::rmsnorm;
 use bfpo_lite::gpu::ops::rope::{RopeConfig, rope_inplace};
 use bfpo_lite::gpu::ops::swiglu::swiglu;
-use bfpo_lite::gpu::{Gpu, GpuBuf, Recorder, test_device};
-use bfpo_lite::model::RopeKind;
+use bfpo_lite::gpu::test_device;
 use bfpo_lite::util::Rng;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use std::time::Duration;
 
-struct Shape {
-    name: &'static str,
-    d: usize,
-    ff: usize,
-    n_head: usize,
-    n_head_kv: usize,
-    head_dim: usize,
-    vocab: usize,
-    rope_base: f32,
-    rope: RopeKind,
-}
-
-const SHAPES: [Shape; 2] = [
-    Shape {
-        name: "qwen2.5-0.5b",
-        d: 896,
-        ff: 4864,
-        n_head: 14,
-        n_head_kv: 2,
-        head_dim: 64,
-        vocab: 151_936,
-        rope_base: 1_000_000.0,
-        rope: RopeKind::Neox,
-    },
-    Shape {
-        name: "llama-3.2-1b",
-        d: 2048,
-        ff: 8192,
-        n_head: 32,
-        n_head_kv: 8,
-        head_dim: 64,
-        vocab: 128_256,
-        rope_base: 500_000.0,
-        rope: RopeKind::Norm,
-    },
-];
-
-fn quick() -> bool {
-    std::env::var_os("BFPO_BENCH_QUICK").is_some_and(|v| v != "0")
-}
-
-fn tokens() -> usize {
-    if quick() { 64 } else { 512 }
-}
-
-fn random(gpu: &Gpu, label: &str, n: usize, seed: u64) -> GpuBuf {
-    gpu.upload(label, &Rng::new(seed).normal_vec(n, 1.0))
-        .unwrap()
-}
-
-/// Records with `f`, submits and waits.
-fn run<'g>(gpu: &'g Gpu, f: impl FnOnce(&mut Recorder<'g>)) {
-    let mut rec = gpu.recorder();
-    f(&mut rec);
-    rec.run("bench").unwrap();
-}
-
-fn configure<'c>(
-    c: &'c mut Criterion,
-    name: &str,
-) -> criterion::BenchmarkGroup<'c, criterion::measurement::WallTime> {
-    let mut g = c.benchmark_group(name);
-    g.sample_size(10)
-        .warm_up_time(Duration::from_millis(200))
-        .measurement_time(Duration::from_secs(2));
-    g
-}
+mod common;
+use common::*;
 
 fn bench_rmsnorm(c: &mut Criterion) {
     let gpu = test_device();
