@@ -38,6 +38,9 @@ pub struct Args {
     /// Scoring engine.
     #[arg(long, value_enum, default_value_t = Engine::Llama)]
     pub engine: Engine,
+    /// GPU adapter index or name for `--engine wgpu` (see `bfpo-lite devices`).
+    #[arg(long)]
+    pub device: Option<String>,
     /// Also write the token ids (chosen_ids, rejected_ids) and response_start.
     #[arg(long)]
     pub emit_tokens: bool,
@@ -288,8 +291,10 @@ fn score_wgpu(
             examples[i].len()
         );
     }
-    let gpu =
-        bfpo_lite::gpu::Gpu::new(&Default::default()).context("opening a GPU for --engine wgpu")?;
+    let gpu = bfpo_lite::gpu::Gpu::new(&bfpo_lite::gpu::DeviceOptions {
+        selector: args.device.clone(),
+    })
+    .context("opening a GPU for --engine wgpu")?;
     let model = GpuModel::load(&gpu, &file, &cfg).context("uploading the model to the GPU")?;
     let lora = match &args.adapter {
         Some(path) => {

@@ -216,8 +216,12 @@ impl TrainConfig {
                 "must be smaller than max_length",
             ));
         }
-        if !(0.0..1.0).contains(&(self.lora_dropout as f64)) {
-            return Err(bad("lora_dropout", self.lora_dropout, "must be in [0, 1)"));
+        if self.lora_dropout != 0.0 {
+            return Err(bad(
+                "lora_dropout",
+                self.lora_dropout,
+                "LoRA dropout is not implemented by the engines; BFPO (like DPO) trains with dropout disabled, so use 0",
+            ));
         }
         if self.buffer_ratio < 0.0 || !self.buffer_ratio.is_finite() {
             return Err(bad("buffer_ratio", self.buffer_ratio, "must be ≥ 0"));
@@ -263,6 +267,15 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("loss = ppo"));
+        let c = TrainConfig {
+            lora_dropout: 0.1,
+            ..Default::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("lora_dropout = 0.1") && e.contains("not implemented"),
+            "{e}"
+        );
         TrainConfig::default().validate().unwrap();
     }
 }
