@@ -479,3 +479,222 @@ fn demo_lowers_the_loss_and_learns_the_safety_ranking() {
     let mut rt = RtModel::load(&out.join("demo-model.gguf"), &RtLoad::default()).unwrap();
     rt.load_adapter(&out.join("adapter.gguf")).unwrap();
 }
+
+/// Returns NaN log-probs from the forward passes listed in `bad_calls` (0-based).
+struct Poisoned<E> {
+    inner: E,
+    calls: usize,
+    bad_calls: Vec<usize>,
+}
+
+impl<E: Engine> Engine for Poisoned<E> {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn score(&mut self, ex: &[&Example], adapter: bool) -> Result<Vec<SeqScore>, TrainError> {
+        self.inner.score(ex, adapter)
+    }
+    fn forward_train(&mut self, ex: &[&Example]) -> Result<Vec<SeqScore>, TrainError> {
+        let mut s = self.inner.forward_train(ex)?;
+        if self.bad_calls.contains(&self.calls) {
+            s[0].logp = f64::NAN;
+        }
+        self.calls += 1;
+        Ok(s)
+    }
+    fn backward(&mut self, w: &[f32]) -> Result<(), TrainError> {
+        self.inner.backward(w)
+    }
+    fn grad_norm(&mut self) -> Result<f64, TrainError> {
+        self.inner.grad_norm()
+    }
+    fn optimizer_step(&mut self, lr: f64, s: f64) -> Result<(), TrainError> {
+        self.inner.optimizer_step(lr, s)
+    }
+    fn zero_grads(&mut self) -> Result<(), TrainError> {
+        self.inner.zero_grads()
+    }
+    fn lora(&mut self) -> Result<LoraWeights, TrainError> {
+        self.inner.lora()
+    }
+    fn save_state(
+        &mut self,
+    ) -> Result<(BTreeMap<String, Vec<f32>>, serde_json::Value), TrainError> {
+        self.inner.save_state()
+    }
+    fn load_state(
+        &mut self,
+        t: &BTreeMap<String, Vec<f32>>,
+        s: &serde_json::Value,
+    ) -> Result<(), TrainError> {
+        self.inner.load_state(t, s)
+    }
+}
+
+#[test]
+fn non_finite_steps_are_skipped_reported_and_stop_the_run_when_repeated() {
+    let model = common::models::tiny_model(Arch::Qwen2, GgmlType::F32, true);
+    let tc = TrainConfig {
+        grad_accum: 1,
+        max_steps: 6,
+        ..config()
+    };
+    let mut d = data(&model, 12, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = Poisoned {
+        inner: cpu_engine(&model, &tc),
+        calls: 0,
+        bad_calls: vec![1, 4],
+    };
+    with_reference(&mut e, &mut d);
+    let stop = AtomicBool::new(false);
+    let mut extra = |_: &Path, _: &LoraWeights, _: usize| Ok(());
+    let mut sink = CheckpointSink {
+        dir: dir.path().join("ck"),
+        write_extra: &mut extra,
+    };
+    let mut skipped = Vec::new();
+    let mut steps = Vec::new();
+    let out = trainer::train(
+        &mut e,
+        &tc,
+        &d,
+        None,
+        &stop,
+        &mut sink,
+        &mut |ev| match ev {
+            Event::SkippedStep { step, reason } => skipped.push((step, reason)),
+            Event::Step(m) => steps.push(m.step),
+            _ => {}
+        },
+    )
+    .unwrap();
+    assert_eq!(out.skipped_steps, 2);
+    assert_eq!(skipped.iter().map(|s| s.0).collect::<Vec<_>>(), vec![2, 5]);
+    assert!(
+        skipped[0].1.contains("non-finite") || skipped[0].1.contains("NaN"),
+        "{:?}",
+        skipped[0]
+    );
+    assert_eq!(steps, vec![1, 3, 4, 6], "the other steps still update");
+    let lora = e.lora().unwrap();
+    assert!(
+        lora.tensors
+            .iter()
+            .all(|t| t.b.iter().all(|x| x.is_finite()))
+    );
+
+    // Three bad steps in a row stop the run with a clear error.
+    let mut e = Poisoned {
+        inner: cpu_engine(&model, &tc),
+        calls: 0,
+        bad_calls: vec![0, 1, 2],
+    };
+    let err = trainer::train(&mut e, &tc, &d, None, &stop, &mut sink, &mut |_| {}).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TrainError::TooManyBadSteps {
+                count: 3,
+                step: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("lower the learning rate"), "{err}");
+}
+
+#[test]
+fn buffered_training_mixes_one_helpfulness_batch_into_every_step() {
+    let model = common::models::tiny_model(Arch::Llama, GgmlType::F32, false);
+    let tc = TrainConfig {
+        grad_accum: 1,
+        max_steps: 4,
+        ..config()
+    };
+    let mut d = data(&model, 8, 0);
+    // The buffer: benign pairs only, treated as safe on both sides (as UltraFeedback would be).
+    let mut buffer = data(&model, 20, 0).train;
+    buffer.retain(|p| p.chosen_safe && p.rejected_safe);
+    assert!(buffer.len() >= 3);
+    let n_buffer = buffer.len();
+    d.buffer = buffer;
+    let mut e = Counting {
+        inner: cpu_engine(&model, &tc),
+        scored: 0,
+    };
+    for set in [&mut d.train, &mut d.buffer] {
+        trainer::compute_reference(&mut e, set, 8, &mut |_| {}).unwrap();
+    }
+    // Count sequences per forward pass through a wrapper around forward_train.
+    struct Sizes<E> {
+        inner: E,
+        sizes: Vec<usize>,
+    }
+    impl<E: Engine> Engine for Sizes<E> {
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        fn score(&mut self, ex: &[&Example], a: bool) -> Result<Vec<SeqScore>, TrainError> {
+            self.inner.score(ex, a)
+        }
+        fn forward_train(&mut self, ex: &[&Example]) -> Result<Vec<SeqScore>, TrainError> {
+            self.sizes.push(ex.len());
+            self.inner.forward_train(ex)
+        }
+        fn backward(&mut self, w: &[f32]) -> Result<(), TrainError> {
+            self.inner.backward(w)
+        }
+        fn grad_norm(&mut self) -> Result<f64, TrainError> {
+            self.inner.grad_norm()
+        }
+        fn optimizer_step(&mut self, lr: f64, s: f64) -> Result<(), TrainError> {
+            self.inner.optimizer_step(lr, s)
+        }
+        fn zero_grads(&mut self) -> Result<(), TrainError> {
+            self.inner.zero_grads()
+        }
+        fn lora(&mut self) -> Result<LoraWeights, TrainError> {
+            self.inner.lora()
+        }
+        fn save_state(
+            &mut self,
+        ) -> Result<(BTreeMap<String, Vec<f32>>, serde_json::Value), TrainError> {
+            self.inner.save_state()
+        }
+        fn load_state(
+            &mut self,
+            t: &BTreeMap<String, Vec<f32>>,
+            s: &serde_json::Value,
+        ) -> Result<(), TrainError> {
+            self.inner.load_state(t, s)
+        }
+    }
+    let mut s = Sizes {
+        inner: e.inner,
+        sizes: Vec::new(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (with_buffer, _) = run(&mut s, &tc, &d, &dir.path().join("a"), None, None);
+    // pairs_per_step = 2 safety pairs + 2 buffer pairs (ratio 1) = 8 sequences per micro-step.
+    assert_eq!(s.sizes, vec![8; 4], "buffer of {n_buffer} pairs");
+    let half = TrainConfig {
+        buffer_ratio: 0.5,
+        ..tc.clone()
+    };
+    s.sizes.clear();
+    run(&mut s, &half, &d, &dir.path().join("b"), None, None);
+    assert_eq!(
+        s.sizes,
+        vec![6; 4],
+        "--buffer-ratio 0.5: one buffer pair per two safety pairs"
+    );
+    d.buffer.clear();
+    let mut plain = cpu_engine(&model, &tc);
+    let (without, _) = run(&mut plain, &tc, &d, &dir.path().join("c"), None, None);
+    assert_ne!(
+        with_buffer, without,
+        "the buffer batch changes the training losses"
+    );
+}
