@@ -5,6 +5,7 @@ pub mod add;
 pub mod attention;
 pub mod attention_back;
 pub(crate) mod check;
+pub mod dropout;
 pub mod embedding;
 pub mod logprob;
 pub mod logprob_back;
