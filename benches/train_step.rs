@@ -198,7 +198,8 @@ fn bench_train_step(c: &mut Criterion) {
                     let mut rec = gpu.recorder();
                     lora.zero_grads(&mut rec);
                     rec.submit();
-                    let (_seqs, state) = forward_train(&model, &gpu, &examples, &lora).unwrap();
+                    let (_seqs, state) =
+                        forward_train(&model, &gpu, &examples, &lora, None).unwrap();
                     backward(&model, &gpu, state, &[1.0, -1.0], &lora).unwrap();
                     let mut rec = gpu.recorder();
                     let params: Vec<_> = lora.tensors.iter().flat_map(|t| [&t.a, &t.b]).collect();

@@ -83,7 +83,7 @@ fn gpu_grads(
     let mut rec = gpu.recorder();
     lora.zero_grads(&mut rec);
     rec.submit();
-    let (seqs, state) = forward_train(m, gpu, exs, lora).unwrap();
+    let (seqs, state) = forward_train(m, gpu, exs, lora, None).unwrap();
     backward(m, gpu, state, w, lora).unwrap();
     (seqs.iter().map(|s| s.logp).collect(), read_grads(gpu, lora))
 }
@@ -310,7 +310,7 @@ fn zero_b_reproduces_base_logprobs_exactly() {
         let gl = GpuLora::upload(&gpu, &lora).unwrap();
         let exs = examples(m.cfg.n_vocab, 13);
         let base = m.gpu_model.forward(&gpu, &exs, None).unwrap();
-        let (seqs, _state) = forward_train(&m.gpu_model, &gpu, &exs, &gl).unwrap();
+        let (seqs, _state) = forward_train(&m.gpu_model, &gpu, &exs, &gl, None).unwrap();
         for (s, (bt, bs)) in seqs
             .iter()
             .zip(base.token_logprobs.iter().zip(&base.seq_logprobs))
@@ -346,13 +346,13 @@ fn backward_is_deterministic_and_accumulates() {
     );
     // A second backward without zeroing adds the same gradient again: exactly 2·g (x + x is
     // exact in floating point).
-    let (_, state) = forward_train(&m.gpu_model, &gpu, &exs, &gl).unwrap();
+    let (_, state) = forward_train(&m.gpu_model, &gpu, &exs, &gl, None).unwrap();
     backward(&m.gpu_model, &gpu, state, &SEQ_WEIGHTS, &gl).unwrap();
     let g3 = read_grads(&gpu, &gl);
     let twice: Vec<f32> = g1.iter().map(|v| 2.0 * v).collect();
     assert!(bits(&g3) == bits(&twice), "gradients do not accumulate");
     // Bad input: one weight per sequence.
-    let (_, state) = forward_train(&m.gpu_model, &gpu, &exs, &gl).unwrap();
+    let (_, state) = forward_train(&m.gpu_model, &gpu, &exs, &gl, None).unwrap();
     let e = backward(&m.gpu_model, &gpu, state, &[1.0], &gl).unwrap_err();
     assert!(
         e.to_string()

@@ -55,8 +55,9 @@
 use super::forward::{ForwardError, GpuBatch, GpuModel, LayerInputs, Workspace, WorkspaceSpec};
 use super::ops::attention::AttnShape;
 use super::ops::attention_back::attention_backward;
+use super::ops::dropout::{Dropout, dropout_apply};
 use super::ops::logprob_back::{lm_head_backward, scatter_rows};
-use super::ops::lora::{GpuLora, lora_backward};
+use super::ops::lora::{GpuLora, lora_backward, lora_backward_into};
 use super::ops::matmul::matmul_back_input;
 use super::ops::rmsnorm_back::rmsnorm_backward;
 use super::ops::rope_back::rope_backward_inplace;
@@ -140,11 +141,17 @@ fn invalid(detail: String) -> GpuError {
 
 /// The policy forward over `examples` with `lora` on, keeping what [`backward`] needs.
 /// Returns one [`SeqLogp`] per example (same order) and the state to pass to [`backward`].
+///
+/// `dropout` (training only, PEFT semantics): every adapted projection's LoRA branch reads
+/// `drop(x) = mask ⊙ x / (1 − p)` with the counter-hash mask of `gpu::ops::dropout` (row index =
+/// `b·L + position`, L the padded length); [`backward`] regenerates the same masks. `None` or
+/// `p = 0` is the plain forward, bit for bit.
 pub fn forward_train(
     model: &GpuModel,
     gpu: &Gpu,
     examples: &[Example],
     lora: &GpuLora,
+    dropout: Option<Dropout>,
 ) -> Result<(Vec<SeqLogp>, TrainState), GpuError> {
     if examples.is_empty() {
         return Err(GpuError::Validation {
@@ -154,7 +161,21 @@ pub fn forward_train(
     }
     let cfg = &model.cfg;
     let batch = GpuBatch::new(gpu, cfg, examples).map_err(gpu_err)?;
-    let ws = Workspace::new(gpu, cfg, &WorkspaceSpec::for_batch(&batch, Some(lora)))?;
+    let mut ws = Workspace::new(gpu, cfg, &WorkspaceSpec::for_batch(&batch, Some(lora)))?;
+    if let Some(dr) = dropout.filter(|d| d.active()) {
+        if !(0.0..1.0).contains(&dr.p) {
+            return Err(GpuError::Validation {
+                context: "the training forward pass".into(),
+                detail: format!("LoRA dropout p = {} is outside [0, 1)", dr.p),
+            });
+        }
+        let n_in = lora.tensors.iter().map(|t| t.n_in).max().unwrap_or(1);
+        let buf = gpu.alloc(
+            "lora dropout input",
+            (batch.n_rows() * n_in).max(1) as u64 * 4,
+        )?;
+        ws.lora_dropout = Some((dr, buf));
+    }
     let checkpoints = LayerInputs::new(gpu, cfg, batch.n_rows())?;
     let t = batch.n_rows();
     let f = |label: &str, elems: usize| gpu.alloc(label, (elems.max(1) * 4) as u64);
@@ -327,19 +348,28 @@ fn layer_backward(
      -> Result<(), GpuError> {
         matmul_back_input(gpu, rec, dy, l.weight(target), dx_in, t, accumulate)?;
         if let Some(lt) = lora.get(il, target) {
-            lora_backward(
-                gpu,
-                rec,
-                lt,
-                rank,
-                scale,
-                x,
-                ws.lora_u(target)?,
-                dy,
-                &s.du,
-                dx_in,
-                t,
-            )?;
+            if let Some((dr, buf)) = &ws.lora_dropout {
+                // Dropout: regenerate drop(x) (same hash mask as the forward), take the LoRA
+                // gradients against it, then dx_in += mask ⊙ (du·A) / (1 − p).
+                dropout_apply(gpu, rec, dr, il, target, x, buf, t, lt.n_in, false)?;
+                let u = ws.lora_u(target)?;
+                lora_backward_into(gpu, rec, lt, rank, scale, buf, u, dy, &s.du, buf, t, false)?;
+                dropout_apply(gpu, rec, dr, il, target, buf, dx_in, t, lt.n_in, true)?;
+            } else {
+                lora_backward(
+                    gpu,
+                    rec,
+                    lt,
+                    rank,
+                    scale,
+                    x,
+                    ws.lora_u(target)?,
+                    dy,
+                    &s.du,
+                    dx_in,
+                    t,
+                )?;
+            }
         }
         Ok(())
     };

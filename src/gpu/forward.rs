@@ -46,6 +46,7 @@
 //! rows `xs` `[N, d]` and the two `ping` buffers.
 
 use super::ops::attention::{AttnShape, attention};
+use super::ops::dropout::{Dropout, dropout_apply};
 use super::ops::embedding::{embedding, gather_rows};
 use super::ops::logprob::{LmHeadScratch, lm_head_logprobs};
 use super::ops::lora::{GpuLora, GpuLoraTensor, lora_forward};
@@ -373,6 +374,14 @@ impl GpuModel {
          -> Result<(), GpuError> {
             matmul(gpu, rec, x, l.weight(target), bias, y, t, accumulate)?;
             if let Some((a, lt)) = adapter(target) {
+                // Training with dropout: the LoRA branch reads drop(x) (PEFT semantics).
+                let x = match &ws.lora_dropout {
+                    Some((dr, buf)) if dr.active() => {
+                        dropout_apply(gpu, rec, dr, il, target, x, buf, t, lt.n_in, false)?;
+                        buf
+                    }
+                    _ => x,
+                };
                 lora_forward(gpu, rec, lt, a.rank, a.scale(), x, ws.lora_u(target)?, y, t)?;
             }
             Ok(())
@@ -945,6 +954,9 @@ pub struct Workspace {
     pub logp: GpuBuf,
     pub lse: GpuBuf,
     pub lm_head: LmHeadScratch,
+    /// LoRA dropout of a training forward (set by `gpu::backward::forward_train`; `None` for
+    /// scoring): the dropout and a `[T, max n_in]` scratch holding the LoRA input `drop(x)`.
+    pub lora_dropout: Option<(Dropout, GpuBuf)>,
 }
 
 impl Workspace {
@@ -992,6 +1004,7 @@ impl Workspace {
             logp: f("logp", n)?,
             lse: f("lse", n)?,
             lm_head: LmHeadScratch::new(gpu, n, cfg.n_vocab, spec.lm_head_budget)?,
+            lora_dropout: None,
         })
     }
 
@@ -1027,6 +1040,7 @@ impl Workspace {
             b += qk.q_pre.size + qk.k_pre.size + qk.q_rstd.size + qk.k_rstd.size;
         }
         b + self.lora_u.iter().map(|(_, u)| u.size).sum::<u64>()
+            + self.lora_dropout.as_ref().map_or(0, |(_, buf)| buf.size)
     }
 
     /// The LoRA `u = A·x` buffer of a target.

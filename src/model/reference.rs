@@ -32,6 +32,7 @@
 //! `tests/reference_ops.rs`; the whole-model gradient in `tests/reference_grads.rs`.
 
 use crate::data::Example;
+use crate::gpu::ops::dropout::Dropout;
 use crate::model::{ModelConfig, RopeKind, Weights};
 use crate::train::lora::{LoraWeights, Target};
 use crate::util::Rng;
@@ -699,6 +700,10 @@ struct Adapters {
     rank: usize,
     scale: f64,
     by: Vec<[Option<Adapter>; 7]>,
+    /// LoRA dropout (training only) and the global row of the current sequence's first token
+    /// (`b·L`, as in the GPU batch), so the masks match `gpu::ops::dropout`.
+    drop: Option<Dropout>,
+    row0: usize,
 }
 
 impl Adapters {
@@ -707,6 +712,29 @@ impl Adapters {
             rank: 0,
             scale: 0.0,
             by: (0..n_layer).map(|_| Default::default()).collect(),
+            drop: None,
+            row0: 0,
+        }
+    }
+
+    /// `mask ⊙ x / (1 − p)` for the LoRA input of `(layer, target)` (x itself without dropout).
+    fn dropped(&self, layer: usize, target: Target, x: &[f64], n_in: usize) -> Vec<f64> {
+        match self.drop.filter(|d| d.active()) {
+            None => x.to_vec(),
+            Some(d) => {
+                let inv = d.inv_keep() as f64;
+                x.iter()
+                    .enumerate()
+                    .map(|(i, &v)| {
+                        let (r, c) = (i / n_in, i % n_in);
+                        if d.keep(layer, target, self.row0 + r, c) {
+                            v * inv
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect()
+            }
         }
     }
 
@@ -991,7 +1019,8 @@ impl RefModel {
         let mut y = linear_fwd(x, n_in, w, n_out, bias);
         let mut z = Vec::new();
         if let Some(a) = ad.get(layer, target) {
-            let (dy, zz) = lora_fwd(x, n_in, &a.a, &a.b, ad.rank, n_out, ad.scale);
+            let xd = ad.dropped(layer, target, x, n_in);
+            let (dy, zz) = lora_fwd(&xd, n_in, &a.a, &a.b, ad.rank, n_out, ad.scale);
             for (ye, de) in y.iter_mut().zip(dy) {
                 *ye += de;
             }
@@ -1016,7 +1045,11 @@ impl RefModel {
         let (n_in, n_out) = target.shape(&self.cfg);
         let mut dx = linear_back(dy, n_in, w, n_out);
         if let Some(a) = ad.get(layer, target) {
-            let (dxl, da, db) = lora_back(x, z, dy, n_in, &a.a, &a.b, ad.rank, n_out, ad.scale);
+            // With dropout the branch saw drop(x): gradients against it, and the branch's input
+            // gradient goes back through the same mask (drop is linear in x).
+            let xd = ad.dropped(layer, target, x, n_in);
+            let (dxl, da, db) = lora_back(&xd, z, dy, n_in, &a.a, &a.b, ad.rank, n_out, ad.scale);
+            let dxl = ad.dropped(layer, target, &dxl, n_in);
             add_into(&mut dx, &dxl);
             let g = &mut grads.tensors[a.idx];
             add_into(&mut g.a, &da);
@@ -1368,6 +1401,20 @@ impl RefModel {
         weights: &[f64],
         lora: &LoraWeights,
     ) -> Result<(Vec<f64>, LoraGrads), RefError> {
+        self.lora_grads_dropout(examples, weights, lora, None)
+    }
+
+    /// [`Self::lora_grads`] of the training forward with LoRA dropout (PEFT semantics: the LoRA
+    /// branch reads `mask ⊙ x / (1 − p)`), masks as `gpu::backward::forward_train` draws them for
+    /// the same batch (example `b` at global rows `b·L ..`, L the longest example). The returned
+    /// log-probs are those of that dropout forward.
+    pub fn lora_grads_dropout(
+        &self,
+        examples: &[Example],
+        weights: &[f64],
+        lora: &LoraWeights,
+        dropout: Option<Dropout>,
+    ) -> Result<(Vec<f64>, LoraGrads), RefError> {
         if weights.len() != examples.len() {
             return Err(RefError::WeightCount {
                 n_weights: weights.len(),
@@ -1377,11 +1424,14 @@ impl RefModel {
         for (i, ex) in examples.iter().enumerate() {
             self.check_example(ex, i)?;
         }
-        let ad = self.adapters(Some(lora))?;
+        let mut ad = self.adapters(Some(lora))?;
+        ad.drop = dropout;
+        let seq_len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
         let mut grads = LoraGrads::zeros_like(lora);
         let (d, nv) = (self.cfg.n_embd, self.cfg.n_vocab);
         let mut sums = Vec::with_capacity(examples.len());
-        for (ex, &wt) in examples.iter().zip(weights) {
+        for (b, (ex, &wt)) in examples.iter().zip(weights).enumerate() {
+            ad.row0 = b * seq_len;
             let (x, tapes) = self.trunk(&ex.ids, &ad);
             let (lp, _nf, logits) = self.head_fwd(&x, ex);
             sums.push(lp.iter().sum());

@@ -216,11 +216,11 @@ impl TrainConfig {
                 "must be smaller than max_length",
             ));
         }
-        if self.lora_dropout != 0.0 {
+        if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(bad(
                 "lora_dropout",
                 self.lora_dropout,
-                "LoRA dropout is not implemented by the engines; BFPO (like DPO) trains with dropout disabled, so use 0",
+                "must be in [0, 1) (the probability of zeroing a LoRA input; 0 disables dropout)",
             ));
         }
         if self.buffer_ratio < 0.0 || !self.buffer_ratio.is_finite() {
@@ -267,15 +267,24 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("loss = ppo"));
-        let c = TrainConfig {
-            lora_dropout: 0.1,
-            ..Default::default()
-        };
-        let e = c.validate().unwrap_err().to_string();
-        assert!(
-            e.contains("lora_dropout = 0.1") && e.contains("not implemented"),
-            "{e}"
-        );
+        for p in [0.0f32, 0.1, 0.999] {
+            let c = TrainConfig {
+                lora_dropout: p,
+                ..Default::default()
+            };
+            c.validate().unwrap();
+        }
+        for p in [1.0f32, -0.1, 1.5, f32::NAN] {
+            let c = TrainConfig {
+                lora_dropout: p,
+                ..Default::default()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("lora_dropout = {p}")) && e.contains("[0, 1)"),
+                "{e}"
+            );
+        }
         TrainConfig::default().validate().unwrap();
     }
 }

@@ -2,6 +2,7 @@
 //! tests and cross-checks); the GPU engine lives in `gpu_engine.rs`.
 
 use crate::data::Example;
+use crate::gpu::ops::dropout::Dropout;
 use crate::model::reference::{RefModel, flatten_lora, unflatten_lora};
 use crate::train::lora::LoraWeights;
 use crate::train::optim::{AdamW, AdamWConfig, global_norm};
@@ -77,6 +78,7 @@ pub struct CpuEngine {
     opt: AdamW,
     grads: Vec<f32>,
     last: Vec<Example>,
+    dropout: Option<Dropout>,
 }
 
 impl CpuEngine {
@@ -92,6 +94,7 @@ impl CpuEngine {
             opt: AdamW::new(adam, n).map_err(err)?,
             grads: vec![0.0; n],
             last: Vec::new(),
+            dropout: None,
         })
     }
 }
@@ -117,16 +120,37 @@ impl Engine for CpuEngine {
             .collect())
     }
 
+    fn set_dropout(&mut self, dropout: Option<Dropout>) -> Result<(), TrainError> {
+        self.dropout = dropout.filter(|d| d.active());
+        Ok(())
+    }
+
     fn forward_train(&mut self, examples: &[&Example]) -> Result<Vec<SeqScore>, TrainError> {
         self.last = examples.iter().map(|e| (*e).clone()).collect();
-        self.score(examples, true)
+        let Some(d) = self.dropout else {
+            return self.score(examples, true);
+        };
+        // The dropout forward's log-probs (zero weights: no gradient work).
+        let zeros = vec![0.0; self.last.len()];
+        let (lp, _) = self
+            .model
+            .lora_grads_dropout(&self.last, &zeros, &self.lora, Some(d))
+            .map_err(err)?;
+        Ok(lp
+            .into_iter()
+            .zip(examples)
+            .map(|(logp, e)| SeqScore {
+                logp,
+                n_tokens: e.n_scored(),
+            })
+            .collect())
     }
 
     fn backward(&mut self, weights: &[f32]) -> Result<(), TrainError> {
         let w: Vec<f64> = weights.iter().map(|&x| x as f64).collect();
         let (_, g) = self
             .model
-            .lora_grads(&self.last, &w, &self.lora)
+            .lora_grads_dropout(&self.last, &w, &self.lora, self.dropout)
             .map_err(err)?;
         for (acc, x) in self.grads.iter_mut().zip(g.flatten()) {
             *acc += x as f32;

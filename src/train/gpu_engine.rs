@@ -7,6 +7,7 @@ use crate::gguf::GgufFile;
 use crate::gpu::backward::{TrainState, backward, forward_train};
 use crate::gpu::forward::GpuModel;
 use crate::gpu::ops::adamw::GpuAdamW;
+use crate::gpu::ops::dropout::Dropout;
 use crate::gpu::ops::lora::GpuLora;
 use crate::gpu::{Gpu, GpuBuf};
 use crate::model::ModelConfig;
@@ -31,6 +32,7 @@ pub struct GpuEngine {
     template: LoraWeights,
     opt: GpuAdamW,
     state: Option<TrainState>,
+    dropout: Option<Dropout>,
 }
 
 impl GpuEngine {
@@ -53,6 +55,7 @@ impl GpuEngine {
             template: lora,
             opt,
             state: None,
+            dropout: None,
         })
     }
 
@@ -105,9 +108,20 @@ impl Engine for GpuEngine {
             .collect())
     }
 
+    fn set_dropout(&mut self, dropout: Option<Dropout>) -> Result<(), TrainError> {
+        self.dropout = dropout;
+        Ok(())
+    }
+
     fn forward_train(&mut self, examples: &[&Example]) -> Result<Vec<SeqScore>, TrainError> {
-        let (seqs, state) =
-            forward_train(&self.model, &self.gpu, &owned(examples), &self.lora).map_err(err)?;
+        let (seqs, state) = forward_train(
+            &self.model,
+            &self.gpu,
+            &owned(examples),
+            &self.lora,
+            self.dropout,
+        )
+        .map_err(err)?;
         self.state = Some(state);
         Ok(seqs
             .into_iter()

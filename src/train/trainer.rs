@@ -7,6 +7,7 @@
 
 use crate::data::Example;
 use crate::data::RowOrigin;
+use crate::gpu::ops::dropout::Dropout;
 use crate::loss::{Loss, PairInput, PairLogps};
 use crate::train::checkpoint::Checkpoint;
 use crate::train::config::{ScheduleKind, TrainConfig};
@@ -70,6 +71,19 @@ pub trait Engine {
     fn describe(&self) -> String;
     /// Summed response log-probs, adapter on (`adapter = true`) or off, without gradients.
     fn score(&mut self, examples: &[&Example], adapter: bool) -> Result<Vec<SeqScore>, TrainError>;
+    /// LoRA dropout for the following [`Engine::forward_train`] / [`Engine::backward`] (the
+    /// trainer sets it before every micro-step with a fresh counter; scoring never uses it).
+    /// Engines without dropout accept only `None` or `p = 0`.
+    fn set_dropout(&mut self, dropout: Option<Dropout>) -> Result<(), TrainError> {
+        match dropout {
+            Some(d) if d.active() => Err(TrainError::Engine(format!(
+                "{} does not implement LoRA dropout (p = {}); use lora_dropout = 0",
+                self.describe(),
+                d.p
+            ))),
+            _ => Ok(()),
+        }
+    }
     /// Policy forward that keeps what [`Engine::backward`] needs.
     fn forward_train(&mut self, examples: &[&Example]) -> Result<Vec<SeqScore>, TrainError>;
     /// Accumulates ∂(Σ_s weights[s]·logp_s)/∂(LoRA) for the sequences of the last forward_train.
@@ -496,7 +510,14 @@ pub fn train(
         let mut stats = PairStats::default();
         let mut bad: Option<String> = None;
         let mut step_tokens = 0u64;
-        for _ in 0..cfg.grad_accum {
+        for micro in 0..cfg.grad_accum {
+            // LoRA dropout: a counter from (step, micro), so a resumed run draws the same masks.
+            let counter = ((step as u64 - 1) * cfg.grad_accum as u64 + micro as u64) as u32;
+            engine.set_dropout((cfg.lora_dropout > 0.0).then_some(Dropout {
+                p: cfg.lora_dropout,
+                seed: (cfg.seed ^ (cfg.seed >> 32)) as u32,
+                counter,
+            }))?;
             let safety: Vec<usize> = train_cursor.next();
             let buffer: Vec<usize> = if n_buffer > 0 {
                 buffer_cursor.next()

@@ -349,6 +349,28 @@ pub fn lora_backward(
     dx: &GpuBuf,
     n_tokens: usize,
 ) -> Result<(), GpuError> {
+    lora_backward_into(gpu, rec, t, rank, scale, x, u, dy, du, dx, n_tokens, true)
+}
+
+/// [`lora_backward`] with the choice of `dx += du·A` (`accumulate_dx`) or `dx = du·A`. `dx` may
+/// be the same buffer as `x`: each token window of `x` is read (for `grad_a`) before that window
+/// of `dx` is written. Used by LoRA dropout, where `x` is `drop(x)` and `du·A` is masked before
+/// it joins the input gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward_into(
+    gpu: &Gpu,
+    rec: &mut Recorder<'_>,
+    t: &GpuLoraTensor,
+    rank: usize,
+    scale: f32,
+    x: &GpuBuf,
+    u: &GpuBuf,
+    dy: &GpuBuf,
+    du: &GpuBuf,
+    dx: &GpuBuf,
+    n_tokens: usize,
+    accumulate_dx: bool,
+) -> Result<(), GpuError> {
     let what = format!("LoRA backward of blk.{}.{}", t.layer, t.target.gguf_name());
     check_tensor(&what, t, rank)?;
     let nt = n_tokens;
@@ -410,7 +432,7 @@ pub fn lora_backward(
             (n, n_in, rank),
             (rank, 1, n_in, 1),
             1.0,
-            true,
+            accumulate_dx,
         )?;
     }
     Ok(())
