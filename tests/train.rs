@@ -141,8 +141,13 @@ fn with_reference(engine: &mut dyn Engine, data: &mut TrainData) {
     }
 }
 
-fn check_resume(make: &dyn Fn() -> Box<dyn Engine>, model: &Path, what: &str) {
-    let tc = config();
+fn check_resume(
+    make: &dyn Fn() -> Box<dyn Engine>,
+    model: &Path,
+    what: &str,
+    tc: &TrainConfig,
+) -> Vec<f64> {
+    let tc = tc.clone();
     let mut d = data(model, 12, 0);
     let dir = tempfile::tempdir().unwrap();
     let mut a = make();
@@ -174,20 +179,65 @@ fn check_resume(make: &dyn Fn() -> Box<dyn Engine>, model: &Path, what: &str) {
         lora_full,
         "{what}: the same final adapter, bit for bit"
     );
+    full
 }
 
 #[test]
 fn stop_and_resume_equals_an_uninterrupted_run_cpu() {
     let model = common::models::tiny_model(Arch::Qwen2, GgmlType::Q8_0, true);
     let tc = config();
-    check_resume(&|| Box::new(cpu_engine(&model, &tc)), &model, "cpu engine");
+    check_resume(
+        &|| Box::new(cpu_engine(&model, &tc)),
+        &model,
+        "cpu engine",
+        &tc,
+    );
 }
 
 #[test]
 fn stop_and_resume_equals_an_uninterrupted_run_gpu() {
     let model = common::models::tiny_model(Arch::Llama, GgmlType::F16, false);
     let tc = config();
-    check_resume(&|| Box::new(gpu_engine(&model, &tc)), &model, "gpu engine");
+    check_resume(
+        &|| Box::new(gpu_engine(&model, &tc)),
+        &model,
+        "gpu engine",
+        &tc,
+    );
+}
+
+#[test]
+fn dropout_training_resumes_exactly_and_changes_the_run_gpu() {
+    // LoRA dropout masks come from (seed, step, micro-step): a resumed run redraws them.
+    let model = common::models::tiny_model(Arch::Llama, GgmlType::F16, false);
+    let tc = TrainConfig {
+        lora_dropout: 0.2,
+        ..config()
+    };
+    let dropped = check_resume(
+        &|| Box::new(gpu_engine(&model, &tc)),
+        &model,
+        "gpu engine, dropout",
+        &tc,
+    );
+    // The same run without dropout: step 1 is equal (B = 0 at init, so the LoRA branch adds
+    // nothing), later steps differ (dropout changed the gradients).
+    let plain_tc = TrainConfig {
+        max_steps: 3,
+        ..config()
+    };
+    let mut d = data(&model, 12, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = gpu_engine(&model, &plain_tc);
+    with_reference(&mut e, &mut d);
+    let (plain, _) = run(&mut e, &plain_tc, &d, dir.path(), None, None);
+    assert_eq!(plain[0], dropped[0], "step 1 loss (B = 0)");
+    assert!(
+        (plain[2] - dropped[2]).abs() > 1e-9,
+        "dropout did not change step 3: {} vs {}",
+        plain[2],
+        dropped[2]
+    );
 }
 
 #[test]
