@@ -19,7 +19,8 @@
 //! ```
 //!
 //! Every LoRA-adapted projection computes `y = W·x + (alpha/r)·B·(A·x)` with A `[r, n_in]`, B
-//! `[n_out, r]`. There is no LoRA dropout here (BFPO trains without dropout).
+//! `[n_out, r]`. With LoRA dropout (training only, `RefModel::lora_grads_dropout`) the branch
+//! reads `mask ⊙ x / (1 − p)`, the masks those of `gpu::ops::dropout` (a counter hash).
 //!
 //! All arithmetic is f64; weights are kept as the f32 values they dequantize to (so a real model
 //! fits in memory) and widened on use. Activations are row-major `[rows, cols]` flat vectors.
