@@ -75,6 +75,9 @@ pub struct Args {
     pub rank: Option<usize>,
     #[arg(long)]
     pub lora_alpha: Option<f32>,
+    /// Dropout on the LoRA branch input during training (PEFT semantics; default 0).
+    #[arg(long)]
+    pub lora_dropout: Option<f32>,
     /// LoRA targets: `ffn_down` (default, as the paper), a list like `attn_q,ffn_down`, or `all`.
     #[arg(long)]
     pub targets: Option<String>,
@@ -174,6 +177,7 @@ fn apply_overrides(cfg: &mut TrainConfig, a: &Args) {
         buffer_ratio,
         rank,
         lora_alpha,
+        lora_dropout,
         targets,
         layers,
         learning_rate,
@@ -797,4 +801,90 @@ fn make_gpu_engine(
     Ok(Box::new(bfpo_lite::train::gpu_engine::GpuEngine::new(
         gpu, file, cfg, lora, adam,
     )?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag that mirrors a config key must override it (a missing entry would be ignored
+    /// silently).
+    #[test]
+    fn every_flag_overrides_its_config_key() {
+        let a = Args {
+            model: Some("m.gguf".into()),
+            data: vec!["d.jsonl".into()],
+            out: Some("o".into()),
+            format: Some(Format::Pku),
+            eval_data: Some("e.jsonl".into()),
+            eval_fraction: Some(0.25),
+            buffer: Some("b.parquet".into()),
+            buffer_ratio: Some(0.5),
+            strict: true,
+            loss: Some("ipo".into()),
+            rank: Some(3),
+            lora_alpha: Some(7.0),
+            lora_dropout: Some(0.2),
+            targets: Some("attn_q".into()),
+            layers: Some("0-1".into()),
+            learning_rate: Some(3e-4),
+            schedule: Some(ScheduleKind::Linear),
+            warmup_ratio: Some(0.3),
+            weight_decay: Some(0.01),
+            max_grad_norm: Some(2.0),
+            epochs: Some(5),
+            max_steps: Some(9),
+            pairs_per_step: Some(6),
+            grad_accum: Some(7),
+            max_length: Some(300),
+            max_prompt_length: Some(100),
+            seed: Some(11),
+            save_every: Some(13),
+            eval_every: Some(17),
+            no_ref_cache: true,
+            cache_dir: Some("c".into()),
+            engine: Some(EngineKind::Cpu),
+            device: Some("1".into()),
+            ..Default::default()
+        };
+        let mut c = TrainConfig::default();
+        apply_overrides(&mut c, &a);
+        let want = TrainConfig {
+            model: Some("m.gguf".into()),
+            data: vec!["d.jsonl".into()],
+            format: "pku".into(),
+            eval_data: Some("e.jsonl".into()),
+            eval_fraction: 0.25,
+            buffer: Some("b.parquet".into()),
+            buffer_ratio: 0.5,
+            out: "o".into(),
+            strict: true,
+            loss: "ipo".into(),
+            rank: 3,
+            lora_alpha: 7.0,
+            targets: "attn_q".into(),
+            layers: "0-1".into(),
+            lora_dropout: 0.2,
+            learning_rate: 3e-4,
+            schedule: ScheduleKind::Linear,
+            warmup_ratio: 0.3,
+            weight_decay: 0.01,
+            max_grad_norm: 2.0,
+            epochs: 5,
+            max_steps: 9,
+            pairs_per_step: 6,
+            grad_accum: 7,
+            max_length: 300,
+            max_prompt_length: 100,
+            seed: 11,
+            save_every: 13,
+            eval_every: 17,
+            no_ref_cache: true,
+            cache_dir: Some("c".into()),
+            engine: EngineKind::Cpu,
+            device: Some("1".into()),
+            ..TrainConfig::default()
+        };
+        assert_eq!(c, want);
+    }
 }
