@@ -284,13 +284,28 @@ fn resume_refuses_a_checkpoint_of_other_settings() {
     );
 }
 
-/// Counts scoring calls of a wrapped engine.
-struct Counting<E> {
+/// Wraps an engine to observe it: counts the sequences it scores, records the size of each
+/// training forward pass, and returns a NaN log-prob from the forward passes listed in `poison`
+/// (0-based call numbers).
+struct Probe<E> {
     inner: E,
     scored: usize,
+    forward_sizes: Vec<usize>,
+    poison: Vec<usize>,
 }
 
-impl<E: Engine> Engine for Counting<E> {
+impl<E> Probe<E> {
+    fn new(inner: E) -> Self {
+        Probe {
+            inner,
+            scored: 0,
+            forward_sizes: Vec::new(),
+            poison: Vec::new(),
+        }
+    }
+}
+
+impl<E: Engine> Engine for Probe<E> {
     fn describe(&self) -> String {
         self.inner.describe()
     }
@@ -299,7 +314,13 @@ impl<E: Engine> Engine for Counting<E> {
         self.inner.score(ex, adapter)
     }
     fn forward_train(&mut self, ex: &[&Example]) -> Result<Vec<SeqScore>, TrainError> {
-        self.inner.forward_train(ex)
+        let call = self.forward_sizes.len();
+        self.forward_sizes.push(ex.len());
+        let mut s = self.inner.forward_train(ex)?;
+        if self.poison.contains(&call) {
+            s[0].logp = f64::NAN;
+        }
+        Ok(s)
     }
     fn backward(&mut self, w: &[f32]) -> Result<(), TrainError> {
         self.inner.backward(w)
@@ -337,11 +358,8 @@ fn reference_cache_is_reused_and_invalidated() {
     let dir = tempfile::tempdir().unwrap();
     let cache = RefCache::open(dir.path()).unwrap();
     let id = cache.fingerprint(&model).unwrap().identity();
-    let mut e = Counting {
-        inner: cpu_engine(&model, &tc),
-        scored: 0,
-    };
-    let fill = |e: &mut Counting<CpuEngine>,
+    let mut e = Probe::new(cpu_engine(&model, &tc));
+    let fill = |e: &mut Probe<CpuEngine>,
                 pairs: &mut [trainer::PreparedPair],
                 id: &[u8],
                 settings: &str| {
@@ -530,57 +548,6 @@ fn demo_lowers_the_loss_and_learns_the_safety_ranking() {
     rt.load_adapter(&out.join("adapter.gguf")).unwrap();
 }
 
-/// Returns NaN log-probs from the forward passes listed in `bad_calls` (0-based).
-struct Poisoned<E> {
-    inner: E,
-    calls: usize,
-    bad_calls: Vec<usize>,
-}
-
-impl<E: Engine> Engine for Poisoned<E> {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn score(&mut self, ex: &[&Example], adapter: bool) -> Result<Vec<SeqScore>, TrainError> {
-        self.inner.score(ex, adapter)
-    }
-    fn forward_train(&mut self, ex: &[&Example]) -> Result<Vec<SeqScore>, TrainError> {
-        let mut s = self.inner.forward_train(ex)?;
-        if self.bad_calls.contains(&self.calls) {
-            s[0].logp = f64::NAN;
-        }
-        self.calls += 1;
-        Ok(s)
-    }
-    fn backward(&mut self, w: &[f32]) -> Result<(), TrainError> {
-        self.inner.backward(w)
-    }
-    fn grad_norm(&mut self) -> Result<f64, TrainError> {
-        self.inner.grad_norm()
-    }
-    fn optimizer_step(&mut self, lr: f64, s: f64) -> Result<(), TrainError> {
-        self.inner.optimizer_step(lr, s)
-    }
-    fn zero_grads(&mut self) -> Result<(), TrainError> {
-        self.inner.zero_grads()
-    }
-    fn lora(&mut self) -> Result<LoraWeights, TrainError> {
-        self.inner.lora()
-    }
-    fn save_state(
-        &mut self,
-    ) -> Result<(BTreeMap<String, Vec<f32>>, serde_json::Value), TrainError> {
-        self.inner.save_state()
-    }
-    fn load_state(
-        &mut self,
-        t: &BTreeMap<String, Vec<f32>>,
-        s: &serde_json::Value,
-    ) -> Result<(), TrainError> {
-        self.inner.load_state(t, s)
-    }
-}
-
 #[test]
 fn non_finite_steps_are_skipped_reported_and_stop_the_run_when_repeated() {
     let model = common::models::tiny_model(Arch::Qwen2, GgmlType::F32, true);
@@ -591,10 +558,9 @@ fn non_finite_steps_are_skipped_reported_and_stop_the_run_when_repeated() {
     };
     let mut d = data(&model, 12, 0);
     let dir = tempfile::tempdir().unwrap();
-    let mut e = Poisoned {
-        inner: cpu_engine(&model, &tc),
-        calls: 0,
-        bad_calls: vec![1, 4],
+    let mut e = Probe {
+        poison: vec![1, 4],
+        ..Probe::new(cpu_engine(&model, &tc))
     };
     with_reference(&mut e, &mut d);
     let stop = AtomicBool::new(false);
@@ -635,10 +601,9 @@ fn non_finite_steps_are_skipped_reported_and_stop_the_run_when_repeated() {
     );
 
     // Three bad steps in a row stop the run with a clear error.
-    let mut e = Poisoned {
-        inner: cpu_engine(&model, &tc),
-        calls: 0,
-        bad_calls: vec![0, 1, 2],
+    let mut e = Probe {
+        poison: vec![0, 1, 2],
+        ..Probe::new(cpu_engine(&model, &tc))
     };
     let err = trainer::train(&mut e, &tc, &d, None, &stop, &mut sink, &mut |_| {}).unwrap_err();
     assert!(
@@ -670,73 +635,23 @@ fn buffered_training_mixes_one_helpfulness_batch_into_every_step() {
     assert!(buffer.len() >= 3);
     let n_buffer = buffer.len();
     d.buffer = buffer;
-    let mut e = Counting {
-        inner: cpu_engine(&model, &tc),
-        scored: 0,
-    };
+    let mut s = Probe::new(cpu_engine(&model, &tc));
     for set in [&mut d.train, &mut d.buffer] {
-        trainer::compute_reference(&mut e, set, 8, &mut |_| {}).unwrap();
+        trainer::compute_reference(&mut s, set, 8, &mut |_| {}).unwrap();
     }
-    // Count sequences per forward pass through a wrapper around forward_train.
-    struct Sizes<E> {
-        inner: E,
-        sizes: Vec<usize>,
-    }
-    impl<E: Engine> Engine for Sizes<E> {
-        fn describe(&self) -> String {
-            self.inner.describe()
-        }
-        fn score(&mut self, ex: &[&Example], a: bool) -> Result<Vec<SeqScore>, TrainError> {
-            self.inner.score(ex, a)
-        }
-        fn forward_train(&mut self, ex: &[&Example]) -> Result<Vec<SeqScore>, TrainError> {
-            self.sizes.push(ex.len());
-            self.inner.forward_train(ex)
-        }
-        fn backward(&mut self, w: &[f32]) -> Result<(), TrainError> {
-            self.inner.backward(w)
-        }
-        fn grad_norm(&mut self) -> Result<f64, TrainError> {
-            self.inner.grad_norm()
-        }
-        fn optimizer_step(&mut self, lr: f64, s: f64) -> Result<(), TrainError> {
-            self.inner.optimizer_step(lr, s)
-        }
-        fn zero_grads(&mut self) -> Result<(), TrainError> {
-            self.inner.zero_grads()
-        }
-        fn lora(&mut self) -> Result<LoraWeights, TrainError> {
-            self.inner.lora()
-        }
-        fn save_state(
-            &mut self,
-        ) -> Result<(BTreeMap<String, Vec<f32>>, serde_json::Value), TrainError> {
-            self.inner.save_state()
-        }
-        fn load_state(
-            &mut self,
-            t: &BTreeMap<String, Vec<f32>>,
-            s: &serde_json::Value,
-        ) -> Result<(), TrainError> {
-            self.inner.load_state(t, s)
-        }
-    }
-    let mut s = Sizes {
-        inner: e.inner,
-        sizes: Vec::new(),
-    };
+    s.forward_sizes.clear();
     let dir = tempfile::tempdir().unwrap();
     let (with_buffer, _) = run(&mut s, &tc, &d, &dir.path().join("a"), None, None);
     // pairs_per_step = 2 safety pairs + 2 buffer pairs (ratio 1) = 8 sequences per micro-step.
-    assert_eq!(s.sizes, vec![8; 4], "buffer of {n_buffer} pairs");
+    assert_eq!(s.forward_sizes, vec![8; 4], "buffer of {n_buffer} pairs");
     let half = TrainConfig {
         buffer_ratio: 0.5,
         ..tc.clone()
     };
-    s.sizes.clear();
+    s.forward_sizes.clear();
     run(&mut s, &half, &d, &dir.path().join("b"), None, None);
     assert_eq!(
-        s.sizes,
+        s.forward_sizes,
         vec![6; 4],
         "--buffer-ratio 0.5: one buffer pair per two safety pairs"
     );
