@@ -333,6 +333,13 @@ fn panel(
             y = sy(0.0)
         ));
     }
+    let legend_w = 170.0;
+    let mut legend = format!(
+        "<rect x='{}' y='{}' width='{legend_w}' height='{}' fill='white' fill-opacity='0.85' stroke='#ccc'/>\n",
+        x0 + w - legend_w - 8.0,
+        y0 + 4.0,
+        13.0 * series.len() as f64 + 6.0
+    );
     for (k, s) in series.iter().enumerate() {
         let path: Vec<String> = s
             .points
@@ -361,15 +368,31 @@ fn panel(
                 path.join(" ")
             ));
         }
-        out.push_str(&format!(
+        legend.push_str(&format!(
             "<text x='{}' y='{}' font-size='11' fill='{}'>{}</text>\n",
-            x0 + w - 150.0,
+            x0 + w - legend_w - 2.0,
             y0 + 14.0 + 13.0 * k as f64,
             s.color,
             s.name
         ));
     }
+    out.push_str(&legend);
     out.push_str("</g>\n");
+}
+
+/// Trailing moving average over `window` points (per-step values over a few pairs are noisy).
+fn smooth(points: Vec<(f64, f64)>, window: usize) -> Vec<(f64, f64)> {
+    let window = window.max(1);
+    (0..points.len())
+        .map(|i| {
+            let lo = (i + 1).saturating_sub(window);
+            let ys = &points[lo..=i];
+            (
+                points[i].0,
+                ys.iter().map(|p| p.1).sum::<f64>() / ys.len() as f64,
+            )
+        })
+        .collect()
 }
 
 fn fmt_num(v: f64) -> String {
@@ -389,6 +412,14 @@ pub fn curves_svg(records: &[StepMetrics], title: &str) -> String {
             .filter_map(|m| f(m).map(|v| (m.step as f64, v)))
             .collect()
     };
+    let n_train = records.iter().filter(|m| m.split == "train").count();
+    let win = (n_train / 20).max(1);
+    let train_label = if win > 1 {
+        format!("train (mean of {win} steps)")
+    } else {
+        "train".to_string()
+    };
+    let train = |f: &dyn Fn(&StepMetrics) -> Option<f64>| smooth(pick("train", f), win);
     let (w, h) = (900.0, 260.0);
     let mut out = format!(
         "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{}' font-family='sans-serif'>\n<rect width='100%' height='100%' fill='#fafafa'/>\n<text x='10' y='22' font-size='16'>{}</text>\n",
@@ -404,10 +435,10 @@ pub fn curves_svg(records: &[StepMetrics], title: &str) -> String {
         "loss",
         &[
             Series {
-                name: "train",
+                name: &train_label,
                 color: "#1f77b4",
                 dashed: false,
-                points: pick("train", &|m| Some(m.loss)),
+                points: train(&|m| Some(m.loss)),
             },
             Series {
                 name: "held-out",
@@ -427,10 +458,10 @@ pub fn curves_svg(records: &[StepMetrics], title: &str) -> String {
         "reward margin (chosen − rejected)",
         &[
             Series {
-                name: "train",
+                name: &train_label,
                 color: "#1f77b4",
                 dashed: false,
-                points: pick("train", &|m| Some(m.rewards_margins)),
+                points: train(&|m| Some(m.rewards_margins)),
             },
             Series {
                 name: "held-out",
@@ -454,7 +485,7 @@ pub fn curves_svg(records: &[StepMetrics], title: &str) -> String {
             name: case.name(),
             color: colors[i],
             dashed: false,
-            points: pick("train", &f),
+            points: train(&f),
         });
     }
     acc.push(Series {
@@ -469,7 +500,14 @@ pub fn curves_svg(records: &[StepMetrics], title: &str) -> String {
         60.0 + 2.0 * (h + 40.0),
         w - 20.0,
         h,
-        "accuracy by safety case (train) and held-out",
+        &format!(
+            "accuracy by safety case (train{}) and held-out",
+            if win > 1 {
+                format!(", mean of {win} steps")
+            } else {
+                String::new()
+            }
+        ),
         &acc,
         Some((0.0, 1.0)),
     );
