@@ -66,10 +66,11 @@ impl AttnShape {
         self.n_seq * self.seq_len
     }
 
-    fn validate(&self) -> Result<(), GpuError> {
+    /// Checks the shape the kernels support; `op` names the caller in the error.
+    pub(crate) fn validate(&self, op: &str) -> Result<(), GpuError> {
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(4) || self.head_dim > 512 {
             return Err(bad_shape(
-                "attention",
+                op,
                 format!(
                     "head_dim {} is not supported: it must be a multiple of 4 and at most 512",
                     self.head_dim
@@ -78,7 +79,7 @@ impl AttnShape {
         }
         if self.n_head_kv == 0 || !self.n_head.is_multiple_of(self.n_head_kv) {
             return Err(bad_shape(
-                "attention",
+                op,
                 format!(
                     "n_head {} is not a multiple of n_head_kv {}",
                     self.n_head, self.n_head_kv
@@ -128,7 +129,7 @@ pub fn attention_split(
     lse: &GpuBuf,
     rows_per_dispatch: usize,
 ) -> Result<(), GpuError> {
-    shape.validate()?;
+    shape.validate("attention")?;
     let t = shape.n_rows();
     if t == 0 || shape.n_head == 0 {
         return Ok(());

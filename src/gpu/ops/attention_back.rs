@@ -9,7 +9,7 @@
 //! 3. `dk`, `dv`, one invocation per (key row, KV head), the group's heads then queries in order.
 
 use super::attention::AttnShape;
-use super::check::{bad_shape, need_words};
+use super::check::need_words;
 use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder, groups};
 use crate::kernel_source;
 use crate::util::Tol;
@@ -53,28 +53,6 @@ pub const ATTENTION_BACK_TOL: Tol = Tol::new(2e-5, 5e-5);
 
 /// Multiply-adds one dispatch may do (as in the forward): short dispatches on any GPU.
 const MACS_PER_DISPATCH: usize = 1 << 27;
-
-fn validate(shape: &AttnShape) -> Result<(), GpuError> {
-    if shape.head_dim == 0 || !shape.head_dim.is_multiple_of(4) || shape.head_dim > 512 {
-        return Err(bad_shape(
-            "attention backward",
-            format!(
-                "head_dim {} is not supported: it must be a multiple of 4 and at most 512",
-                shape.head_dim
-            ),
-        ));
-    }
-    if shape.n_head_kv == 0 || !shape.n_head.is_multiple_of(shape.n_head_kv) {
-        return Err(bad_shape(
-            "attention backward",
-            format!(
-                "n_head {} is not a multiple of n_head_kv {}",
-                shape.n_head, shape.n_head_kv
-            ),
-        ));
-    }
-    Ok(())
-}
 
 /// Records the attention backward. Inputs: q `[T, n_head, hd]` and k, v `[T, n_head_kv, hd]`
 /// (what the forward read, after rope), o `[T, n_head, hd]` and lse `[T, n_head]` (what it
@@ -123,7 +101,7 @@ pub fn attention_backward_split(
     dv: &GpuBuf,
     rows_per_dispatch: usize,
 ) -> Result<(), GpuError> {
-    validate(shape)?;
+    shape.validate("attention backward")?;
     let t = shape.n_rows();
     if t == 0 || shape.n_head == 0 {
         return Ok(());

@@ -137,6 +137,24 @@ pub struct LmHeadScratch {
 }
 
 impl LmHeadScratch {
+    /// The vocabulary chunks of `w` this scratch processes, in order: at most `max_cols` wide and
+    /// never straddling a weight chunk. The forward and the backward both use this.
+    pub fn chunks(&self, w: &GpuWeight) -> Vec<Range<usize>> {
+        let starts: Vec<usize> = w.chunks.iter().map(|c| c.row_start).collect();
+        vocab_chunks(w.n_out, self.max_cols, &starts)
+    }
+
+    /// Errors (naming `op`) when `n_rows` exceeds what the scratch holds.
+    pub fn check_rows(&self, n_rows: usize, op: &str) -> Result<(), GpuError> {
+        if n_rows > self.max_rows {
+            return Err(bad_shape(
+                op,
+                format!("{n_rows} rows but the scratch holds {} rows", self.max_rows),
+            ));
+        }
+        Ok(())
+    }
+
     /// Allocates scratch for up to `max_rows` rows, with the chunk width chosen so the logits
     /// buffer stays ≤ `budget_bytes` and ≤ the device's binding limit.
     pub fn new(
@@ -183,17 +201,8 @@ pub fn lm_head_logprobs<'g>(
     lse: &GpuBuf,
     n_rows: usize,
 ) -> Result<(), GpuError> {
-    if n_rows > scratch.max_rows {
-        return Err(bad_shape(
-            "lm head",
-            format!(
-                "{n_rows} rows but the scratch holds {} rows",
-                scratch.max_rows
-            ),
-        ));
-    }
-    let starts: Vec<usize> = w.chunks.iter().map(|c| c.row_start).collect();
-    let chunks = vocab_chunks(w.n_out, scratch.max_cols, &starts);
+    scratch.check_rows(n_rows, "lm head")?;
+    let chunks = scratch.chunks(w);
     let n = chunks.len();
     for (i, cols) in chunks.into_iter().enumerate() {
         matmul_rows(gpu, rec, x, w, cols.clone(), &scratch.logits, n_rows)?;

@@ -8,7 +8,7 @@
 //! `[N, chunk]` scratch; never `[N × V]`. Deterministic: fixed chunk order, no atomics.
 
 use super::check::{bad_shape, need_words};
-use super::logprob::{LmHeadScratch, vocab_chunks};
+use super::logprob::LmHeadScratch;
 use super::matmul::{GpuWeight, matmul_rows, matmul_rows_back_input};
 use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder, groups};
 use crate::kernel_source;
@@ -160,17 +160,8 @@ pub fn lm_head_backward<'g>(
     if n_rows == 0 {
         return Ok(());
     }
-    if n_rows > scratch.max_rows {
-        return Err(bad_shape(
-            "lm head backward",
-            format!(
-                "{n_rows} rows but the scratch holds {} rows",
-                scratch.max_rows
-            ),
-        ));
-    }
-    let starts: Vec<usize> = w.chunks.iter().map(|c| c.row_start).collect();
-    let chunks = vocab_chunks(w.n_out, scratch.max_cols, &starts);
+    scratch.check_rows(n_rows, "lm head backward")?;
+    let chunks = scratch.chunks(w);
     let n = chunks.len();
     for (i, cols) in chunks.into_iter().enumerate() {
         matmul_rows(gpu, rec, x, w, cols.clone(), &scratch.logits, n_rows)?;
