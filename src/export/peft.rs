@@ -15,8 +15,8 @@
 
 use super::gguf_adapter::AdapterDType;
 use super::{ExportError, check_against};
+use crate::lora::{LoraWeights, Target};
 use crate::model::{Arch, ModelConfig};
-use crate::train::lora::{LoraWeights, Target};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 

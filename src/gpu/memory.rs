@@ -39,8 +39,8 @@
 //! overhead. Leave some device memory free.
 
 use crate::gguf::GgmlType;
+use crate::lora::Target;
 use crate::model::{Arch, ModelConfig};
-use crate::train::lora::Target;
 use serde::{Deserialize, Serialize};
 
 /// Default bytes of one attention-probabilities chunk (the head chunk is sized to fit).

@@ -20,7 +20,7 @@
 //!
 //! Every LoRA-adapted projection computes `y = W·x + (alpha/r)·B·(A·x)` with A `[r, n_in]`, B
 //! `[n_out, r]`. With LoRA dropout (training only, `RefModel::lora_grads_dropout`) the branch
-//! reads `mask ⊙ x / (1 − p)`, the masks those of `gpu::ops::dropout` (a counter hash).
+//! reads `mask ⊙ x / (1 − p)`, the masks those of `lora::dropout` (a counter hash).
 //!
 //! All arithmetic is f64; weights are kept as the f32 values they dequantize to (so a real model
 //! fits in memory) and widened on use. Activations are row-major `[rows, cols]` flat vectors.
@@ -33,9 +33,9 @@
 //! `tests/reference_ops.rs`; the whole-model gradient in `tests/reference_grads.rs`.
 
 use crate::data::Example;
-use crate::gpu::ops::dropout::Dropout;
+use crate::lora::dropout::Dropout;
+use crate::lora::{LoraWeights, Target};
 use crate::model::{ModelConfig, RopeKind, Weights};
-use crate::train::lora::{LoraWeights, Target};
 use crate::util::Rng;
 use serde::{Deserialize, Serialize};
 

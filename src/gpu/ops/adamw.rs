@@ -9,13 +9,13 @@
 //! norm makes the kernel skip the update (parameters and moments unchanged) and `finish_step`
 //! report it.
 //!
-//! CPU references: `train::optim::{adamw_update, global_norm, clip_factor}`; [`adamw_ref`]
+//! CPU references: `optim::{adamw_update, global_norm, clip_factor}`; [`adamw_ref`]
 //! mirrors the kernel's use of the clip buffer.
 
 use crate::gpu::memory::NORM_CHUNK;
 use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder, groups};
 use crate::kernel_source;
-use crate::train::optim::{AdamW, AdamWConfig, AdamWScalars, Clip, OptimError, adamw_update};
+use crate::optim::{AdamW, AdamWConfig, AdamWScalars, Clip, OptimError, adamw_update};
 
 /// Params of `kernels/adamw.wgsl` (48 bytes).
 #[repr(C)]
