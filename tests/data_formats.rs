@@ -39,6 +39,15 @@ fn load(p: &Path) -> bfpo_lite::data::formats::LoadedPairs {
     load_pairs(p, &LoadOptions::default()).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Loads helpfulness-only rows (no safety labels) as `--assume-safe` does.
+fn load_assume_safe(p: &Path) -> bfpo_lite::data::formats::LoadedPairs {
+    let opts = LoadOptions {
+        assume_safe: true,
+        ..LoadOptions::default()
+    };
+    load_pairs(p, &opts).unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn load_with(p: &Path, format: Format) -> Result<bfpo_lite::data::formats::LoadedPairs, LoadError> {
     load_pairs(
         p,
@@ -297,7 +306,7 @@ fn ultrafeedback_jsonl_gz_xz() {
         write_gz(d.path(), "uf.jsonl.gz", UF),
         write_xz(d.path(), "uf.jsonl.xz", UF),
     ] {
-        let lp = load(&p);
+        let lp = load_assume_safe(&p);
         assert_eq!(lp.report.format, Format::Ultrafeedback);
         let q = &lp.pairs[0];
         assert_eq!(
@@ -329,7 +338,7 @@ fn hh_transcripts_split_at_last_assistant_turn() {
         write_gz(d.path(), "hh.jsonl.gz", HH),
         write_xz(d.path(), "hh.jsonl.xz", HH),
     ] {
-        let lp = load(&p);
+        let lp = load_assume_safe(&p);
         assert_eq!(lp.report.format, Format::Hh);
         assert_eq!(lp.pairs.len(), 1);
         let q = &lp.pairs[0];
@@ -361,6 +370,37 @@ fn hh_transcripts_split_at_last_assistant_turn() {
         assert_eq!(*n, 1);
         assert!(reason.contains("differs from chosen"), "{reason}");
         assert_eq!(lp.report.examples[0].origin.line, 2);
+    }
+}
+
+/// UltraFeedback and HH rows carry no safety labels: like unlabelled TRL rows they are refused
+/// in training data unless `--assume-safe` says to label both responses safe, and the error
+/// names the file, line and both ways out (`--assume-safe`, `--buffer`).
+#[test]
+fn helpfulness_only_rows_need_assume_safe() {
+    let d = tempfile::tempdir().unwrap();
+    for (p, format) in [
+        (write(d.path(), "uf.jsonl", UF), Format::Ultrafeedback),
+        (write(d.path(), "hh.jsonl", HH), Format::Hh),
+        (write(d.path(), "t.jsonl", TRL), Format::Trl),
+    ] {
+        let e = load_pairs(&p, &LoadOptions::default()).unwrap_err();
+        assert!(
+            matches!(e, LoadError::MissingSafetyFlags { format: f, .. } if f == format),
+            "{e}"
+        );
+        let e = e.to_string();
+        assert!(
+            e.contains(&format!("{}:1", p.display()))
+                && e.contains("no safety labels")
+                && e.contains("--assume-safe")
+                && e.contains("--buffer"),
+            "{e}"
+        );
+        let lp = load_assume_safe(&p);
+        assert_eq!(lp.report.format, format);
+        assert_eq!(lp.report.safety.both_safe, lp.pairs.len());
+        assert_eq!(lp.pairs.len(), lp.report.pairs_loaded);
     }
 }
 
@@ -758,7 +798,7 @@ fn parquet_pku_and_ultrafeedback() {
             Col::F64(vec![8.0, 7.5]),
         ],
     );
-    let lp = load(&p);
+    let lp = load_assume_safe(&p);
     assert_eq!(lp.report.format, Format::Ultrafeedback, "{}", lp.report);
     assert_eq!(lp.report.skipped(), 0, "{}", lp.report);
     assert_eq!(

@@ -18,8 +18,14 @@
 //! | `redteam` | `prompt`, `modeloutput1`, `modeloutput2`, `better_modelout` ∈ {1,2}, `is_modelout{1,2}_safe` | `modeloutput{better_modelout}` | each response's own flag |
 //! | `generic` | `prompt`, `chosen`, `rejected`, `chosen_safe`, `rejected_safe` (or `is_chosen_safe`, `is_rejected_safe`) | `chosen` | the flags (required) |
 //! | `trl` | TRL's preference rows: `prompt`, `chosen`, `rejected`, no flags | `chosen` | flags if present; otherwise both safe only with [`LoadOptions::assume_safe`] |
-//! | `ultrafeedback` | `prompt`, `chosen`/`rejected` message lists (+ `score_chosen`, `prompt_id`, `messages`) | last message of `chosen` | both safe |
-//! | `hh` | `chosen`/`rejected` "\n\nHuman: … \n\nAssistant: …" transcripts | text after the last Assistant turn | both safe |
+//! | `ultrafeedback` | `prompt`, `chosen`/`rejected` message lists (+ `score_chosen`, `prompt_id`, `messages`) | last message of `chosen` | none: both safe only with [`LoadOptions::assume_safe`] |
+//! | `hh` | `chosen`/`rejected` "\n\nHuman: … \n\nAssistant: …" transcripts | text after the last Assistant turn | none: both safe only with [`LoadOptions::assume_safe`] |
+//!
+//! Rows without safety labels (`trl` without flags, `ultrafeedback`, `hh`) are helpfulness-only:
+//! loading them without [`LoadOptions::assume_safe`] is an error. They belong in BFPO's
+//! helpfulness buffer (`tune --buffer`, loaded with `assume_safe`), or in the training data with
+//! `--assume-safe`, where every pair is both-safe and BFPO's loss is IPO's. Anthropic's HH
+//! `harmless-base` ranks by harmlessness, which such labels lose (`tune` warns).
 //!
 //! `generic` and `trl` rows take strings or TRL's conversational form: `prompt` a list of
 //! `{role, content}` ending in a user turn, `chosen`/`rejected` lists ending in an assistant
@@ -147,8 +153,8 @@ pub struct LoadOptions {
     pub format: Format,
     /// Stop at the first bad row with an error instead of skipping it.
     pub strict: bool,
-    /// For rows that carry no safety flags (TRL format): treat both responses as safe.
-    /// Without it such rows are an error, since BFPO needs the labels.
+    /// For rows that carry no safety flags (TRL rows without flags, UltraFeedback, HH): treat
+    /// both responses as safe. Without it such rows are an error, since BFPO needs the labels.
     pub assume_safe: bool,
     /// How many skipped rows to keep as examples in the report.
     pub max_examples: usize,
@@ -326,9 +332,9 @@ pub enum LoadError {
         detected: Option<Format>,
     },
     #[error(
-        "{origin}: the row has no safety labels (`chosen_safe`, `rejected_safe`); BFPO needs them. Add them to the data, or pass --assume-safe to treat both responses of unlabelled rows as safe (helpfulness-only data, like IPO)"
+        "{origin}: the row ({format} format) has no safety labels (`chosen_safe`, `rejected_safe`); BFPO needs them. Add them to the data, give the file as --buffer (BFPO's helpfulness buffer, where both responses count as safe), or pass --assume-safe to label both responses of unlabelled rows safe (helpfulness-only pairs: on them BFPO is IPO)"
     )]
-    MissingSafetyFlags { origin: RowOrigin },
+    MissingSafetyFlags { origin: RowOrigin, format: Format },
     #[error(
         "{origin}: field `{field}`: {reason} ({detail}); --strict stops at the first bad row, drop it to skip and count bad rows"
     )]
@@ -836,14 +842,14 @@ pub fn parse_row(
                 (Some(f), _) => f,
                 (None, Format::Generic) => return Err(BadRow::missing("chosen_safe").into()),
                 (None, _) if assume_safe => (true, true),
-                (None, _) => {
-                    return Err(RowError::Fatal(LoadError::MissingSafetyFlags {
-                        origin: origin.clone(),
-                    }));
-                }
+                (None, _) => return Err(missing_flags(origin, format)),
             };
             let (p, c, r) = prompt_and_responses(o)?;
             finish(p, ("chosen", c), ("rejected", r), sw, sl, origin)?
+        }
+        // Helpfulness-only datasets: no safety labels, so the same rule as unlabelled TRL rows.
+        Format::Ultrafeedback | Format::Hh if !assume_safe => {
+            return Err(missing_flags(origin, format));
         }
         Format::Ultrafeedback => {
             let (p, c, r) = prompt_and_responses(o)?;
@@ -873,6 +879,13 @@ pub fn parse_row(
         }
     };
     Ok(pair)
+}
+
+fn missing_flags(origin: &RowOrigin, format: Format) -> RowError {
+    RowError::Fatal(LoadError::MissingSafetyFlags {
+        origin: origin.clone(),
+        format,
+    })
 }
 
 /// Checks that the first row fits a forced format; explains a mismatch.
