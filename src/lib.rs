@@ -3,15 +3,41 @@
 //!
 //! The library never prints: it returns values and reports progress through callbacks or
 //! `tracing`; the `bfpo-lite` binary decides what a person sees.
+//!
+//! # Module map
+//!
+//! Dependencies point down the list; a module never imports one above it.
+//!
+//! ```text
+//! run/       a whole job as library calls: TuneJob (prepare → train → finish), one Event enum,
+//!            a Cancel token; reusable pieces: open a model with its template, load and encode
+//!            pairs, build an engine; the built-in demo
+//! train/     the training loop (trainer), engines (CPU reference, GPU), config, checkpoints,
+//!            metrics, data preparation (prepare)
+//! export/    GGUF LoRA adapter, PEFT safetensors, merged model
+//! gpu/       wgpu device, WGSL pipeline registry, buffers, memory planner, ops/ (one launcher
+//!            + CPU reference per kernel family), forward and backward of the layer graph
+//! runtime/   llama.cpp (the only code that touches llama-cpp-2): tokenize, chat template,
+//!            generate, score, adapters
+//! model/     hyperparameters per architecture, tensor names, weight views, LoRA definitions
+//!            (model::lora: targets, shapes, naming, weights, the dropout mask; shared by gpu,
+//!            train and export), the init-model fixture factory, the f64 CPU reference
+//! data/      dataset formats (one file each, under formats/), examples, batches, reference cache
+//! optim      AdamW (the one update rule both the CPU optimizer and the GPU kernel follow),
+//!            clipping, schedules
+//! loss       BFPO, IPO, DPO: pure functions of per-pair scalars
+//! gguf/      GGUF read (mmap, validation), write, types, CPU (de)quantization
+//! util/      deterministic RNG, float comparison helpers
+//! ```
 
 pub mod data;
 pub mod export;
 pub mod gguf;
 pub mod gpu;
-pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod run;
 pub mod runtime;
 pub mod train;
 pub mod util;

@@ -503,7 +503,14 @@ fn demo_lowers_the_loss_and_learns_the_safety_ranking() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
-    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // `--json`: one event per line; the last ("done") carries the summary.
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let s = events.last().unwrap();
+    assert_eq!(s["event"], "done", "{s}");
     let metrics = bfpo_lite::train::metrics::read_metrics(&out.join("metrics.jsonl")).unwrap();
     let train: Vec<f64> = metrics
         .iter()

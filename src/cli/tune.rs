@@ -2,26 +2,17 @@
 //! built-in demo: a tiny quantized model made by `init-model` and a synthetic safety preference
 //! set in PKU-SafeRLHF's schema, finishing in under a minute on a laptop CPU.
 
-use anyhow::{Context, bail};
-use bfpo_lite::data::batch::TruncationConfig;
-use bfpo_lite::data::formats::{Format, LoadOptions};
-use bfpo_lite::data::refcache::RefCache;
-use bfpo_lite::export::gguf_adapter::{AdapterDType, Provenance, write_adapter};
-use bfpo_lite::gguf::GgufFile;
-use bfpo_lite::gpu::memory::{self, PlanInput, PlanLimits, fmt_bytes};
-use bfpo_lite::model::{Arch, ModelConfig, init};
-use bfpo_lite::runtime::{LoadOptions as RtLoadOptions, RtModel};
-use bfpo_lite::train::checkpoint::{ADAPTER_FILE, Checkpoint};
+use super::print_out;
+use anyhow::Context;
+use bfpo_lite::data::formats::Format;
+use bfpo_lite::export::gguf_adapter::AdapterDType;
+use bfpo_lite::gpu::memory::fmt_bytes;
+use bfpo_lite::run::demo::{demo_config, demo_train_pairs, write_demo};
+use bfpo_lite::run::{Cancel, Event, SkipStage, Summary, TuneJob};
 use bfpo_lite::train::config::{EngineKind, ScheduleKind, TrainConfig};
-use bfpo_lite::train::lora::{LoraSpec, LoraWeights, parse_layers, parse_targets};
-use bfpo_lite::train::metrics::{MetricsWriter, curves_svg, read_metrics, truncate_after};
-use bfpo_lite::train::prepare::{self, PrepareReport, RefSource};
-use bfpo_lite::train::trainer::{self, CheckpointSink, Engine, Event, TrainData, TrainOutcome};
+use bfpo_lite::train::metrics::StepMetrics;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 /// Flags override the `--config` file (CLI wins); unset flags keep the file's or default values.
 #[derive(clap::Args, Debug, Default)]
@@ -30,6 +21,9 @@ pub struct Args {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Safety preference data (JSONL, .jsonl.gz, .jsonl.xz, Parquet, JSON array); repeatable.
+    /// Rows need safety labels (PKU-SafeRLHF, red-team, generic rows with chosen_safe and
+    /// rejected_safe); helpfulness-only rows (TRL, UltraFeedback, HH) need --assume-safe or go
+    /// in --buffer.
     #[arg(long)]
     pub data: Vec<PathBuf>,
     /// TOML file with any of the settings below (keys are the long flag names with `_`).
@@ -47,7 +41,8 @@ pub struct Args {
     /// Overwrite an existing run in OUT.
     #[arg(long)]
     pub force: bool,
-    /// Print the final summary as JSON on stdout.
+    /// Print the run's events as JSON lines on stdout (one object per line with an "event" tag;
+    /// the last, "done", carries the summary of summary.json).
     #[arg(long)]
     pub json: bool,
     /// Dataset format (default: detected from the fields).
@@ -57,7 +52,8 @@ pub struct Args {
     pub eval_data: Option<PathBuf>,
     #[arg(long)]
     pub eval_fraction: Option<f64>,
-    /// Helpfulness data mixed into every step (BFPO's buffered training); both sides count as safe.
+    /// Helpfulness data mixed into every step (BFPO's buffered training): TRL, UltraFeedback or HH
+    /// rows, both responses counted as safe.
     #[arg(long)]
     pub buffer: Option<PathBuf>,
     #[arg(long)]
@@ -65,7 +61,8 @@ pub struct Args {
     /// Stop at the first bad row (naming file, line and field) instead of skipping and counting.
     #[arg(long)]
     pub strict: bool,
-    /// Treat rows without safety labels (TRL/UltraFeedback/HH) as safe instead of refusing them.
+    /// Label both responses of --data rows without safety labels (TRL, UltraFeedback, HH) safe
+    /// instead of refusing them; on such pairs BFPO trains as IPO (helpfulness only).
     #[arg(long)]
     pub assume_safe: bool,
     /// bfpo | ipo | dpo, optionally with parameters: `bfpo:tau=0.01,b1=3,alpha=0.5`.
@@ -129,45 +126,6 @@ pub struct Args {
     pub outtype: String,
 }
 
-/// The built-in demo's model recipe (also documented in models/README.md).
-pub fn demo_model_spec() -> init::InitSpec {
-    init::InitSpec {
-        arch: Arch::Qwen2,
-        ty: init::WeightType::Uniform(bfpo_lite::gguf::GgmlType::Q8_0),
-        dim: 64,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        ff: 128,
-        tied: true,
-        seed: 20_250_408,
-        ..init::InitSpec::default()
-    }
-}
-
-const DEMO_TRAIN: &str = include_str!("../../models/demo/train.jsonl");
-const DEMO_HELDOUT: &str = include_str!("../../models/demo/heldout.jsonl");
-
-/// The demo's training settings.
-pub fn demo_config() -> TrainConfig {
-    TrainConfig {
-        out: PathBuf::from("runs/demo"),
-        rank: 8,
-        lora_alpha: 16.0,
-        targets: "all".into(),
-        learning_rate: 2e-2,
-        warmup_ratio: 0.05,
-        epochs: 1,
-        pairs_per_step: 4,
-        grad_accum: 1,
-        max_length: 256,
-        max_prompt_length: 128,
-        save_every: 0,
-        eval_every: 26,
-        ..TrainConfig::default()
-    }
-}
-
 fn apply_overrides(cfg: &mut TrainConfig, a: &Args) {
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { cfg.$f = v; } )* };
@@ -223,60 +181,14 @@ fn apply_overrides(cfg: &mut TrainConfig, a: &Args) {
     cfg.no_ref_cache |= a.no_ref_cache;
 }
 
-fn parse_format(s: &str) -> anyhow::Result<Format> {
-    <Format as clap::ValueEnum>::from_str(s, true)
-        .map_err(|_| anyhow::anyhow!("unknown dataset format {s:?}; use auto, pku, redteam, generic, trl, ultrafeedback or hh"))
+/// No model, data, config or checkpoint: the built-in demo.
+fn is_demo(a: &Args) -> bool {
+    a.model.is_none() && a.data.is_empty() && a.config.is_none() && a.resume.is_none()
 }
 
-fn setup_demo(cfg: &mut TrainConfig) -> anyhow::Result<()> {
-    let out = &cfg.out;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let model = out.join("demo-model.gguf");
-    init::write(&demo_model_spec(), &model)
-        .with_context(|| format!("writing the demo model {}", model.display()))?;
-    let data_dir = out.join("demo-data");
-    std::fs::create_dir_all(&data_dir)?;
-    let train = data_dir.join("train.jsonl");
-    let heldout = data_dir.join("heldout.jsonl");
-    std::fs::write(&train, DEMO_TRAIN)?;
-    std::fs::write(&heldout, DEMO_HELDOUT)?;
-    cfg.model = Some(model);
-    cfg.data = vec![train];
-    cfg.eval_data = Some(heldout);
-    Ok(())
-}
-
-/// Everything a run prints at the end and writes to summary.json.
-#[derive(serde::Serialize)]
-struct Summary<'a> {
-    model: String,
-    engine: String,
-    config: &'a TrainConfig,
-    data: &'a PrepareReport,
-    eval_pairs: usize,
-    buffer_pairs: usize,
-    reference: Vec<RefSource>,
-    plan_total_bytes: u64,
-    steps: usize,
-    interrupted: bool,
-    skipped_steps: usize,
-    tokens: u64,
-    train_seconds: f64,
-    total_seconds: f64,
-    tokens_per_second: f64,
-    final_train: Option<bfpo_lite::train::metrics::StepMetrics>,
-    final_eval: Option<bfpo_lite::train::metrics::StepMetrics>,
-    heldout_before: Option<trainer::RankingEval>,
-    heldout_after: Option<trainer::RankingEval>,
-    adapter: String,
-}
-
-pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
-    let t_start = Instant::now();
-    let demo = args.model.is_none()
-        && args.data.is_empty()
-        && args.config.is_none()
-        && args.resume.is_none();
+/// The run's settings: `--config`, else the checkpoint's run, else the demo's or the defaults;
+/// then the flags.
+fn load_config(args: &Args) -> anyhow::Result<TrainConfig> {
     let mut cfg = if let Some(p) = &args.config {
         TrainConfig::from_toml_file(p)?
     } else if let Some(ck) = &args.resume {
@@ -289,447 +201,269 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
                 saved.display()
             )
         })?
-    } else if demo {
+    } else if is_demo(args) {
         demo_config()
     } else {
         TrainConfig::default()
     };
-    apply_overrides(&mut cfg, &args);
-    if args.resume.is_none() && !args.dry_run {
-        let existing = cfg.out.join(ADAPTER_FILE);
-        if existing.exists() && !args.force && !demo {
-            bail!(
-                "{} already holds a finished run ({}); use --force to overwrite, --resume {}/checkpoint to continue, or another --out",
-                cfg.out.display(),
-                existing.display(),
+    apply_overrides(&mut cfg, args);
+    Ok(cfg)
+}
+
+/// Ctrl-C asks the run to stop (it checkpoints); a second Ctrl-C exits at once.
+fn install_ctrlc(cancel: &Cancel) {
+    let cancel = cancel.clone();
+    let _ = ctrlc::set_handler(move || {
+        if cancel.cancel() {
+            std::process::exit(130);
+        }
+    });
+}
+
+pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
+    let demo = is_demo(&args);
+    let mut cfg = load_config(&args)?;
+    if demo {
+        write_demo(&mut cfg)?;
+        if !args.json {
+            eprintln!(
+                "bfpo-lite demo: BFPO on a tiny Q8_0 qwen2 model ({}) with {} synthetic safety pairs; outputs in {}",
+                cfg.model
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                demo_train_pairs(),
                 cfg.out.display()
             );
         }
     }
-    if demo {
-        setup_demo(&mut cfg)?;
-        eprintln!(
-            "bfpo-lite demo: BFPO on a tiny Q8_0 qwen2 model ({}) with {} synthetic safety pairs; outputs in {}",
-            cfg.model
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            DEMO_TRAIN.lines().count(),
-            cfg.out.display()
-        );
-    }
-    cfg.validate()?;
-    let model_path = cfg
-        .model
-        .clone()
-        .context("no model: pass --model MODEL.gguf (or run `bfpo-lite tune` with no arguments for the demo)")?;
-    if cfg.data.is_empty() {
-        bail!(
-            "no training data: pass --data FILE (PKU-SafeRLHF rows, BFPO red-team JSON, or prompt/chosen/rejected rows with safety labels)"
-        );
-    }
-    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
-
-    // Model: shape for the planner, vocabulary and chat template through llama.cpp.
-    let file =
-        GgufFile::open(&model_path).with_context(|| format!("reading {}", model_path.display()))?;
-    let mcfg = ModelConfig::from_gguf(&file)
-        .with_context(|| format!("{} cannot be trained", model_path.display()))?;
-    let rt = RtModel::load(&model_path, &RtLoadOptions::default())
-        .with_context(|| format!("loading {} in llama.cpp", model_path.display()))?;
-
-    // Data.
-    let opts = LoadOptions {
-        format: parse_format(&cfg.format)?,
-        strict: cfg.strict,
-        assume_safe: args.assume_safe,
-        ..Default::default()
-    };
-    let trunc = TruncationConfig {
-        max_length: cfg.max_length,
-        max_prompt_length: cfg.max_prompt_length,
-        ..Default::default()
-    };
-    let mut report = PrepareReport::default();
-    let (pairs, loads) = prepare::load(&cfg.data, &opts)?;
-    report.loads.extend(loads);
-    let (train_pairs, mut eval_pairs) = prepare::split(pairs, cfg.eval_fraction, cfg.seed)?;
-    if let Some(e) = &cfg.eval_data {
-        let (p, l) = prepare::load(std::slice::from_ref(e), &opts)?;
-        report.loads.extend(l);
-        eval_pairs.extend(p);
-    }
-    let buffer_pairs = match &cfg.buffer {
-        Some(b) => {
-            let bopts = LoadOptions {
-                assume_safe: true,
-                format: Format::Auto,
-                ..opts.clone()
-            };
-            let (p, l) = prepare::load(std::slice::from_ref(b), &bopts)?;
-            report.loads.extend(l);
-            p
-        }
-        None => Vec::new(),
-    };
-    let mut data = TrainData {
-        train: prepare::encode_pairs(&rt, &train_pairs, &trunc, cfg.strict, &mut report)?,
-        eval: prepare::encode_pairs(&rt, &eval_pairs, &trunc, cfg.strict, &mut report)?,
-        buffer: prepare::encode_pairs(&rt, &buffer_pairs, &trunc, cfg.strict, &mut report)?,
-    };
-    drop(rt);
-    let max_len = data
-        .train
-        .iter()
-        .chain(&data.eval)
-        .chain(&data.buffer)
-        .map(|p| p.chosen.len().max(p.rejected.len()))
-        .max()
-        .unwrap_or(1);
-    eprintln!(
-        "data: {} training pairs, {} held-out, {} buffer; {} rows skipped; longest sequence {} tokens",
-        data.train.len(),
-        data.eval.len(),
-        data.buffer.len(),
-        report.skipped(),
-        max_len
-    );
-    for l in &report.loads {
-        for (reason, n) in &l.skipped_by_reason {
-            eprintln!("  skipped {n} row(s) of {}: {reason}", l.path.display());
-        }
-        for ex in l.examples.iter().take(3) {
-            eprintln!("    e.g. {ex}");
-        }
-    }
-    for (reason, n) in &report.encode_skipped {
-        eprintln!("  skipped {n} pair(s) while tokenizing: {reason}");
-    }
-    for ex in report.encode_examples.iter().take(3) {
-        eprintln!("    e.g. {ex}");
-    }
-    if report.truncation.prompts_truncated + report.truncation.responses_truncated > 0 {
-        eprintln!(
-            "  truncated: {} prompt(s), {} pair(s) with a cut response (--max-length {}, --max-prompt-length {})",
-            report.truncation.prompts_truncated,
-            report.truncation.responses_truncated,
-            cfg.max_length,
-            cfg.max_prompt_length
-        );
-    }
-
-    // Memory plan, before allocating anything on the device.
-    let targets = parse_targets(&cfg.targets)?;
-    let layers = parse_layers(&cfg.layers, mcfg.n_layer)?;
-    let mut input = PlanInput::new(
-        mcfg.clone(),
-        file.tensors()
-            .iter()
-            .map(|t| (t.name.clone(), t.n_bytes))
-            .collect(),
-    );
-    input.max_len = max_len;
-    input.pairs_per_step = cfg.pairs_per_step
-        + if data.buffer.is_empty() {
-            0
-        } else {
-            ((cfg.pairs_per_step as f64) * cfg.buffer_ratio).round() as usize
-        };
-    input.rank = cfg.rank;
-    input.targets = targets.clone();
-    input.lora_layers = layers.len();
-    let plan = memory::plan(&input)?;
-    eprintln!(
-        "memory plan: {} on the device ({} weights as stored); largest binding {} ({})",
-        fmt_bytes(plan.total),
-        fmt_bytes(plan.item("weights").unwrap_or(0)),
-        fmt_bytes(plan.largest_binding.bytes),
-        plan.largest_binding.name
-    );
-    if args.dry_run {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"plan": plan, "data": report, "train_pairs": data.train.len(), "eval_pairs": data.eval.len()})
-            )?
-        );
-        return Ok(());
-    }
-
-    // Engine.
-    let spec = LoraSpec {
-        targets,
-        layers,
-        rank: cfg.rank,
-        alpha: cfg.lora_alpha,
-        dropout: cfg.lora_dropout,
-        seed: cfg.seed,
-    };
-    let lora = LoraWeights::init(&spec, &mcfg)?;
-    let adam = bfpo_lite::train::optim::AdamWConfig {
-        beta1: cfg.adam_beta1,
-        beta2: cfg.adam_beta2,
-        eps: cfg.adam_eps,
-        weight_decay: cfg.weight_decay,
-    };
-    let mut engine: Box<dyn Engine> = match cfg.engine {
-        EngineKind::Cpu => {
-            let w = bfpo_lite::model::Weights::from_gguf(&file, &mcfg)?;
-            let m = bfpo_lite::model::reference::RefModel::from_weights(&mcfg, &w)?;
-            Box::new(bfpo_lite::train::engine::CpuEngine::new(m, lora, adam)?)
-        }
-        EngineKind::Gpu => make_gpu_engine(&file, &mcfg, lora, adam, &cfg, &plan)?,
-    };
-    eprintln!("engine: {}", engine.describe());
-
-    // Reference log-probs: cached on disk, keyed by model, examples and settings.
-    let cache_dir = cfg
-        .cache_dir
-        .clone()
-        .unwrap_or_else(|| prepare::default_cache_dir(&cfg.out));
-    let cache = if cfg.no_ref_cache {
-        None
-    } else {
-        Some(RefCache::open(&cache_dir)?)
-    };
-    // The model's SHA-256 keys the cache and is recorded in the adapter's provenance.
-    let fingerprint = match &cache {
-        Some(c) => c.fingerprint(&model_path)?,
-        None => RefCache::open(&cache_dir)?.fingerprint(&model_path)?,
-    };
-    let identity = fingerprint.identity();
-    let model_sha256: String = fingerprint
-        .sha256
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let settings = format!("engine={:?};ref=adapter-off", cfg.engine);
-    let score_batch = (4 * cfg.pairs_per_step).max(8);
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {msg} ({eta})")?
-            .progress_chars("=> "),
-    );
-    bar.set_prefix("reference");
-    let mut ref_sources = Vec::new();
-    for (name, set) in [
-        ("train", &mut data.train),
-        ("held-out", &mut data.eval),
-        ("buffer", &mut data.buffer),
-    ] {
-        let src = prepare::fill_reference(
-            engine.as_mut(),
-            cache.as_ref().map(|c| (c, identity.as_slice())),
-            &format!("{settings};set={name}"),
-            set,
-            score_batch,
-            &mut |e| {
-                if let Event::Reference { done, total } = e {
-                    bar.set_length(total as u64);
-                    bar.set_position(done as u64);
-                }
-            },
-        )?;
-        if let RefSource::Cache(p) = &src {
-            eprintln!("reference log-probs ({name}): reused from {}", p.display());
-        }
-        ref_sources.push(src);
-    }
-    bar.finish_and_clear();
-
-    // Train.
-    let metrics_path = cfg.out.join("metrics.jsonl");
-    let resume = match &args.resume {
-        Some(dir) => {
-            let ck = Checkpoint::load(dir)?;
-            truncate_after(&metrics_path, ck.meta.step).map_err(anyhow::Error::msg)?;
-            eprintln!("resuming from {} at step {}", dir.display(), ck.meta.step);
-            Some(ck)
-        }
-        None => {
-            if metrics_path.exists() {
-                std::fs::remove_file(&metrics_path)?;
-            }
-            None
-        }
-    };
-    std::fs::write(cfg.out.join("config.toml"), cfg.to_toml())?;
-    let mut metrics = MetricsWriter::append(&metrics_path)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-        });
-    }
-    let total = trainer::total_steps(&cfg, data.train.len());
-    let bar = ProgressBar::new(total as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {msg} ({eta})")?
-            .progress_chars("=> "),
-    );
-    bar.set_prefix("training");
-    let loss_params = match bfpo_lite::loss::Loss::parse(&cfg.loss)? {
-        bfpo_lite::loss::Loss::Bfpo { tau, b1, alpha } => {
-            vec![("tau", tau), ("b1", b1), ("alpha", alpha)]
-        }
-        bfpo_lite::loss::Loss::Ipo { tau } => vec![("tau", tau)],
-        bfpo_lite::loss::Loss::Dpo {
-            beta,
-            label_smoothing,
-        } => vec![("beta", beta), ("label_smoothing", label_smoothing)],
-    };
-    let prov = Provenance {
-        loss: Some(
-            bfpo_lite::loss::Loss::parse(&cfg.loss)?
-                .kind()
-                .name()
-                .to_string(),
-        ),
-        loss_params: loss_params
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect(),
-        base_model_sha256: Some(model_sha256),
-        steps: None,
-        base_model_name: Some(mcfg.name.clone().unwrap_or_else(|| {
-            model_path
-                .file_name()
-                .map(|n| n.to_string_lossy().to_string())
-                .unwrap_or_default()
-        })),
-        datasets: cfg.data.iter().map(|p| p.display().to_string()).collect(),
-        train_params: [
-            ("learning_rate", cfg.learning_rate),
-            ("rank", cfg.rank as f64),
-            ("pairs_per_step", cfg.pairs_per_step as f64),
-            ("grad_accum", cfg.grad_accum as f64),
-            ("seed", cfg.seed as f64),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect(),
-        ..Default::default()
-    };
     let dtype = AdapterDType::parse(&args.outtype)
         .with_context(|| format!("--outtype {}: use f32 or f16", args.outtype))?;
-    let mut write_extra = |dir: &Path, lora: &LoraWeights, step: usize| -> Result<(), String> {
-        let p = Provenance {
-            steps: Some(step as u64),
-            ..prov.clone()
-        };
-        write_adapter(&dir.join(ADAPTER_FILE), lora, &mcfg, &p, dtype).map_err(|e| e.to_string())
-    };
-    let mut sink = CheckpointSink {
-        dir: cfg.out.join("checkpoint"),
-        write_extra: &mut write_extra,
-    };
-    let mut write_err: Option<std::io::Error> = None;
-    let t_train = Instant::now();
-    let outcome: TrainOutcome = trainer::train(
-        engine.as_mut(),
-        &cfg,
-        &data,
-        resume,
-        &stop,
-        &mut sink,
-        &mut |e| match e {
-            Event::Step(m) => {
-                bar.set_position(m.step as u64);
-                bar.set_message(format!(
-                    "loss {:.4e} margin {:+.3} acc {:.2} {:.0} tok/s",
-                    m.loss,
-                    m.rewards_margins,
-                    m.accuracy_bfpo.unwrap_or(0.0),
-                    m.tokens_per_second.unwrap_or(0.0)
-                ));
-                if let Err(err) = metrics.write(&m) {
-                    write_err.get_or_insert(err);
-                }
-            }
-            Event::Eval(m) => {
-                bar.println(format!(
-                    "  eval @ step {}: loss {:.4e}, margin {:+.3}, BFPO-ranking accuracy {:.3}",
-                    m.step,
-                    m.loss,
-                    m.rewards_margins,
-                    m.accuracy_bfpo.unwrap_or(f64::NAN)
-                ));
-                if let Err(err) = metrics.write(&m) {
-                    write_err.get_or_insert(err);
-                }
-            }
-            Event::SkippedStep { step, reason } => {
-                bar.println(format!("  step {step} skipped: {reason}"))
-            }
-            Event::Checkpoint { step, dir } => {
-                bar.set_message(format!("checkpoint at step {step} in {}", dir.display()))
-            }
-            Event::Reference { .. } => {}
-        },
-    )?;
-    bar.finish_and_clear();
-    if let Some(e) = write_err {
-        return Err(e).context("writing metrics.jsonl");
+    let job = TuneJob::from_config(cfg)?
+        .resume(args.resume.clone())
+        .assume_safe(args.assume_safe)
+        .adapter_type(dtype)
+        .force(args.force || demo);
+    install_ctrlc(&job.cancel_token());
+    let mut view = View::new(args.json);
+    let mut obs = |e: &Event| view.show(e);
+    if args.dry_run {
+        let d = job.dry_run(&mut obs)?;
+        return print_out(&format!("{}\n", serde_json::to_string_pretty(&d)?));
     }
-    let train_seconds = t_train.elapsed().as_secs_f64();
-
-    // Outputs.
-    let adapter_path = cfg.out.join(ADAPTER_FILE);
-    let lora = engine.lora()?;
-    write_adapter(
-        &adapter_path,
-        &lora,
-        &mcfg,
-        &Provenance {
-            steps: Some(outcome.steps as u64),
-            ..prov.clone()
-        },
-        dtype,
-    )?;
-    let records = read_metrics(&metrics_path).map_err(anyhow::Error::msg)?;
-    std::fs::write(
-        cfg.out.join("curves.svg"),
-        curves_svg(
-            &records,
-            &format!("bfpo-lite: {} on {}", cfg.loss, model_path.display()),
-        ),
-    )?;
-    let summary = Summary {
-        model: model_path.display().to_string(),
-        engine: engine.describe(),
-        config: &cfg,
-        data: &report,
-        eval_pairs: data.eval.len(),
-        buffer_pairs: data.buffer.len(),
-        reference: ref_sources,
-        plan_total_bytes: plan.total,
-        steps: outcome.steps,
-        interrupted: outcome.interrupted,
-        skipped_steps: outcome.skipped_steps,
-        tokens: outcome.tokens,
-        train_seconds,
-        total_seconds: t_start.elapsed().as_secs_f64(),
-        tokens_per_second: outcome.tokens as f64 / train_seconds.max(1e-9),
-        final_train: outcome.final_train.clone(),
-        final_eval: outcome.final_eval.clone(),
-        heldout_before: outcome.eval_before,
-        heldout_after: outcome.eval_after,
-        adapter: adapter_path.display().to_string(),
-    };
-    let json = serde_json::to_string_pretty(&summary)?;
-    std::fs::write(cfg.out.join("summary.json"), &json)?;
-    if args.json {
-        println!("{json}");
-        return Ok(());
+    let out = job.config().out.clone();
+    let mut prepared = job.prepare(&mut obs)?;
+    prepared.train(&mut obs)?;
+    let summary = prepared.finish(&mut obs)?;
+    drop(view);
+    if !args.json {
+        print_summary(&summary, &out);
     }
-    print_summary(&summary, &cfg.out);
     Ok(())
 }
 
-fn print_summary(s: &Summary<'_>, out: &Path) {
+/// Renders a run's events: progress bars and text on stderr, or JSON lines on stdout.
+struct View {
+    json: bool,
+    bar: Option<ProgressBar>,
+    /// The error of the first failed JSON write (a closed pipe ends the output, not the run).
+    json_closed: bool,
+}
+
+impl View {
+    fn new(json: bool) -> View {
+        View {
+            json,
+            bar: None,
+            json_closed: false,
+        }
+    }
+
+    fn show(&mut self, e: &Event) {
+        if self.json {
+            self.json_line(e);
+        } else {
+            self.text(e);
+        }
+    }
+
+    fn json_line(&mut self, e: &Event) {
+        use std::io::Write;
+        if self.json_closed {
+            return;
+        }
+        let line = serde_json::to_string(e).unwrap_or_default();
+        let mut out = std::io::stdout().lock();
+        if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+            self.json_closed = true;
+        }
+    }
+
+    /// A bar with the run's style, replacing any previous one.
+    fn bar(&mut self, prefix: &'static str, len: u64) -> &ProgressBar {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+        let b = ProgressBar::new(len);
+        if let Ok(style) =
+            ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {msg} ({eta})")
+        {
+            b.set_style(style.progress_chars("=> "));
+        }
+        b.set_prefix(prefix);
+        self.bar.insert(b)
+    }
+
+    /// Prints a line above the bar (or plainly without one).
+    fn line(&self, s: String) {
+        match &self.bar {
+            Some(b) => b.println(s),
+            None => eprintln!("{s}"),
+        }
+    }
+
+    fn text(&mut self, e: &Event) {
+        match e {
+            Event::ModelOpened { .. } => {}
+            Event::DataLoaded(d) => {
+                self.line(format!(
+                    "data: {} training pairs, {} held-out, {} buffer; {} rows skipped; longest sequence {} tokens",
+                    d.train_pairs, d.eval_pairs, d.buffer_pairs, d.rows_skipped, d.longest_sequence
+                ));
+                for (set, m, n) in [
+                    ("training", &d.safety.train, d.train_pairs),
+                    ("held-out", &d.safety.eval, d.eval_pairs),
+                    ("buffer", &d.safety.buffer, d.buffer_pairs),
+                ] {
+                    if n > 0 {
+                        self.line(format!(
+                            "  safety cases ({set}): {} both safe, {} safe chosen / unsafe rejected, {} unsafe chosen / safe rejected, {} both unsafe",
+                            m.both_safe, m.only_chosen_safe, m.only_rejected_safe, m.both_unsafe
+                        ));
+                    }
+                }
+            }
+            Event::RowsSkipped {
+                stage,
+                file,
+                by_reason,
+                examples,
+            } => {
+                for (reason, n) in by_reason {
+                    self.line(match (stage, file) {
+                        (SkipStage::Load, Some(f)) => {
+                            format!("  skipped {n} row(s) of {}: {reason}", f.display())
+                        }
+                        _ => format!("  skipped {n} pair(s) while tokenizing: {reason}"),
+                    });
+                }
+                for ex in examples.iter().take(3) {
+                    self.line(format!("    e.g. {ex}"));
+                }
+            }
+            _ => self.text_progress(e),
+        }
+    }
+
+    fn text_progress(&mut self, e: &Event) {
+        match e {
+            Event::Truncated {
+                prompts,
+                responses,
+                max_length,
+                max_prompt_length,
+            } => self.line(format!(
+                "  truncated: {prompts} prompt(s), {responses} pair(s) with a cut response (--max-length {max_length}, --max-prompt-length {max_prompt_length})"
+            )),
+            Event::Warning { message } => self.line(format!("warning: {message}")),
+            Event::Plan {
+                total_bytes,
+                weights_bytes,
+                largest_binding,
+                largest_binding_bytes,
+            } => self.line(format!(
+                "memory plan: {} on the device ({} weights as stored); largest binding {} ({})",
+                fmt_bytes(*total_bytes),
+                fmt_bytes(*weights_bytes),
+                fmt_bytes(*largest_binding_bytes),
+                largest_binding
+            )),
+            Event::Engine { description } => self.line(format!("engine: {description}")),
+            Event::Reference { done, total, .. } => {
+                let b = match &self.bar {
+                    Some(b) if b.prefix() == "reference" => b,
+                    _ => self.bar("reference", *total as u64),
+                };
+                b.set_length(*total as u64);
+                b.set_position(*done as u64);
+            }
+            Event::ReferenceCached { set, path } => self.line(format!(
+                "reference log-probs ({set}): reused from {}",
+                path.display()
+            )),
+            Event::Resumed { checkpoint, step } => self.line(format!(
+                "resuming from {} at step {step}",
+                checkpoint.display()
+            )),
+            Event::TrainingStarted { total_steps } => {
+                self.bar("training", *total_steps as u64);
+            }
+            _ => self.text_training(e),
+        }
+    }
+
+    fn text_training(&mut self, e: &Event) {
+        match e {
+            Event::Step(m) => {
+                if let Some(b) = &self.bar {
+                    b.set_position(m.step as u64);
+                    b.set_message(step_message(m));
+                }
+            }
+            Event::Eval(m) => self.line(format!(
+                "  eval @ step {}: loss {:.4e}, margin {:+.3}, BFPO-ranking accuracy {:.3}",
+                m.step,
+                m.loss,
+                m.rewards_margins,
+                m.accuracy_bfpo.unwrap_or(f64::NAN)
+            )),
+            Event::StepSkipped { step, reason } => {
+                self.line(format!("  step {step} skipped: {reason}"))
+            }
+            Event::CheckpointWritten { step, dir } => {
+                if let Some(b) = &self.bar {
+                    b.set_message(format!("checkpoint at step {step} in {}", dir.display()));
+                }
+            }
+            Event::Done(_) => {
+                if let Some(b) = self.bar.take() {
+                    b.finish_and_clear();
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn step_message(m: &StepMetrics) -> String {
+    format!(
+        "loss {:.4e} margin {:+.3} acc {:.2} {:.0} tok/s",
+        m.loss,
+        m.rewards_margins,
+        m.accuracy_bfpo.unwrap_or(0.0),
+        m.tokens_per_second.unwrap_or(0.0)
+    )
+}
+
+fn print_summary(s: &Summary, out: &Path) {
     let status = if s.interrupted {
         "interrupted (checkpoint saved)"
     } else {
@@ -778,29 +512,6 @@ fn print_summary(s: &Summary<'_>, out: &Path) {
         "try it: bfpo-lite generate --model {} --adapter {} --prompt \"...\"",
         s.model, s.adapter
     );
-}
-
-fn make_gpu_engine(
-    file: &GgufFile,
-    cfg: &ModelConfig,
-    lora: LoraWeights,
-    adam: bfpo_lite::train::optim::AdamWConfig,
-    tc: &TrainConfig,
-    plan: &memory::Plan,
-) -> anyhow::Result<Box<dyn Engine>> {
-    let gpu = bfpo_lite::gpu::Gpu::new(&bfpo_lite::gpu::DeviceOptions {
-        selector: tc.device.clone(),
-    })?;
-    let limits = PlanLimits {
-        max_storage_buffer_binding_size: gpu.max_binding(),
-        max_buffer_size: gpu.max_buffer(),
-    };
-    // wgpu does not report device memory; check the limits it does report.
-    plan.fits(&limits, u64::MAX)
-        .context("this run does not fit the GPU's limits")?;
-    Ok(Box::new(bfpo_lite::train::gpu_engine::GpuEngine::new(
-        gpu, file, cfg, lora, adam,
-    )?))
 }
 
 #[cfg(test)]

@@ -18,8 +18,8 @@
 use super::{ExportError, check_against, check_lora};
 use crate::gguf::quant::{dequantize_vec, quantize};
 use crate::gguf::{GgmlType, GgufFile, GgufWriter, Value};
-use crate::lora::{LoraTensor, LoraWeights, Target};
 use crate::model::ModelConfig;
+use crate::model::lora::{LoraTensor, LoraWeights, Target};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -15,8 +15,8 @@
 use super::{ExportError, check_against, check_arch};
 use crate::gguf::quant::{dequantize_vec, quantize};
 use crate::gguf::{GgmlType, GgufFile, GgufWriter};
-use crate::lora::LoraWeights;
 use crate::model::ModelConfig;
+use crate::model::lora::LoraWeights;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -71,7 +71,7 @@ pub fn merge<'m>(
     check_against(lora, &cfg)?;
     let out_type = out_type.unwrap_or(GgmlType::F16);
     let scale = lora.scale();
-    let by_name: HashMap<String, &crate::lora::LoraTensor> = lora
+    let by_name: HashMap<String, &crate::model::lora::LoraTensor> = lora
         .tensors
         .iter()
         .map(|t| (t.target.tensor_name(t.layer), t))

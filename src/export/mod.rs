@@ -13,8 +13,8 @@ pub use gguf_adapter::{AdapterDType, Provenance, read_adapter, write_adapter};
 
 use crate::gguf::GgufError;
 use crate::gguf::quant::QuantError;
-use crate::lora::LoraWeights;
 use crate::model::ModelConfig;
+use crate::model::lora::LoraWeights;
 use std::path::PathBuf;
 
 /// Everything that can go wrong while exporting or reading an adapter.

@@ -15,7 +15,7 @@
 
 use super::gguf_adapter::AdapterDType;
 use super::{ExportError, check_against};
-use crate::lora::{LoraWeights, Target};
+use crate::model::lora::{LoraWeights, Target};
 use crate::model::{Arch, ModelConfig};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;

@@ -64,7 +64,7 @@ use super::ops::rope_back::rope_backward_inplace;
 use super::ops::swiglu_back::swiglu_backward_inplace;
 use super::{Gpu, GpuBuf, GpuError, Recorder};
 use crate::data::Example;
-use crate::lora::Target;
+use crate::model::lora::Target;
 
 /// One sequence's response log-probs from [`forward_train`].
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -57,7 +57,7 @@ use super::ops::swiglu::swiglu;
 use super::{Gpu, GpuBuf, GpuError, Recorder};
 use crate::data::Example;
 use crate::gguf::GgufFile;
-use crate::lora::Target;
+use crate::model::lora::Target;
 use crate::model::{ModelConfig, ModelError, TensorRef, Weights};
 
 /// Errors of the GPU forward pass. Messages carry the numbers and what to do.

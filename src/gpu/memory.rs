@@ -39,7 +39,7 @@
 //! overhead. Leave some device memory free.
 
 use crate::gguf::GgmlType;
-use crate::lora::Target;
+use crate::model::lora::Target;
 use crate::model::{Arch, ModelConfig};
 use serde::{Deserialize, Serialize};
 

@@ -4,6 +4,7 @@
 pub mod arch;
 pub mod config;
 pub mod init;
+pub mod lora;
 pub mod reference;
 pub mod weights;
 

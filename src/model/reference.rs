@@ -33,8 +33,8 @@
 //! `tests/reference_ops.rs`; the whole-model gradient in `tests/reference_grads.rs`.
 
 use crate::data::Example;
-use crate::lora::dropout::Dropout;
-use crate::lora::{LoraWeights, Target};
+use crate::model::lora::dropout::Dropout;
+use crate::model::lora::{LoraWeights, Target};
 use crate::model::{ModelConfig, RopeKind, Weights};
 use crate::util::Rng;
 use serde::{Deserialize, Serialize};

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod prepare;
 pub mod trainer;
 
-// LoRA definitions and the AdamW math live below `gpu/` and `model/`; re-exported here so
-// `train::lora` and `train::optim` keep working.
-pub use crate::{lora, optim};
+// LoRA definitions (in `model/`) and the AdamW math (`optim`) live below `gpu/`; re-exported
+// here so `train::lora` and `train::optim` keep working.
+pub use crate::model::lora;
+pub use crate::optim;

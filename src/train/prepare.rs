@@ -4,7 +4,7 @@
 //! reason and the first few `file:line` examples are kept.
 
 use crate::data::batch::{TruncationConfig, TruncationStats, build_pair_examples, split_heldout};
-use crate::data::formats::{LoadError, LoadOptions, LoadReport, load_many};
+use crate::data::formats::{LoadError, LoadOptions, LoadReport, SafetyMix, load_many};
 use crate::data::refcache::{RefCache, RefLogps};
 use crate::data::{Example, Pair};
 use crate::runtime::RtModel;
@@ -34,6 +34,30 @@ pub struct PrepareReport {
     pub encode_examples: Vec<String>,
     pub truncation: TruncationSummary,
     pub pairs: usize,
+    /// Pairs in each of BFPO's four safety cases, per set, after encoding.
+    pub safety: SafetyCases,
+}
+
+/// Pairs in each of BFPO's four safety cases, per set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SafetyCases {
+    pub train: SafetyMix,
+    pub eval: SafetyMix,
+    pub buffer: SafetyMix,
+}
+
+/// The safety cases of encoded pairs.
+pub fn safety_mix(pairs: &[PreparedPair]) -> SafetyMix {
+    let mut m = SafetyMix::default();
+    for p in pairs {
+        match (p.chosen_safe, p.rejected_safe) {
+            (true, true) => m.both_safe += 1,
+            (true, false) => m.only_chosen_safe += 1,
+            (false, true) => m.only_rejected_safe += 1,
+            (false, false) => m.both_unsafe += 1,
+        }
+    }
+    m
 }
 
 /// The parts of a [`LoadReport`] worth printing and saving.
@@ -45,6 +69,8 @@ pub struct LoadReportSummary {
     pub pairs_loaded: usize,
     pub skipped_by_reason: BTreeMap<String, usize>,
     pub examples: Vec<String>,
+    /// The loaded pairs in each of BFPO's four safety cases.
+    pub safety: SafetyMix,
 }
 
 impl From<&LoadReport> for LoadReportSummary {
@@ -60,6 +86,7 @@ impl From<&LoadReport> for LoadReportSummary {
                 .iter()
                 .map(|s| format!("{}: {} ({})", s.origin, s.reason, s.detail))
                 .collect(),
+            safety: r.safety,
         }
     }
 }

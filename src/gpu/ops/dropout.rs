@@ -10,8 +10,8 @@
 use crate::gpu::ops::matmul::{pieces, token_window};
 use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder};
 use crate::kernel_source;
-use crate::lora::Target;
-pub use crate::lora::dropout::{Dropout, dropout_hash, mix32, tag};
+use crate::model::lora::Target;
+pub use crate::model::lora::dropout::{Dropout, dropout_hash, mix32, tag};
 
 /// Params of `kernels/dropout.wgsl`.
 #[repr(C)]

@@ -8,7 +8,7 @@
 use crate::gpu::ops::matmul::{pieces, token_window};
 use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder};
 use crate::kernel_source;
-use crate::lora::{LoraTensor, LoraWeights, Target};
+use crate::model::lora::{LoraTensor, LoraWeights, Target};
 use std::ops::Range;
 
 /// One adapted projection on the device: A `[rank, n_in]`, B `[n_out, rank]`, their gradient

@@ -1,0 +1,109 @@
+//! The one progress enum of a run, and the observer that receives it.
+
+use super::tune::Summary;
+use crate::train::metrics::StepMetrics;
+pub use crate::train::prepare::SafetyCases;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Receives a run's events (the CLI draws bars or prints JSON lines; a GUI could do anything).
+/// Any `FnMut(&Event)` closure is an observer.
+pub trait Observer {
+    fn event(&mut self, e: &Event);
+}
+
+impl<F: FnMut(&Event)> Observer for F {
+    fn event(&mut self, e: &Event) {
+        self(e)
+    }
+}
+
+/// Where rows were skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipStage {
+    /// Reading the dataset file (bad JSON, missing fields, …).
+    Load,
+    /// Chat-templating and tokenizing a loaded pair.
+    Encode,
+}
+
+/// The data of a run after loading and encoding.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DataLoaded {
+    pub train_pairs: usize,
+    pub eval_pairs: usize,
+    pub buffer_pairs: usize,
+    /// Rows skipped for any reason (loading or encoding).
+    pub rows_skipped: usize,
+    /// Longest sequence (prompt + response) in tokens.
+    pub longest_sequence: usize,
+    pub safety: SafetyCases,
+}
+
+/// Progress of a run. Serialized with an `"event"` tag: `{"event": "step", "loss": …}`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The model was opened; `chat_template` is the template the data is rendered with.
+    ModelOpened {
+        path: PathBuf,
+        arch: String,
+        n_layer: usize,
+        chat_template: String,
+        /// The model has no usable template; ChatML is used.
+        template_fallback: bool,
+    },
+    /// Rows of one file (or pairs, while encoding) were skipped, by reason, with examples.
+    RowsSkipped {
+        stage: SkipStage,
+        /// The dataset file (None for encoding, which spans files: the examples name them).
+        file: Option<PathBuf>,
+        by_reason: BTreeMap<String, usize>,
+        examples: Vec<String>,
+    },
+    /// Prompts or responses were cut to the length limits.
+    Truncated {
+        prompts: usize,
+        responses: usize,
+        max_length: usize,
+        max_prompt_length: usize,
+    },
+    /// Data loaded and encoded.
+    DataLoaded(DataLoaded),
+    /// Something the user should know that does not stop the run.
+    Warning { message: String },
+    /// The device-memory plan (before anything is allocated).
+    Plan {
+        total_bytes: u64,
+        weights_bytes: u64,
+        largest_binding: String,
+        largest_binding_bytes: u64,
+    },
+    /// The training engine is ready.
+    Engine { description: String },
+    /// Reference log-probs of a set: `done` of `total` sequences scored.
+    Reference {
+        set: String,
+        done: usize,
+        total: usize,
+    },
+    /// Reference log-probs of a set reused from the on-disk cache.
+    ReferenceCached { set: String, path: PathBuf },
+    /// Training continues from a checkpoint.
+    Resumed { checkpoint: PathBuf, step: usize },
+    /// The optimisation loop starts.
+    TrainingStarted { total_steps: usize },
+    /// One optimizer step (the metrics also written to metrics.jsonl).
+    Step(StepMetrics),
+    /// A held-out evaluation.
+    Eval(StepMetrics),
+    /// A step was skipped (e.g. a non-finite gradient).
+    StepSkipped { step: usize, reason: String },
+    /// A checkpoint was written.
+    CheckpointWritten { step: usize, dir: PathBuf },
+    /// The run finished (or was interrupted) and its outputs are written; the summary is also in
+    /// OUT/summary.json.
+    Done(Box<Summary>),
+}
