@@ -9,6 +9,7 @@ use bfpo_lite::export::peft::{PeftOptions, PeftSummary, write_peft};
 use bfpo_lite::export::{check_against, check_arch, write_atomically};
 use bfpo_lite::gguf::{GgmlType, GgufFile};
 use bfpo_lite::model::ModelConfig;
+use bfpo_lite::model::lora::LoraWeights;
 use bfpo_lite::train::checkpoint::ADAPTER_FILE;
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -192,34 +193,7 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
             summary.peft = out;
         }
         Format::Merged => {
-            let ty = match &args.outtype {
-                None => GgmlType::F16,
-                Some(s) => GgmlType::parse(s).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "--outtype {s:?} is not a known type; supported: {}",
-                        GgmlType::supported_list()
-                    )
-                })?,
-            };
-            summary.outtype = ty.to_string();
-            let spinner = (!args.json).then(|| {
-                let pb = indicatif::ProgressBar::new_spinner();
-                pb.set_message(format!("merging {} LoRA tensors", lora.tensors.len()));
-                pb.enable_steady_tick(std::time::Duration::from_millis(120));
-                pb
-            });
-            let mut report = None;
-            let result = write_atomically(&args.out, args.force, false, |tmp| {
-                let (w, r) = merge(&model, &args.model, &arch, &lora, Some(ty))?;
-                w.write_file(tmp)?;
-                report = Some(r);
-                Ok(())
-            });
-            if let Some(pb) = spinner {
-                pb.finish_and_clear();
-            }
-            result.with_context(ctx)?;
-            summary.merge = report;
+            summary.merge = Some(write_merged(&args, &model, &arch, &lora, &mut summary)?);
         }
     }
 
@@ -227,6 +201,44 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
         return super::print_out(&(serde_json::to_string_pretty(&summary)? + "\n"));
     }
     super::print_out(&render(&summary))
+}
+
+/// `--format merged`: the base model with the adapter folded in, at `--outtype` (default F16).
+fn write_merged(
+    args: &Args,
+    model: &GgufFile,
+    arch: &str,
+    lora: &LoraWeights,
+    summary: &mut Summary,
+) -> anyhow::Result<MergeReport> {
+    let ty = match &args.outtype {
+        None => GgmlType::F16,
+        Some(s) => GgmlType::parse(s).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--outtype {s:?} is not a known type; supported: {}",
+                GgmlType::supported_list()
+            )
+        })?,
+    };
+    summary.outtype = ty.to_string();
+    let spinner = (!args.json).then(|| {
+        let pb = indicatif::ProgressBar::new_spinner();
+        pb.set_message(format!("merging {} LoRA tensors", lora.tensors.len()));
+        pb.enable_steady_tick(std::time::Duration::from_millis(120));
+        pb
+    });
+    let mut report = None;
+    let result = write_atomically(&args.out, args.force, false, |tmp| {
+        let (w, r) = merge(model, &args.model, arch, lora, Some(ty))?;
+        w.write_file(tmp)?;
+        report = Some(r);
+        Ok(())
+    });
+    if let Some(pb) = spinner {
+        pb.finish_and_clear();
+    }
+    result.with_context(|| format!("writing the merged model {}", args.out.display()))?;
+    report.context("the merge produced no report")
 }
 
 fn render(s: &Summary) -> String {

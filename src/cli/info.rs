@@ -221,26 +221,13 @@ fn thousands(n: u64) -> String {
     out
 }
 
-fn render_text(info: &Info) -> String {
-    let mut out = String::new();
-    let o = &mut out;
-    let row = |o: &mut String, label: &str, value: String| {
-        let _ = writeln!(o, "  {label:<14} {value}");
-    };
-    let _ = writeln!(
-        o,
-        "{} ({}, GGUF v{}, {} tensors, {} metadata keys)",
-        info.file,
-        human_bytes(info.file_bytes),
-        info.gguf_version,
-        info.n_tensors,
-        info.n_kv
-    );
-    let arch = info.architecture.as_deref().unwrap_or("(none)");
-    match &info.name {
-        Some(n) => row(o, "architecture", format!("{arch} ({n:?})")),
-        None => row(o, "architecture", arch.to_string()),
-    }
+/// One `label value` line of the text report.
+fn row(o: &mut String, label: &str, value: String) {
+    let _ = writeln!(o, "  {label:<14} {value}");
+}
+
+/// Shape, RoPE and extras of a trainable model, or the raw hyperparameters of another.
+fn render_shape(o: &mut String, info: &Info) {
     if let Some(c) = &info.config {
         row(
             o,
@@ -287,6 +274,61 @@ fn render_text(info: &Info) -> String {
             .collect();
         row(o, "metadata", hp.join(", "));
     }
+}
+
+/// The `--tensors` and `--metadata` tables.
+fn render_tables(o: &mut String, info: &Info) {
+    if let Some(tensors) = &info.tensors {
+        let _ = writeln!(o);
+        let w = tensors
+            .iter()
+            .map(|t| t.name.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let _ = writeln!(
+            o,
+            "  {:<w$}  {:<8} {:<20} {:>12}",
+            "name", "type", "shape", "bytes"
+        );
+        for t in tensors {
+            let shape = format!("{:?}", t.shape);
+            let _ = writeln!(
+                o,
+                "  {:<w$}  {:<8} {:<20} {:>12}",
+                t.name,
+                t.ty,
+                shape,
+                thousands(t.bytes)
+            );
+        }
+    }
+    if let Some(meta) = &info.metadata {
+        let _ = writeln!(o);
+        for m in meta {
+            let _ = writeln!(o, "  {} ({}) = {}", m.key, m.ty, m.value);
+        }
+    }
+}
+
+fn render_text(info: &Info) -> String {
+    let mut out = String::new();
+    let o = &mut out;
+    let _ = writeln!(
+        o,
+        "{} ({}, GGUF v{}, {} tensors, {} metadata keys)",
+        info.file,
+        human_bytes(info.file_bytes),
+        info.gguf_version,
+        info.n_tensors,
+        info.n_kv
+    );
+    let arch = info.architecture.as_deref().unwrap_or("(none)");
+    match &info.name {
+        Some(n) => row(o, "architecture", format!("{arch} ({n:?})")),
+        None => row(o, "architecture", arch.to_string()),
+    }
+    render_shape(o, info);
     match info.tied {
         Some(true) => row(o, "embeddings", "tied (no output.weight)".into()),
         Some(false) => row(o, "embeddings", "untied (separate output.weight)".into()),
@@ -327,37 +369,7 @@ fn render_text(info: &Info) -> String {
         None => row(o, "trainable", "yes".into()),
         Some(r) => row(o, "trainable", format!("no, because {r}")),
     }
-    if let Some(tensors) = &info.tensors {
-        let _ = writeln!(o);
-        let w = tensors
-            .iter()
-            .map(|t| t.name.len())
-            .max()
-            .unwrap_or(4)
-            .max(4);
-        let _ = writeln!(
-            o,
-            "  {:<w$}  {:<8} {:<20} {:>12}",
-            "name", "type", "shape", "bytes"
-        );
-        for t in tensors {
-            let shape = format!("{:?}", t.shape);
-            let _ = writeln!(
-                o,
-                "  {:<w$}  {:<8} {:<20} {:>12}",
-                t.name,
-                t.ty,
-                shape,
-                thousands(t.bytes)
-            );
-        }
-    }
-    if let Some(meta) = &info.metadata {
-        let _ = writeln!(o);
-        for m in meta {
-            let _ = writeln!(o, "  {} ({}) = {}", m.key, m.ty, m.value);
-        }
-    }
+    render_tables(o, info);
     out
 }
 

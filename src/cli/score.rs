@@ -226,6 +226,11 @@ fn run_inner(args: Args) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
 
+    write_results(&args, &examples, &sums, secs)
+}
+
+/// One JSON line per pair (stdout or `--out`), then a one-line summary on stderr.
+fn write_results(args: &Args, examples: &[Example], sums: &[f64], secs: f64) -> anyhow::Result<()> {
     let mut out: Box<dyn Write> = match &args.out {
         Some(p) => Box::new(BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
@@ -233,7 +238,8 @@ fn run_inner(args: Args) -> anyhow::Result<()> {
         None => Box::new(BufWriter::new(std::io::stdout().lock())),
     };
     let (mut wins, mut margin) = (0usize, 0f64);
-    for (i, _) in rows.iter().enumerate() {
+    let n = examples.len() / 2;
+    for i in 0..n {
         let (c, r) = (&examples[2 * i], &examples[2 * i + 1]);
         let (cl, rl) = (sums[2 * i], sums[2 * i + 1]);
         wins += usize::from(cl > rl);
@@ -256,7 +262,6 @@ fn run_inner(args: Args) -> anyhow::Result<()> {
         writeln!(out, "{obj}")?;
     }
     out.flush()?;
-    let n = rows.len();
     let n_tok: usize = examples.iter().map(|e| e.ids.len()).sum();
     eprintln!(
         "scored {n} pairs ({n_tok} tokens) in {secs:.2} s: chosen > rejected in {wins}/{n} ({:.1} %), mean margin {:.3} nats{}",
@@ -291,10 +296,8 @@ fn score_wgpu(
             examples[i].len()
         );
     }
-    let gpu = bfpo_lite::gpu::Gpu::new(&bfpo_lite::gpu::DeviceOptions {
-        selector: args.device.clone(),
-    })
-    .context("opening a GPU for --engine wgpu")?;
+    let gpu = bfpo_lite::run::engine::open_gpu(args.device.as_deref())
+        .context("opening a GPU for --engine wgpu")?;
     let model = GpuModel::load(&gpu, &file, &cfg).context("uploading the model to the GPU")?;
     let lora = match &args.adapter {
         Some(path) => {
