@@ -249,7 +249,13 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
     let mut obs = |e: &Event| view.show(e);
     if args.dry_run {
         let d = job.dry_run(&mut obs)?;
-        return print_out(&format!("{}\n", serde_json::to_string_pretty(&d)?));
+        // With --json every line of stdout is one JSON object (the events, then this).
+        let text = if args.json {
+            serde_json::to_string(&serde_json::json!({"event": "dry_run", "dry_run": d}))?
+        } else {
+            serde_json::to_string_pretty(&d)?
+        };
+        return print_out(&format!("{text}\n"));
     }
     let out = job.config().out.clone();
     let mut prepared = job.prepare(&mut obs)?;
@@ -266,7 +272,7 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
 struct View {
     json: bool,
     bar: Option<ProgressBar>,
-    /// The error of the first failed JSON write (a closed pipe ends the output, not the run).
+    /// Set when stdout is closed: the JSON output ends, the run goes on.
     json_closed: bool,
 }
 
