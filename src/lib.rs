@@ -11,6 +11,7 @@ pub mod gpu;
 pub mod loss;
 pub mod model;
 pub mod runtime;
+pub mod template;
 pub mod train;
 pub mod util;
 

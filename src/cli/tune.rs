@@ -68,6 +68,10 @@ pub struct Args {
     /// Treat rows without safety labels (TRL/UltraFeedback/HH) as safe instead of refusing them.
     #[arg(long)]
     pub assume_safe: bool,
+    /// Chat template instead of the model's own: a Jinja file, or a built-in name (chatml,
+    /// chatml-smollm2, zephyr, llama3, gemma).
+    #[arg(long, value_name = "FILE|NAME")]
+    pub chat_template: Option<String>,
     /// bfpo | ipo | dpo, optionally with parameters: `bfpo:tau=0.01,b1=3,alpha=0.5`.
     #[arg(long)]
     pub loss: Option<String>,
@@ -335,8 +339,9 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
         GgufFile::open(&model_path).with_context(|| format!("reading {}", model_path.display()))?;
     let mcfg = ModelConfig::from_gguf(&file)
         .with_context(|| format!("{} cannot be trained", model_path.display()))?;
-    let rt = RtModel::load(&model_path, &RtLoadOptions::default())
+    let mut rt = RtModel::load(&model_path, &RtLoadOptions::default())
         .with_context(|| format!("loading {} in llama.cpp", model_path.display()))?;
+    super::generate::choose_chat_template(&mut rt, args.chat_template.as_deref())?;
 
     // Data.
     let opts = LoadOptions {
