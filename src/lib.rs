@@ -39,6 +39,7 @@ pub mod model;
 pub mod optim;
 pub mod run;
 pub mod runtime;
+pub mod template;
 pub mod train;
 pub mod util;
 

@@ -120,12 +120,23 @@ fn check_boundary(m: &RtModel, msgs: &[(&str, &str)], response: &str) {
     let mut want_prompt = vec![bos];
     want_prompt.extend(m.tokenize(&chatml(msgs, true), true));
     assert_eq!(&ex.ids[..ex.response_start], &want_prompt[..]);
-    // The scored part is the response, the end-of-turn token and the template's newline.
+    // The scored part is the response, the end-of-turn token, the template's newline and the
+    // EOS appended because the newline does not end generation (TRL's sequence exactly).
     let mut want_full = vec![bos];
     let mut all = msgs.to_vec();
     all.push(("assistant", response));
     want_full.extend(m.tokenize(&chatml(&all, false), true));
+    assert!(
+        !m.is_eog(*want_full.last().unwrap()),
+        "ChatML ends in a newline"
+    );
+    want_full.push(m.eos().expect("tiny models have EOS"));
     assert_eq!(ex.ids, want_full);
+    assert!(enc.eos_appended);
+    assert!(
+        m.is_eog(*ex.ids.last().unwrap()),
+        "the last scored token ends generation"
+    );
     let im_end = m.tokenize("<|im_end|>", true)[0];
     let resp = &ex.ids[ex.response_start..];
     assert!(resp.contains(&im_end), "response includes <|im_end|>");

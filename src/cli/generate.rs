@@ -71,6 +71,22 @@ pub struct Args {
     /// One JSON object per prompt on stdout: prompt, text, n_tokens, stop, ms.
     #[arg(long)]
     pub json: bool,
+    /// Chat template instead of the model's own: a Jinja file, or a built-in name (chatml,
+    /// chatml-smollm2, zephyr, llama3, gemma).
+    #[arg(long, value_name = "FILE|NAME")]
+    pub chat_template: Option<String>,
+}
+
+/// Applies `--chat-template FILE|NAME` (if given) and says on stderr which template renders
+/// the conversations, and whether it is a fallback.
+pub fn choose_chat_template(model: &mut RtModel, spec: Option<&str>) -> anyhow::Result<()> {
+    if let Some(spec) = spec {
+        let t = bfpo_lite::template::ChatTemplate::resolve(spec)
+            .with_context(|| format!("--chat-template {spec}"))?;
+        model.set_chat_template(t);
+    }
+    eprintln!("chat template: {}", model.chat_template_info());
+    Ok(())
 }
 
 /// Loads a model and, if given, an adapter made active at `scale`.
@@ -182,15 +198,13 @@ fn run_inner(args: Args) -> anyhow::Result<()> {
             *p = with_system(p.clone(), sys);
         }
     }
-    let model = load_model(
+    let mut model = load_model(
         &args.model,
         args.adapter.as_deref(),
         args.scale,
         args.gpu_layers,
     )?;
-    if model.chat_template_fallback() && !args.json {
-        eprintln!("note: the model has no chat template; using ChatML");
-    }
+    choose_chat_template(&mut model, args.chat_template.as_deref())?;
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,
         sampling: Sampling {

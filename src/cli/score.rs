@@ -1,7 +1,7 @@
 //! `bfpo-lite score`: summed response log-probs of the chosen and rejected response of every
 //! preference pair, one JSON line per pair.
 
-use super::generate::{DEFAULT_GPU_LAYERS, ignore_broken_pipe, load_model};
+use super::generate::{DEFAULT_GPU_LAYERS, choose_chat_template, ignore_broken_pipe, load_model};
 use anyhow::{Context, bail};
 use bfpo_lite::data::{ChatMessage, Example, Prompt};
 use bfpo_lite::runtime::ScoreOptions;
@@ -38,6 +38,10 @@ pub struct Args {
     /// Scoring engine.
     #[arg(long, value_enum, default_value_t = Engine::Llama)]
     pub engine: Engine,
+    /// Chat template instead of the model's own: a Jinja file, or a built-in name (chatml,
+    /// chatml-smollm2, zephyr, llama3, gemma).
+    #[arg(long, value_name = "FILE|NAME")]
+    pub chat_template: Option<String>,
     /// GPU adapter index or name for `--engine wgpu` (see `bfpo-lite devices`).
     #[arg(long)]
     pub device: Option<String>,
@@ -162,15 +166,13 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
 
 fn run_inner(args: Args) -> anyhow::Result<()> {
     let rows = read_pairs(&args.data)?;
-    let model = load_model(
+    let mut model = load_model(
         &args.model,
         args.adapter.as_deref(),
         args.scale,
         args.gpu_layers,
     )?;
-    if model.chat_template_fallback() {
-        eprintln!("note: the model has no chat template; using ChatML");
-    }
+    choose_chat_template(&mut model, args.chat_template.as_deref())?;
     // Interleaved: chosen_0, rejected_0, chosen_1, …
     let mut examples: Vec<Example> = Vec::with_capacity(rows.len() * 2);
     for r in &rows {

@@ -65,6 +65,10 @@ pub struct Args {
     /// instead of refusing them; on such pairs BFPO trains as IPO (helpfulness only).
     #[arg(long)]
     pub assume_safe: bool,
+    /// Chat template instead of the model's own: a Jinja file, or a built-in name (chatml,
+    /// chatml-smollm2, zephyr, llama3, gemma).
+    #[arg(long, value_name = "FILE|NAME")]
+    pub chat_template: Option<String>,
     /// bfpo | ipo | dpo, optionally with parameters: `bfpo:tau=0.01,b1=3,alpha=0.5`.
     #[arg(long)]
     pub loss: Option<String>,
@@ -176,6 +180,9 @@ fn apply_overrides(cfg: &mut TrainConfig, a: &Args) {
     }
     if a.device.is_some() {
         cfg.device = a.device.clone();
+    }
+    if a.chat_template.is_some() {
+        cfg.chat_template = a.chat_template.clone();
     }
     cfg.strict |= a.strict;
     cfg.no_ref_cache |= a.no_ref_cache;
@@ -330,7 +337,9 @@ impl View {
 
     fn text(&mut self, e: &Event) {
         match e {
-            Event::ModelOpened { .. } => {}
+            Event::ModelOpened { chat_template, .. } => {
+                self.line(format!("chat template: {chat_template}"));
+            }
             Event::DataLoaded(d) => {
                 self.line(format!(
                     "data: {} training pairs, {} held-out, {} buffer; {} rows skipped; longest sequence {} tokens",

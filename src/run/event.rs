@@ -52,7 +52,8 @@ pub enum Event {
         arch: String,
         n_layer: usize,
         chat_template: String,
-        /// The model has no usable template; ChatML is used.
+        /// A fallback renders the conversations (ChatML: no template; llama.cpp's guess: a template
+        /// minijinja cannot render).
         template_fallback: bool,
     },
     /// Rows of one file (or pairs, while encoding) were skipped, by reason, with examples.

@@ -92,6 +92,12 @@ pub enum RunError {
         #[source]
         source: crate::runtime::RuntimeError,
     },
+    #[error("--chat-template {spec}")]
+    ChatTemplate {
+        spec: String,
+        #[source]
+        source: crate::template::TemplateError,
+    },
     #[error(
         "unknown dataset format {0:?}; use auto, pku, redteam, generic, trl, ultrafeedback or hh"
     )]

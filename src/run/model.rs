@@ -5,6 +5,7 @@ use super::{Event, Observer, RunError};
 use crate::gguf::GgufFile;
 use crate::model::ModelConfig;
 use crate::runtime::{LoadOptions, RtModel};
+use crate::template::ChatTemplate;
 use std::path::{Path, PathBuf};
 
 /// A model opened for training, scoring or evaluation.
@@ -44,7 +45,7 @@ impl OpenModel {
     pub fn opened_event(&self) -> Event {
         let (template, fallback) = match &self.rt {
             Some(rt) => (
-                rt.chat_template_name().to_string(),
+                rt.chat_template_info().to_string(),
                 rt.chat_template_fallback(),
             ),
             None => (String::new(), false),
@@ -60,11 +61,13 @@ impl OpenModel {
 }
 
 /// Opens `path`: reads its GGUF header and configuration (errors name what cannot be trained)
-/// and loads it in llama.cpp for its vocabulary and chat template. Emits
+/// and loads it in llama.cpp for its vocabulary and chat template (`chat_template`, a Jinja
+/// file or built-in name, replaces the model's own). Emits
 /// [`Event::ModelOpened`].
 pub fn open_model(
     path: &Path,
     opts: &LoadOptions,
+    chat_template: Option<&str>,
     obs: &mut dyn Observer,
 ) -> Result<OpenModel, RunError> {
     let file = GgufFile::open(path).map_err(|source| RunError::Gguf {
@@ -75,10 +78,17 @@ pub fn open_model(
         path: path.to_path_buf(),
         source,
     })?;
-    let rt = RtModel::load(path, opts).map_err(|source| RunError::Runtime {
+    let mut rt = RtModel::load(path, opts).map_err(|source| RunError::Runtime {
         path: path.to_path_buf(),
         source,
     })?;
+    if let Some(spec) = chat_template {
+        let t = ChatTemplate::resolve(spec).map_err(|source| RunError::ChatTemplate {
+            spec: spec.to_string(),
+            source,
+        })?;
+        rt.set_chat_template(t);
+    }
     let m = OpenModel {
         path: path.to_path_buf(),
         file,

@@ -151,7 +151,12 @@ impl TuneJob {
     fn load(&self, obs: &mut dyn Observer) -> Result<Loaded, RunError> {
         let cfg = &self.cfg;
         std::fs::create_dir_all(&cfg.out).map_err(io_err("creating", &cfg.out))?;
-        let mut model = open_model(self.model_path(), &RtLoadOptions::default(), obs)?;
+        let mut model = open_model(
+            self.model_path(),
+            &RtLoadOptions::default(),
+            self.cfg.chat_template.as_deref(),
+            obs,
+        )?;
         self.check_cancel()?;
         let spec = DataSpec::from_config(cfg, self.assume_safe)?;
         let rt = model.runtime().ok_or(RunError::NoModel)?;

@@ -6,30 +6,58 @@
 //! whatever the template appends to close the assistant turn. BOS is added only when the
 //! template did not emit it and the vocabulary wants it. The prompt's token ids must be a prefix
 //! of the full sequence's (no token merging across the seam), else an error names the example.
+//!
+//! Every response ends in an end-of-generation token, as TRL's do (TRL's DPO tokenization
+//! appends `eos_token_id` to each response): when the last token of the rendered full sequence
+//! is not an end-of-generation token (`llama_vocab_is_eog`: EOS, EOT, `<|im_end|>`, …), the
+//! model's EOS is appended. With ChatML this gives `…<|im_end|>\n<|im_end|>`, exactly TRL's
+//! sequence; with a Zephyr-style template that closes turns with `eos_token`, `…</s>\n</s>`.
+//! The last scored token is then checked to be end-of-generation (an error otherwise, e.g.
+//! for a vocabulary without EOS).
 
-use super::{RtModel, RuntimeError};
+use super::{ChatRenderer, RtModel, RuntimeError};
 use crate::data::{ChatMessage, Example, Pair, Prompt};
-use llama_cpp_2::model::LlamaChatMessage;
+use crate::template::TemplateOrigin;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate};
 use std::sync::atomic::Ordering;
 
-/// A tokenized example and whether the ChatML fallback template was used (the model had none).
+/// A tokenized example, whether a fallback template rendered it (ChatML for a model without a
+/// template, or llama.cpp's guess; see [`RtModel::chat_template_info`]) and whether EOS was
+/// appended after the rendered response.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Encoded {
     pub example: Example,
     pub chatml_fallback: bool,
+    pub eos_appended: bool,
 }
 
 impl RtModel {
-    /// Renders `messages` with the model's chat template (`add_generation_prompt` appends the
-    /// assistant header).
+    /// Renders `messages` with the chat template in use (`add_generation_prompt` appends the
+    /// assistant header): the model's own Jinja template as Hugging Face renders it, or the
+    /// fallback named by [`RtModel::chat_template_info`].
     pub fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, RuntimeError> {
         self.warn_fallback_once();
+        match &self.chat {
+            ChatRenderer::Jinja(t) => {
+                Ok(t.render(messages, add_generation_prompt, &self.special_tokens())?)
+            }
+            ChatRenderer::LlamaGuess(raw) => self.llama_guess(raw, messages, add_generation_prompt),
+        }
+    }
+
+    /// llama.cpp's `llama_chat_apply_template` (the named fallback).
+    fn llama_guess(
+        &self,
+        raw: &LlamaChatTemplate,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, RuntimeError> {
         let tmpl_err = |detail: String| RuntimeError::Template {
-            template: self.template_name.clone(),
+            template: self.template_info.to_string(),
             detail,
         };
         let chat = messages
@@ -44,10 +72,10 @@ impl RtModel {
             })
             .collect::<Result<Vec<_>, _>>()?;
         self.model
-            .apply_chat_template(&self.template, &chat, add_generation_prompt)
+            .apply_chat_template(raw, &chat, add_generation_prompt)
             .map_err(|e| {
                 tmpl_err(format!(
-                    "llama.cpp could not apply it ({e}); llama.cpp recognises known templates (chatml, llama2/3, mistral, zephyr, …) by pattern, not arbitrary Jinja"
+                    "llama.cpp could not apply it either ({e}); llama.cpp recognises known templates (chatml, llama2/3, mistral, zephyr, …) by pattern, not arbitrary Jinja. Pass --chat-template FILE|NAME"
                 ))
             })
     }
@@ -93,7 +121,7 @@ impl RtModel {
             )));
         }
         let prompt_ids = self.with_bos(self.tokenize(&prompt_text, true));
-        let full_ids = self.with_bos(self.tokenize(&full_text, true));
+        let mut full_ids = self.with_bos(self.tokenize(&full_text, true));
         if !full_ids.starts_with(&prompt_ids) {
             let at = common_prefix_len(&prompt_ids, &full_ids);
             let window = |ids: &[u32]| ids[at.saturating_sub(2)..(at + 3).min(ids.len())].to_vec();
@@ -115,12 +143,34 @@ impl RtModel {
                 "the response adds no tokens after the prompt (empty response and a template without an end-of-turn marker)".to_string(),
             ));
         }
+        // Responses end in an end-of-generation token, as TRL's do.
+        let last = *full_ids.last().expect("longer than the non-empty prompt");
+        let eos_appended = !self.is_eog(last);
+        if eos_appended {
+            match self.eos() {
+                Some(eos) => full_ids.push(eos),
+                None => {
+                    return Err(bad(format!(
+                        "the rendered response ends in token {last} ({:?}), which does not end generation, and the model has no EOS token to append",
+                        self.detokenize(&[last], true)
+                    )));
+                }
+            }
+        }
+        let last = *full_ids.last().expect("not empty");
+        if !self.is_eog(last) {
+            return Err(bad(format!(
+                "the last scored token {last} ({:?}) is not an end-of-generation token (the model's EOS is not marked end-of-generation in its vocabulary)",
+                self.detokenize(&[last], true)
+            )));
+        }
         Ok(Encoded {
             example: Example {
                 response_start: prompt_ids.len(),
                 ids: full_ids,
             },
-            chatml_fallback: self.template_fallback,
+            chatml_fallback: matches!(self.template_info.origin, TemplateOrigin::FallbackChatml),
+            eos_appended,
         })
     }
 
@@ -149,10 +199,10 @@ impl RtModel {
     }
 
     fn warn_fallback_once(&self) {
-        if self.template_fallback && !self.fallback_warned.swap(true, Ordering::Relaxed) {
+        if self.template_info.is_fallback() && !self.fallback_warned.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 model = %self.path.display(),
-                "the model has no chat template (tokenizer.chat_template); using ChatML"
+                "chat template: {}", self.template_info
             );
         }
     }

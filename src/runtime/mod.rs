@@ -17,12 +17,17 @@ mod encode;
 mod generate;
 mod score;
 
+pub use crate::template::TemplateInfo as ChatTemplateInfo;
 pub use adapter::{AdapterId, AdapterInfo, validate_adapter};
 pub use encode::Encoded;
 pub use generate::{GenerateOptions, Generation, Sampling, StopReason, TokenEvent};
 pub use score::{ScoreOptions, log_softmax_at};
 
+use crate::data::ChatMessage;
 use crate::gguf::GgufError;
+use crate::template::{
+    self, ChatTemplate, SpecialTokens, TemplateInfo, TemplateOrigin, builtin_source,
+};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::llama_backend::LlamaBackend;
@@ -70,6 +75,8 @@ pub enum RuntimeError {
     },
     #[error("chat template ({template}): {detail}")]
     Template { template: String, detail: String },
+    #[error(transparent)]
+    ChatTemplate(#[from] crate::template::TemplateError),
     #[error("{example}: {detail}")]
     Boundary { example: String, detail: String },
     #[error(
@@ -221,9 +228,8 @@ pub struct RtModel {
     model: LlamaModel,
     path: PathBuf,
     arch: String,
-    template: LlamaChatTemplate,
-    template_name: String,
-    template_fallback: bool,
+    chat: ChatRenderer,
+    template_info: TemplateInfo,
     fallback_warned: AtomicBool,
     adapters: Vec<Option<adapter::AdapterSlot>>,
     active: Option<(AdapterId, f32)>,
@@ -261,27 +267,14 @@ impl RtModel {
         let arch = model
             .meta_val_str("general.architecture")
             .unwrap_or_default();
-        let (template, template_name, template_fallback) = match model.chat_template(None) {
-            Ok(t) => {
-                let name = t
-                    .to_str()
-                    .map(|s| describe_template(s).to_string())
-                    .unwrap_or_else(|_| "model template".to_string());
-                (t, name, false)
-            }
-            Err(_) => {
-                let t = LlamaChatTemplate::new("chatml").expect("no NUL in a literal");
-                (t, "chatml (fallback)".to_string(), true)
-            }
-        };
-        tracing::debug!(path = %path.display(), %arch, template = %template_name, "loaded model");
+        let (chat, template_info) = model_template(&model);
+        tracing::debug!(path = %path.display(), %arch, template = %template_info, "loaded model");
         Ok(RtModel {
             model,
             path: path.to_path_buf(),
             arch,
-            template,
-            template_name,
-            template_fallback,
+            chat,
+            template_info,
             fallback_warned: AtomicBool::new(false),
             adapters: Vec::new(),
             active: None,
@@ -322,13 +315,34 @@ impl RtModel {
             available_cores()
         }
     }
-    /// True when the model has no chat template and ChatML is used instead.
+    /// True when a fallback renders conversations: ChatML (the model has no chat template) or
+    /// llama.cpp's built-in guess (minijinja cannot render the model's template).
     pub fn chat_template_fallback(&self) -> bool {
-        self.template_fallback
+        self.template_info.is_fallback()
     }
-    /// A short description of the chat template in use.
+    /// A short name of the chat template in use (`chatml`, `llama3`, a file name, …).
     pub fn chat_template_name(&self) -> &str {
-        &self.template_name
+        &self.template_info.name
+    }
+    /// Which chat template renders conversations and where it came from (print it).
+    pub fn chat_template_info(&self) -> &TemplateInfo {
+        &self.template_info
+    }
+    /// Replaces the chat template (`--chat-template FILE|NAME`).
+    pub fn set_chat_template(&mut self, template: ChatTemplate) {
+        self.template_info = template.info();
+        self.chat = ChatRenderer::Jinja(Box::new(template));
+        self.fallback_warned.store(false, Ordering::Relaxed);
+    }
+    /// The special-token texts templates see as `bos_token` / `eos_token`.
+    pub fn special_tokens(&self) -> SpecialTokens {
+        let text = |id: Option<u32>| {
+            id.map(|i| String::from_utf8_lossy(&self.token_bytes(i)).into_owned())
+        };
+        SpecialTokens {
+            bos_token: text(self.bos()),
+            eos_token: text(self.eos()),
+        }
     }
     pub fn bos(&self) -> Option<u32> {
         token_id(self.model.vocab().bos())
@@ -460,7 +474,7 @@ impl std::fmt::Debug for RtModel {
             .field("path", &self.path)
             .field("arch", &self.arch)
             .field("n_vocab", &self.n_vocab())
-            .field("template", &self.template_name)
+            .field("template", &self.template_info)
             .field("active_adapter", &self.active)
             .finish()
     }
@@ -470,19 +484,78 @@ fn token_id(t: LlamaToken) -> Option<u32> {
     u32::try_from(t.0).ok()
 }
 
-/// Short name for a template string (for messages and summaries).
-fn describe_template(t: &str) -> &'static str {
-    if t.contains("<|im_start|>") {
-        "chatml"
-    } else if t.contains("<|start_header_id|>") {
-        "llama3"
-    } else if t.contains("[INST]") {
-        "llama2/mistral"
-    } else if t.contains("<|user|>") {
-        "zephyr-like"
-    } else {
-        "model template"
+/// How conversations are turned into text.
+pub(crate) enum ChatRenderer {
+    /// A Jinja template rendered with minijinja as Hugging Face does.
+    Jinja(Box<ChatTemplate>),
+    /// llama.cpp's `llama_chat_apply_template`, which recognises known formats by pattern: only
+    /// for model templates minijinja cannot render.
+    LlamaGuess(LlamaChatTemplate),
+}
+
+/// The model's template: its own Jinja when minijinja renders it (checked on a probe
+/// conversation), llama.cpp's guess when it cannot, ChatML when there is none.
+fn model_template(model: &LlamaModel) -> (ChatRenderer, TemplateInfo) {
+    let chatml = || {
+        let t = ChatTemplate::new(
+            "ChatML (fallback)",
+            builtin_source("chatml").expect("built in"),
+            TemplateOrigin::FallbackChatml,
+        )
+        .expect("built-in ChatML compiles");
+        let info = t.info();
+        (ChatRenderer::Jinja(Box::new(t)), info)
+    };
+    let Ok(raw) = model.chat_template(None) else {
+        return chatml();
+    };
+    let Ok(source) = raw.to_str().map(str::to_string) else {
+        return chatml();
+    };
+    let probe = [
+        ChatMessage::new("user", "Hello"),
+        ChatMessage::new("assistant", "Hi"),
+    ];
+    let tokens = SpecialTokens {
+        bos_token: token_id(model.vocab().bos()).map(|i| piece(model, i)),
+        eos_token: token_id(model.vocab().eos()).map(|i| piece(model, i)),
+    };
+    let checked = ChatTemplate::from_model(&source).and_then(|t| {
+        t.render(&probe[..1], true, &tokens)?;
+        t.render(&probe, false, &tokens)?;
+        Ok(t)
+    });
+    match checked {
+        Ok(t) => {
+            let info = t.info();
+            (ChatRenderer::Jinja(Box::new(t)), info)
+        }
+        // The template's own raise_exception on the probe: keep it (Hugging Face would raise
+        // the same on such conversations).
+        Err(e) if !e.is_engine_limitation() => {
+            let t = ChatTemplate::from_model(&source).expect("compiled above");
+            let info = t.info();
+            (ChatRenderer::Jinja(Box::new(t)), info)
+        }
+        Err(e) => {
+            let guess = template::looks_like(&source).to_string();
+            let info = TemplateInfo {
+                origin: TemplateOrigin::FallbackLlamaGuess {
+                    guess: guess.clone(),
+                    reason: e.to_string(),
+                },
+                name: guess,
+            };
+            (ChatRenderer::LlamaGuess(raw), info)
+        }
     }
+}
+
+fn piece(model: &LlamaModel, id: u32) -> String {
+    let bytes = model
+        .vocab()
+        .token_to_piece(LlamaToken(id as i32), true, None);
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// Checks that `path` exists and starts with the GGUF magic.

@@ -61,6 +61,9 @@ pub struct TrainConfig {
     pub out: PathBuf,
     /// Stop at the first bad row instead of skipping and counting it.
     pub strict: bool,
+    /// Chat template instead of the model's own: a Jinja file or a built-in name
+    /// (`chatml`, `chatml-smollm2`, `zephyr`, `llama3`, `gemma`).
+    pub chat_template: Option<String>,
     // --- loss
     /// `bfpo`, `ipo` or `dpo`, optionally with parameters (`bfpo:tau=0.01,b1=3,alpha=0.5`).
     pub loss: String,
@@ -118,6 +121,7 @@ impl Default for TrainConfig {
             buffer_ratio: 1.0,
             out: PathBuf::from("runs/bfpo"),
             strict: false,
+            chat_template: None,
             loss: "bfpo".into(),
             rank: 16,
             lora_alpha: 32.0,

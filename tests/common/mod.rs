@@ -3,3 +3,4 @@
 
 pub mod gpu;
 pub mod models;
+pub mod smollm2;
