@@ -265,6 +265,7 @@ struct Summary<'a> {
     total_seconds: f64,
     tokens_per_second: f64,
     final_train: Option<bfpo_lite::train::metrics::StepMetrics>,
+    recent_train: Option<trainer::RecentTrain>,
     final_eval: Option<bfpo_lite::train::metrics::StepMetrics>,
     heldout_before: Option<trainer::RankingEval>,
     heldout_after: Option<trainer::RankingEval>,
@@ -542,6 +543,8 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
     let resume = match &args.resume {
         Some(dir) => {
             let ck = Checkpoint::load(dir)?;
+            // Before anything of the run is rewritten (config.toml, metrics.jsonl).
+            trainer::check_resume(&cfg, &data, &ck)?;
             truncate_after(&metrics_path, ck.meta.step).map_err(anyhow::Error::msg)?;
             eprintln!("resuming from {} at step {}", dir.display(), ck.meta.step);
             Some(ck)
@@ -714,6 +717,7 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
         total_seconds: t_start.elapsed().as_secs_f64(),
         tokens_per_second: outcome.tokens as f64 / train_seconds.max(1e-9),
         final_train: outcome.final_train.clone(),
+        recent_train: outcome.recent_train,
         final_eval: outcome.final_eval.clone(),
         heldout_before: outcome.eval_before,
         heldout_after: outcome.eval_after,
@@ -739,10 +743,10 @@ fn print_summary(s: &Summary<'_>, out: &Path) {
         "\n{status}: {} steps in {:.1} s ({:.0} tokens/s, {} skipped); total {:.1} s",
         s.steps, s.train_seconds, s.tokens_per_second, s.skipped_steps, s.total_seconds
     );
-    if let Some(m) = &s.final_train {
+    if let Some(r) = &s.recent_train {
         println!(
-            "last step: loss {:.4e}, reward margin {:+.4}, reward accuracy {:.3}",
-            m.loss, m.rewards_margins, m.rewards_accuracies
+            "last {} steps: loss {:.4e}, BFPO-ranking accuracy {:.3} over {} pairs",
+            r.steps, r.loss, r.accuracy_bfpo, r.pairs
         );
     }
     if let (Some(b), Some(a)) = (&s.heldout_before, &s.heldout_after) {

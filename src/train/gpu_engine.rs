@@ -92,6 +92,14 @@ impl Engine for GpuEngine {
         format!("wgpu: {} ({:?})", self.gpu.info.name, self.gpu.info.backend)
     }
 
+    fn cache_identity(&self) -> String {
+        let i = &self.gpu.info;
+        format!(
+            "wgpu: {} ({:?}); driver {} {}",
+            i.name, i.backend, i.driver, i.driver_info
+        )
+    }
+
     fn score(&mut self, examples: &[&Example], adapter: bool) -> Result<Vec<SeqScore>, TrainError> {
         let out = self
             .model
