@@ -700,7 +700,8 @@ struct Adapter {
 struct Adapters {
     rank: usize,
     scale: f64,
-    by: Vec<[Option<Adapter>; 7]>,
+    /// Per layer, by `Target as usize`; [`Target::Output`] (the LM head) sits in layer 0.
+    by: Vec<[Option<Adapter>; 8]>,
     /// LoRA dropout (training only) and the global row of the current sequence's first token
     /// (`b·L`, as in the GPU batch), so the masks match `gpu::ops::dropout`.
     drop: Option<Dropout>,
@@ -973,6 +974,11 @@ impl RefModel {
                     "layer {} does not exist (the model has {} layers)",
                     t.layer, self.cfg.n_layer
                 )));
+            }
+            if t.target == Target::Output && self.cfg.tied {
+                return Err(bad(
+                    "this model ties its embeddings: it has no output.weight to adapt".into(),
+                ));
             }
             let (n_in, n_out) = t.target.shape(&self.cfg);
             if (t.n_in, t.n_out) != (n_in, n_out) {
@@ -1331,7 +1337,7 @@ impl RefModel {
         let (x, _) = self.trunk(ids, &ad);
         let d = self.cfg.n_embd;
         let nf = rmsnorm_fwd(&x, d, &self.w.output_norm, self.eps());
-        let logits = linear_fwd(&nf, d, self.lm_head(), self.cfg.n_vocab, None);
+        let logits = self.lm_head_fwd(&nf, &ad);
         Ok(logits
             .chunks_exact(self.cfg.n_vocab)
             .map(|r| r.to_vec())
@@ -1348,7 +1354,7 @@ impl RefModel {
         self.check_example(ex, 0)?;
         let ad = self.adapters(lora)?;
         let (x, _) = self.trunk(&ex.ids, &ad);
-        Ok(self.head_fwd(&x, ex).0)
+        Ok(self.head_fwd(&x, ex, &ad).0)
     }
 
     /// Summed response log-prob of each example.
@@ -1365,19 +1371,25 @@ impl RefModel {
             .iter()
             .map(|ex| {
                 let (x, _) = self.trunk(&ex.ids, &ad);
-                self.head_fwd(&x, ex).0.iter().sum()
+                self.head_fwd(&x, ex, &ad).0.iter().sum()
             })
             .collect())
     }
 
     /// Final norm + LM head on the scored positions only: returns (per-token log-probs, the
     /// normed rows `nf` of positions `response_start−1 .. T−1`, their logits).
-    fn head_fwd(&self, x: &[f64], ex: &Example) -> (Vec<f64>, Vec<f64>, Vec<Vec<f64>>) {
+    fn head_fwd(
+        &self,
+        x: &[f64],
+        ex: &Example,
+        ad: &Adapters,
+    ) -> (Vec<f64>, Vec<f64>, Vec<Vec<f64>>) {
         let (d, nv) = (self.cfg.n_embd, self.cfg.n_vocab);
         let t_len = ex.ids.len();
         let rows = &x[(ex.response_start - 1) * d..(t_len - 1) * d];
         let nf = rmsnorm_fwd(rows, d, &self.w.output_norm, self.eps());
-        let logits: Vec<Vec<f64>> = linear_fwd(&nf, d, self.lm_head(), nv, None)
+        let logits: Vec<Vec<f64>> = self
+            .lm_head_fwd(&nf, ad)
             .chunks_exact(nv)
             .map(|r| r.to_vec())
             .collect();
@@ -1387,6 +1399,24 @@ impl RefModel {
             .map(|(r, lg)| log_softmax_target_fwd(lg, ex.ids[ex.response_start + r] as usize))
             .collect();
         (lp, nf, logits)
+    }
+
+    /// The LM head on normed rows `nf` `[R, d]`: `W_out·nf (+ s·B·(A·nf))` with the adapter's
+    /// LoRA on `output.weight`, if any → `[R, n_vocab]`.
+    fn lm_head_fwd(&self, nf: &[f64], ad: &Adapters) -> Vec<f64> {
+        let (d, nv) = (self.cfg.n_embd, self.cfg.n_vocab);
+        let mut logits = linear_fwd(nf, d, self.lm_head(), nv, None);
+        if let Some(a) = ad
+            .by
+            .first()
+            .and_then(|l| l[Target::Output as usize].as_ref())
+        {
+            let (dy, _) = lora_fwd(nf, d, &a.a, &a.b, ad.rank, nv, ad.scale);
+            for (y, e) in logits.iter_mut().zip(dy) {
+                *y += e;
+            }
+        }
+        logits
     }
 
     /// Gradient of `J = Σ_s weights[s] · Σ_t logp_{s,t}` with respect to every LoRA A and B.
@@ -1425,6 +1455,13 @@ impl RefModel {
         for (i, ex) in examples.iter().enumerate() {
             self.check_example(ex, i)?;
         }
+        if let Some(t) = lora.tensors.iter().find(|t| t.target == Target::Output) {
+            return Err(RefError::BadLora {
+                layer: t.layer,
+                target: t.target.gguf_name(),
+                detail: "LoRA on output.weight is supported for scoring, not training (no LM-head LoRA gradient)".into(),
+            });
+        }
         let mut ad = self.adapters(Some(lora))?;
         ad.drop = dropout;
         let seq_len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
@@ -1434,7 +1471,7 @@ impl RefModel {
         for (b, (ex, &wt)) in examples.iter().zip(weights).enumerate() {
             ad.row0 = b * seq_len;
             let (x, tapes) = self.trunk(&ex.ids, &ad);
-            let (lp, _nf, logits) = self.head_fwd(&x, ex);
+            let (lp, _nf, logits) = self.head_fwd(&x, ex, &ad);
             sums.push(lp.iter().sum());
             if wt == 0.0 {
                 continue;

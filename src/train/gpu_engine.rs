@@ -44,6 +44,7 @@ impl GpuEngine {
         lora: LoraWeights,
         adam: AdamWConfig,
     ) -> Result<GpuEngine, TrainError> {
+        crate::train::engine::check_trainable(&lora)?;
         let model = GpuModel::load(&gpu, file, cfg).map_err(err)?;
         let glora = GpuLora::upload(&gpu, &lora).map_err(err)?;
         model.check_lora(&glora).map_err(err)?;
