@@ -3,7 +3,7 @@
 //             y += s·u·Bᵀ
 //   backward  du = s·dy·B, dx += du·A   (the input-gradient half; weight gradients: lora_back.wgsl)
 // all as one strided product
-//   C[i, j] = (accumulate ? C[i, j] : 0) + alpha·Σ_{k < K} X[i·sxi + k·sxk]·Y[k·syk + j·syj]
+//   C[i, j] = (accumulate ? C[i, j] : 0) + alpha·Σ_{k < K} X[i·sxi + k·sxk]·Y[y_off + k·syk + j·syj]
 // with C[i, j] at i·c_stride + j, for i < M, j < N. Each invocation owns a 4×4 block of C and sums
 // over k in increasing order: deterministic (no atomics).
 
@@ -18,7 +18,7 @@ struct Params {
     c_stride: u32, // elements per row of C
     alpha: f32,    // scale of the product
     flags: u32,    // bit 0: accumulate into C
-    _pad0: u32,
+    y_off: u32,    // first Y element (the LM head's B rows of a vocabulary chunk)
     _pad1: u32,
 }
 
@@ -39,7 +39,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     var yj: array<u32, 4>;
     for (var a = 0u; a < 4u; a++) {
         xi[a] = min(i0 + a, p.m - 1u) * p.sxi;
-        yj[a] = min(j0 + a, p.n - 1u) * p.syj;
+        yj[a] = p.y_off + min(j0 + a, p.n - 1u) * p.syj;
     }
     var acc: array<vec4<f32>, 4>; // acc[a][b] = C[i0 + a, j0 + b]
     for (var a = 0u; a < 4u; a++) {

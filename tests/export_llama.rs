@@ -303,3 +303,180 @@ fn llama_cpp_with_exported_adapter_matches_gpu_forward() {
         }
     }
 }
+
+/// Issue 11, fix 10: a GGUF adapter with a LoRA on `output.weight` (the LM head; llama.cpp loads
+/// it) gives the same per-token log-probs in llama.cpp (exact mode), the CPU reference and our GPU
+/// forward, alone and with per-layer targets; `score --engine wgpu` takes it and agrees with
+/// `score --exact` (llama.cpp). Tied models have no output.weight: refused everywhere; training
+/// refuses it (no LM-head LoRA backward).
+#[test]
+fn output_weight_lora_matches_llama_cpp_in_reference_gpu_forward_and_score() {
+    use bfpo_lite::gpu::forward::{GpuBatch, GpuModel, Workspace, WorkspaceSpec};
+    use bfpo_lite::gpu::ops::lora::GpuLora;
+    use bfpo_lite::train::lora::LoraTensor;
+    let gpu = common::gpu::gpu();
+    let dir = tempfile::tempdir().unwrap();
+    let head_lora = |cfg: &ModelConfig, seed: u64, with_layers: bool| {
+        let mut lora = if with_layers {
+            lora_for(cfg, 8.0, seed)
+        } else {
+            LoraWeights {
+                rank: 4,
+                alpha: 8.0,
+                tensors: Vec::new(),
+            }
+        };
+        let mut rng = bfpo_lite::util::Rng::new(seed ^ 0x07);
+        let (d, v) = (cfg.n_embd, cfg.n_vocab);
+        lora.tensors.push(LoraTensor {
+            layer: 0,
+            target: Target::Output,
+            n_in: d,
+            n_out: v,
+            a: rng.normal_vec(4 * d, 1.0 / (d as f32).sqrt()),
+            b: rng.normal_vec(v * 4, 4.0 * B_STD),
+        });
+        lora
+    };
+    for (k, (arch, with_layers)) in [(Arch::Llama, false), (Arch::Qwen2, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let label = format!("{} untied, layers too: {with_layers}", arch.name());
+        let path = models::tiny_model(arch, GgmlType::F32, false);
+        let file = GgufFile::open(&path).unwrap();
+        let cfg = ModelConfig::from_gguf(&file).unwrap();
+        let lora = head_lora(&cfg, 500 + k as u64, with_layers);
+        let apath = dir.path().join(format!("head-{k}.gguf"));
+        write_adapter(
+            &apath,
+            &lora,
+            &cfg,
+            &Provenance::default(),
+            AdapterDType::F32,
+        )
+        .unwrap();
+        let (stored, _, _) = read_adapter(&apath).unwrap();
+        assert!(stored.tensors.iter().any(|t| t.target == Target::Output));
+        let ex = example(cfg.n_vocab);
+
+        let mut rt = RtModel::load(&path, &LoadOptions::default()).unwrap();
+        let base = llama_logprobs(&rt, &ex);
+        let id = rt.load_adapter(&apath).unwrap();
+        rt.set_adapter(id, 1.0).unwrap();
+        let llama = llama_logprobs(&rt, &ex);
+        rt.clear_adapter();
+
+        let reference = RefModel::new(&cfg, &Weights::from_gguf(&file, &cfg).unwrap()).unwrap();
+        let want = reference.token_logprobs(&ex, Some(&stored)).unwrap();
+        let model = GpuModel::load(&gpu, &file, &cfg).unwrap();
+        let gl = GpuLora::upload(&gpu, &stored).unwrap();
+        let ours: Vec<f64> = model
+            .forward(&gpu, std::slice::from_ref(&ex), Some(&gl))
+            .unwrap()
+            .token_logprobs
+            .remove(0)
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        // The same with the vocabulary in chunks of 7 columns (the LoRA reads B from an offset).
+        let batch = GpuBatch::new(&gpu, &cfg, std::slice::from_ref(&ex)).unwrap();
+        let mut spec = WorkspaceSpec::for_batch(&batch, Some(&gl));
+        spec.lm_head_budget = (4 * spec.max_scored * 7) as u64;
+        let ws = Workspace::new(&gpu, &cfg, &spec).unwrap();
+        assert_eq!(ws.lm_head.max_cols, 7);
+        let chunked: Vec<f64> = model
+            .forward_batch(&gpu, &ws, &batch, Some(&gl), None)
+            .unwrap()
+            .token_logprobs
+            .remove(0)
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let e_chunk = max_diff(&chunked, &ours);
+        assert!(
+            e_chunk <= 1e-5,
+            "{label}: 7-column chunks vs one chunk {e_chunk}"
+        );
+        let effect = max_diff(&llama, &base);
+        let (e_ref, e_gpu) = (max_diff(&llama, &want), max_diff(&llama, &ours));
+        eprintln!(
+            "{label}: max |Δlogp| llama.cpp vs reference {e_ref:.2e}, vs GPU forward {e_gpu:.2e}; adapter effect {effect:.2e}"
+        );
+        assert!(
+            effect > MIN_EFFECT.max(3.0 * TOL_GPU_F32),
+            "{label}: effect {effect}"
+        );
+        assert!(e_ref <= TOL_F32_ADAPTER, "{label}: reference {e_ref}");
+        assert!(e_gpu <= TOL_GPU_F32, "{label}: GPU forward {e_gpu}");
+
+        // The CLI: score --engine wgpu with this adapter agrees with llama.cpp's exact scoring.
+        if k == 0 {
+            let data = dir.path().join("pairs.jsonl");
+            std::fs::write(
+                &data,
+                "{\"prompt\": \"hello there\", \"chosen\": \"sure, here you go\", \"rejected\": \"no\"}\n",
+            )
+            .unwrap();
+            let score = |extra: &[&str]| -> serde_json::Value {
+                let o = std::process::Command::new(env!("CARGO_BIN_EXE_bfpo-lite"))
+                    .arg("score")
+                    .arg("-m")
+                    .arg(&path)
+                    .arg("-d")
+                    .arg(&data)
+                    .arg("--adapter")
+                    .arg(&apath)
+                    .args(extra)
+                    .output()
+                    .unwrap();
+                let err = String::from_utf8_lossy(&o.stderr);
+                assert!(o.status.success(), "score {extra:?}: {err}");
+                serde_json::from_slice(&o.stdout).unwrap()
+            };
+            let gpu_row = score(&["--engine", "wgpu"]);
+            let llama_row = score(&["--exact", "--threads", "1"]);
+            for f in ["chosen_logp", "rejected_logp"] {
+                let (a, b) = (gpu_row[f].as_f64().unwrap(), llama_row[f].as_f64().unwrap());
+                assert!(
+                    (a - b).abs() <= 10.0 * TOL_GPU_F32,
+                    "{f}: wgpu {a} vs llama.cpp {b}"
+                );
+            }
+        }
+
+        // Training cannot update it.
+        let w = Weights::from_gguf(&file, &cfg).unwrap();
+        let e = bfpo_lite::train::engine::CpuEngine::new(
+            RefModel::from_weights(&cfg, &w).unwrap(),
+            stored.clone(),
+            Default::default(),
+        );
+        assert!(
+            e.err().unwrap().to_string().contains("output.weight"),
+            "training refuses a LoRA on output.weight"
+        );
+    }
+
+    // A tied model has no output.weight.
+    let path = models::tiny_model(Arch::Llama, GgmlType::F32, true);
+    let file = GgufFile::open(&path).unwrap();
+    let cfg = ModelConfig::from_gguf(&file).unwrap();
+    let lora = head_lora(&cfg, 9, false);
+    let err = bfpo_lite::export::check_against(&lora, &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ties its embeddings"), "{err}");
+    let model = GpuModel::load(&gpu, &file, &cfg).unwrap();
+    let err = model
+        .check_lora(&GpuLora::upload(&gpu, &lora).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ties its embeddings"), "{err}");
+    let reference = RefModel::new(&cfg, &Weights::from_gguf(&file, &cfg).unwrap()).unwrap();
+    let err = reference
+        .token_logprobs(&example(cfg.n_vocab), Some(&lora))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ties its embeddings"), "{err}");
+}

@@ -279,7 +279,8 @@ fn resume_refuses_a_checkpoint_of_other_settings() {
     .unwrap_err();
     assert!(matches!(err, TrainError::Resume(_)), "{err}");
     assert!(
-        err.to_string().contains("different data or settings"),
+        err.to_string().contains("different data or settings")
+            && err.to_string().contains("seed: 42 -> 7"),
         "{err}"
     );
 }
@@ -292,6 +293,8 @@ struct Probe<E> {
     scored: usize,
     forward_sizes: Vec<usize>,
     poison: Vec<usize>,
+    /// Replaces the inner engine's description (another device, as far as caches can tell).
+    device: Option<String>,
 }
 
 impl<E> Probe<E> {
@@ -301,13 +304,14 @@ impl<E> Probe<E> {
             scored: 0,
             forward_sizes: Vec::new(),
             poison: Vec::new(),
+            device: None,
         }
     }
 }
 
 impl<E: Engine> Engine for Probe<E> {
     fn describe(&self) -> String {
-        self.inner.describe()
+        self.device.clone().unwrap_or_else(|| self.inner.describe())
     }
     fn score(&mut self, ex: &[&Example], adapter: bool) -> Result<Vec<SeqScore>, TrainError> {
         self.scored += ex.len();
@@ -392,6 +396,15 @@ fn reference_cache_is_reused_and_invalidated() {
     assert_ne!(other_id, id);
     fill(&mut e, &mut d2.train, &other_id, "s");
     assert_eq!(e.scored, 38);
+
+    // Another device (engine description) does not reuse log-probs computed on this one.
+    e.device = Some("wgpu: some other GPU (Metal)".into());
+    let other_device = fill(&mut e, &mut d2.train, &id, "s");
+    assert!(
+        matches!(other_device, RefSource::Computed(Some(_))),
+        "{other_device:?}"
+    );
+    assert_eq!(e.scored, 48, "another device recomputes");
 }
 
 fn bin() -> Command {
@@ -669,4 +682,421 @@ fn buffered_training_mixes_one_helpfulness_batch_into_every_step() {
         with_buffer, without,
         "the buffer batch changes the training losses"
     );
+}
+
+/// Issue 11, fix 8: an epoch is exactly one pass. 5 pairs, 2 per micro-step, 2 micro-steps per
+/// optimiser step: the epoch's batches are 2 + 2 + 1 pairs, so step 1 runs two micro-steps and
+/// step 2 a short one (like Hugging Face's last step); nothing is borrowed from epoch 2.
+#[test]
+fn an_epoch_is_exactly_one_pass_and_buffer_ratio_zero_mixes_nothing() {
+    let model = common::models::tiny_model(Arch::Qwen2, GgmlType::F32, true);
+    let tc = TrainConfig {
+        max_steps: 0,
+        epochs: 1,
+        ..config()
+    };
+    let mut d = data(&model, 5, 0);
+    let mut s = Probe::new(cpu_engine(&model, &tc));
+    trainer::compute_reference(&mut s, &mut d.train, 8, &mut |_| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut epochs = Vec::new();
+    let stop = AtomicBool::new(false);
+    let mut extra = |_: &Path, _: &LoraWeights, _: usize| Ok(());
+    let mut sink = CheckpointSink {
+        dir: dir.path().join("a"),
+        write_extra: &mut extra,
+    };
+    let out = trainer::train(&mut s, &tc, &d, None, &stop, &mut sink, &mut |e| {
+        if let Event::Step(m) = e {
+            epochs.push(m.epoch);
+        }
+    })
+    .unwrap();
+    assert_eq!(out.steps, 2);
+    let mut sizes = s.forward_sizes.clone();
+    sizes.sort();
+    assert_eq!(
+        sizes,
+        vec![2, 4, 4],
+        "one pass over 5 pairs: {:?}",
+        s.forward_sizes
+    );
+    assert_eq!(
+        s.forward_sizes.iter().sum::<usize>(),
+        2 * 5,
+        "every pair exactly once"
+    );
+    assert_eq!(epochs.last().copied(), Some(1.0), "{epochs:?}");
+
+    // --buffer-ratio 0 with a buffer given: no buffer pair in any micro-step.
+    let mut buffer = data(&model, 20, 0).train;
+    buffer.retain(|p| p.chosen_safe && p.rejected_safe);
+    assert!(!buffer.is_empty());
+    d.buffer = buffer;
+    trainer::compute_reference(&mut s, &mut d.buffer, 8, &mut |_| {}).unwrap();
+    let tc0 = TrainConfig {
+        buffer_ratio: 0.0,
+        grad_accum: 1,
+        max_steps: 2,
+        ..config()
+    };
+    s.forward_sizes.clear();
+    run(&mut s, &tc0, &d, &dir.path().join("b"), None, None);
+    assert_eq!(
+        s.forward_sizes,
+        vec![4, 4],
+        "buffer ratio 0: safety pairs only"
+    );
+}
+
+/// Issue 11, fix 6: the logged loss is the whole objective, BFPO(safety batch) + BFPO(buffer
+/// batch), with both halves logged as `loss/safety` and `loss/buffer`.
+#[test]
+fn logged_loss_includes_the_buffer_half() {
+    let model = common::models::tiny_model(Arch::Llama, GgmlType::F32, false);
+    let tc = TrainConfig {
+        grad_accum: 1,
+        max_steps: 2,
+        ..config()
+    };
+    let mut d = data(&model, 8, 0);
+    let mut buffer = data(&model, 20, 0).train;
+    buffer.retain(|p| p.chosen_safe && p.rejected_safe);
+    d.buffer = buffer;
+    let mut e = cpu_engine(&model, &tc);
+    for set in [&mut d.train, &mut d.buffer] {
+        trainer::compute_reference(&mut e, set, 8, &mut |_| {}).unwrap();
+    }
+    let records = |e: &mut CpuEngine, d: &TrainData, dir: &Path| {
+        let stop = AtomicBool::new(false);
+        let mut extra = |_: &Path, _: &LoraWeights, _: usize| Ok(());
+        let mut sink = CheckpointSink {
+            dir: dir.to_path_buf(),
+            write_extra: &mut extra,
+        };
+        let mut out = Vec::new();
+        trainer::train(e, &tc, d, None, &stop, &mut sink, &mut |ev| {
+            if let Event::Step(m) = ev {
+                out.push(serde_json::to_value(&m).unwrap());
+            }
+        })
+        .unwrap();
+        out
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let with = records(&mut e, &d, &dir.path().join("a"));
+    let mut plain_data = TrainData {
+        train: d.train.clone(),
+        eval: Vec::new(),
+        buffer: Vec::new(),
+    };
+    plain_data.buffer.clear();
+    let without = records(
+        &mut cpu_engine(&model, &tc),
+        &plain_data,
+        &dir.path().join("b"),
+    );
+    // Step 1: B = 0, so policy = reference; the safety batch is the same in both runs.
+    let f = |v: &serde_json::Value, k: &str| {
+        v[k].as_f64()
+            .unwrap_or_else(|| panic!("record lacks {k}: {v}"))
+    };
+    let (safety, buffer) = (f(&with[0], "loss/safety"), f(&with[0], "loss/buffer"));
+    assert!(buffer > 0.0, "buffer half {buffer}");
+    assert!(
+        (safety - f(&without[0], "loss")).abs() < 1e-12,
+        "safety half {safety} vs the run without a buffer {}",
+        f(&without[0], "loss")
+    );
+    assert!(
+        (f(&with[0], "loss") - (safety + buffer)).abs() < 1e-12,
+        "loss = safety + buffer: {} vs {safety} + {buffer}",
+        f(&with[0], "loss")
+    );
+    assert!(without[0].get("loss/buffer").is_none_or(|v| v.is_null()));
+    // Rewards and log-probs are averaged over every pair of the step, the buffer's included
+    // (at step 1 the safety pairs are the same in both runs).
+    assert_ne!(f(&with[0], "logps/chosen"), f(&without[0], "logps/chosen"));
+}
+
+/// Issue 11, fix 7: `--resume` with settings the run depends on changed is refused, naming each
+/// change (old and new value); bookkeeping settings may change.
+#[test]
+fn resume_refuses_changed_settings_and_names_them() {
+    let model = common::models::tiny_model(Arch::Qwen2, GgmlType::F32, true);
+    let tc = TrainConfig {
+        max_steps: 4,
+        ..config()
+    };
+    let mut d = data(&model, 6, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let mut e = cpu_engine(&model, &tc);
+    with_reference(&mut e, &mut d);
+    run(&mut e, &tc, &d, &ck, None, Some(2));
+    let resume = |other: &TrainConfig| {
+        let stop = AtomicBool::new(false);
+        let mut extra = |_: &Path, _: &LoraWeights, _: usize| Ok(());
+        let mut sink = CheckpointSink {
+            dir: dir.path().join("x"),
+            write_extra: &mut extra,
+        };
+        trainer::train(
+            &mut cpu_engine(&model, other),
+            other,
+            &d,
+            Some(Checkpoint::load(&ck).unwrap()),
+            &stop,
+            &mut sink,
+            &mut |_| {},
+        )
+    };
+    let changed = TrainConfig {
+        learning_rate: 1e-3,
+        max_grad_norm: 0.5,
+        epochs: 3,
+        ..tc.clone()
+    };
+    let err = resume(&changed).unwrap_err().to_string();
+    for want in [
+        "learning_rate: 0.005 -> 0.001",
+        "max_grad_norm: 1 -> 0.5",
+        "epochs: 1 -> 3",
+    ] {
+        assert!(err.contains(want), "{want:?} missing from: {err}");
+    }
+    for (name, c) in [
+        (
+            "max_steps",
+            TrainConfig {
+                max_steps: 9,
+                ..tc.clone()
+            },
+        ),
+        (
+            "warmup_ratio",
+            TrainConfig {
+                warmup_ratio: 0.3,
+                ..tc.clone()
+            },
+        ),
+        (
+            "schedule",
+            TrainConfig {
+                schedule: bfpo_lite::train::config::ScheduleKind::Linear,
+                ..tc.clone()
+            },
+        ),
+        (
+            "buffer_ratio",
+            TrainConfig {
+                buffer_ratio: 0.5,
+                ..tc.clone()
+            },
+        ),
+        (
+            "lora_dropout",
+            TrainConfig {
+                lora_dropout: 0.1,
+                ..tc.clone()
+            },
+        ),
+        (
+            "adam_beta2",
+            TrainConfig {
+                adam_beta2: 0.99,
+                ..tc.clone()
+            },
+        ),
+        (
+            "weight_decay",
+            TrainConfig {
+                weight_decay: 0.1,
+                ..tc.clone()
+            },
+        ),
+    ] {
+        let err = resume(&c).expect_err(name).to_string();
+        assert!(err.contains(name), "{name}: {err}");
+    }
+    // Bookkeeping may change: checkpoint/eval cadence.
+    let ok = TrainConfig {
+        save_every: 1,
+        eval_every: 1,
+        ..tc.clone()
+    };
+    assert_eq!(resume(&ok).unwrap().steps, 4);
+}
+
+/// Issue 11, fix 11: the summary reports the BFPO-ranking accuracy over the last steps (not the
+/// last step's `rewards/accuracies`), and Mesa's XDG_RUNTIME_DIR complaint never reaches the
+/// terminal.
+#[test]
+fn demo_summary_reports_recent_bfpo_accuracy_and_no_mesa_noise() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let o = bin()
+        .env_remove("XDG_RUNTIME_DIR")
+        .args(["tune", "--max-steps", "4"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(!stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
+    assert!(!stdout.contains("reward accuracy"), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("last 4 steps"))
+        .unwrap_or_else(|| panic!("no 'last 4 steps' line in:\n{stdout}"));
+    assert!(line.contains("BFPO-ranking accuracy"), "{line}");
+    assert!(line.contains("16 pairs"), "4 steps of 4 pairs: {line}");
+
+    // Any GPU command, XDG_RUNTIME_DIR unset or pointing nowhere.
+    for v in [None, Some("/nonexistent/xdg")] {
+        let mut c = bin();
+        match v {
+            None => c.env_remove("XDG_RUNTIME_DIR"),
+            Some(p) => c.env("XDG_RUNTIME_DIR", p),
+        };
+        let o = c.arg("devices").output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{stderr}");
+        assert!(!stderr.contains("XDG_RUNTIME_DIR"), "{v:?}: {stderr}");
+    }
+}
+
+/// Issue 11, fix 9: a crash at any point of a checkpoint save leaves a loadable checkpoint (the
+/// old one or the new one), and the next save cleans up after it.
+#[test]
+fn a_crash_at_any_point_of_a_checkpoint_save_leaves_a_loadable_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck_dir = dir.path().join("checkpoint");
+    let make = |step: usize| {
+        let mut t = BTreeMap::new();
+        t.insert("x.lora_a".to_string(), vec![step as f32; 5]);
+        Checkpoint::new(step, serde_json::json!({ "step": step }), t)
+    };
+    let extra =
+        |tmp: &Path| std::fs::write(tmp.join("adapter.gguf"), "a").map_err(|e| e.to_string());
+    make(1).save(&ck_dir, extra).unwrap();
+    let mut stage = 0;
+    loop {
+        let done = make(2).save_until(&ck_dir, extra, stage).unwrap();
+        let back = Checkpoint::load(&ck_dir)
+            .unwrap_or_else(|e| panic!("crash after stage {stage}: nothing loadable: {e}"));
+        assert!(
+            back == make(1) || back == make(2),
+            "crash after stage {stage}: a mix: {back:?}"
+        );
+        // The next save completes and leaves exactly one checkpoint directory.
+        make(3).save(&ck_dir, extra).unwrap();
+        assert_eq!(Checkpoint::load(&ck_dir).unwrap(), make(3));
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(names, vec!["checkpoint".to_string()], "after stage {stage}");
+        assert!(ck_dir.join("adapter.gguf").exists());
+        make(1).save(&ck_dir, extra).unwrap();
+        if done {
+            break;
+        }
+        stage += 1;
+    }
+    assert!(stage >= 2, "the save has several stages ({stage})");
+}
+
+/// Issue 11, fix 4: the reference cache key includes the code version: the crate version and a
+/// hash of every kernel file (all of `kernels/*.wgsl`, as on disk), and the engine's device.
+#[test]
+fn reference_cache_key_covers_the_code_version_and_every_kernel() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let mut on_disk: Vec<(String, String)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wgsl"))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().to_string(),
+                std::fs::read_to_string(&p).unwrap(),
+            )
+        })
+        .collect();
+    on_disk.sort();
+    let built: Vec<(String, String)> = bfpo_lite::gpu::registry::ALL_KERNEL_FILES
+        .iter()
+        .map(|(n, s)| (n.to_string(), s.to_string()))
+        .collect();
+    assert!(on_disk.len() > 10, "{} kernel files", on_disk.len());
+    assert_eq!(built, on_disk, "the build embeds every kernels/*.wgsl file");
+    let v = prepare::code_version();
+    let k: String = bfpo_lite::gpu::registry::kernels_sha256()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(
+        v.contains(env!("CARGO_PKG_VERSION")) && v.contains(&k),
+        "{v}"
+    );
+
+    // The stored entry's key is the one of the settings with the code version and the device.
+    let model = common::models::tiny_model(Arch::Llama, GgmlType::F32, false);
+    let tc = config();
+    let cdir = tempfile::tempdir().unwrap();
+    let cache = RefCache::open(cdir.path()).unwrap();
+    let id = cache.fingerprint(&model).unwrap().identity();
+    let mut e = cpu_engine(&model, &tc);
+    let mut d = data(&model, 2, 0);
+    let src = prepare::fill_reference(
+        &mut e,
+        Some((&cache, &id)),
+        "s",
+        &mut d.train,
+        8,
+        &mut |_| {},
+    )
+    .unwrap();
+    let full = prepare::reference_settings(&e, "s");
+    assert!(full.contains(&v) && full.contains(&e.describe()), "{full}");
+    let key = RefCache::key_from_iter(&id, d.train.iter().map(|p| (&p.chosen, &p.rejected)), &full);
+    assert_eq!(src, RefSource::Computed(Some(cache.path(&key))));
+}
+
+/// Issue 11, fix 7 through the CLI: `tune --resume` with a changed learning rate stops before it
+/// rewrites anything of the run, naming the setting.
+#[test]
+fn tune_resume_with_changed_settings_stops_before_touching_the_run() {
+    let model = common::models::tiny_model(Arch::Qwen2, GgmlType::F32, true);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    let good = std::fs::read_to_string(demo_file("train.jsonl")).unwrap();
+    std::fs::write(&data, good.lines().take(6).collect::<Vec<_>>().join("\n")).unwrap();
+    let out = dir.path().join("run");
+    let o = bin()
+        .args(["tune", "--engine", "cpu", "--max-steps", "2"])
+        .args(["--pairs-per-step", "2", "--grad-accum", "1"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config = std::fs::read(out.join("config.toml")).unwrap();
+    let metrics = std::fs::read(out.join("metrics.jsonl")).unwrap();
+    let o = bin()
+        .args(["tune", "--learning-rate", "0.5", "--resume"])
+        .arg(out.join("checkpoint"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(stderr.contains("learning_rate: 0.0001 -> 0.5"), "{stderr}");
+    assert_eq!(std::fs::read(out.join("config.toml")).unwrap(), config);
+    assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), metrics);
 }

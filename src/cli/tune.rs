@@ -488,10 +488,10 @@ fn print_summary(s: &Summary, out: &Path) {
         "\n{status}: {} steps in {:.1} s ({:.0} tokens/s, {} skipped); total {:.1} s",
         s.steps, s.train_seconds, s.tokens_per_second, s.skipped_steps, s.total_seconds
     );
-    if let Some(m) = &s.final_train {
+    if let Some(r) = &s.recent_train {
         println!(
-            "last step: loss {:.4e}, reward margin {:+.4}, reward accuracy {:.3}",
-            m.loss, m.rewards_margins, m.rewards_accuracies
+            "last {} steps: loss {:.4e}, BFPO-ranking accuracy {:.3} over {} pairs",
+            r.steps, r.loss, r.accuracy_bfpo, r.pairs
         );
     }
     if let (Some(b), Some(a)) = (&s.heldout_before, &s.heldout_after) {

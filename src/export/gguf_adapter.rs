@@ -358,7 +358,8 @@ pub fn read_adapter_file(
                 &t.name,
                 format!(
                     "LoRA on {base:?} is not supported: bfpo-lite reads LoRAs on \
-                     blk.N.{{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down}}.weight only"
+                     blk.N.{{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down}}.weight \
+                     and output.weight only"
                 ),
             )
         })?;
@@ -427,8 +428,11 @@ pub fn read_adapter_file(
     Ok((lora, prov, arch))
 }
 
-/// `blk.N.<stem>.weight` → (N, target).
+/// `blk.N.<stem>.weight` → (N, target); `output.weight` (the LM head) → (0, Target::Output).
 pub fn parse_base_name(base: &str) -> Option<(usize, Target)> {
+    if base == "output.weight" {
+        return Some((0, Target::Output));
+    }
     let rest = base.strip_prefix("blk.")?;
     let (n, rest) = rest.split_once('.')?;
     if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {

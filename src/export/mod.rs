@@ -89,6 +89,12 @@ pub enum ExportError {
 pub fn check_against(lora: &LoraWeights, cfg: &ModelConfig) -> Result<(), ExportError> {
     check_lora(lora)?;
     for t in &lora.tensors {
+        if t.target == crate::train::lora::Target::Output && cfg.tied {
+            return Err(ExportError::BadLora {
+                tensor: "output.weight".into(),
+                detail: "the model ties its embeddings: it has no output.weight to adapt (llama.cpp refuses this adapter too)".into(),
+            });
+        }
         if t.layer >= cfg.n_layer {
             return Err(ExportError::LayerOutOfRange {
                 layer: t.layer,

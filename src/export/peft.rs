@@ -94,6 +94,16 @@ fn head_dims(len: usize, n_heads: usize, cols: usize) -> Result<(usize, usize), 
 /// The PEFT tensors of `lora` for the model `cfg` (names sorted, llama Q/K un-permuted).
 pub fn peft_tensors(lora: &LoraWeights, cfg: &ModelConfig) -> Result<Vec<PeftTensor>, ExportError> {
     check_against(lora, cfg)?;
+    if lora
+        .tensors
+        .iter()
+        .any(|t| t.target == crate::train::lora::Target::Output)
+    {
+        return Err(ExportError::BadLora {
+            tensor: "output.weight".into(),
+            detail: "PEFT export of a LoRA on the LM head (lm_head) is not supported; export it as a GGUF adapter".into(),
+        });
+    }
     let r = lora.rank;
     let mut out = Vec::with_capacity(2 * lora.tensors.len());
     for t in &lora.tensors {

@@ -48,7 +48,7 @@
 use super::ops::attention::{AttnShape, attention};
 use super::ops::dropout::{Dropout, dropout_apply};
 use super::ops::embedding::{embedding, gather_rows};
-use super::ops::logprob::{LmHeadScratch, lm_head_logprobs};
+use super::ops::logprob::{HeadLora, LmHeadScratch, lm_head_logprobs_lora};
 use super::ops::lora::{GpuLora, GpuLoraTensor, lora_forward};
 use super::ops::matmul::{GpuWeight, matmul};
 use super::ops::rmsnorm::rmsnorm;
@@ -157,6 +157,8 @@ impl GpuLayer {
             Target::FfnGate => &self.gate,
             Target::FfnUp => &self.up,
             Target::FfnDown => &self.down,
+            // Callers pass layer projections only; the LM head's LoRA is applied in head_forward.
+            Target::Output => unreachable!("output.weight is not a layer projection"),
         }
     }
 }
@@ -307,6 +309,12 @@ impl GpuModel {
     /// Checks that every tensor of `lora` matches this model.
     pub fn check_lora(&self, lora: &GpuLora) -> Result<(), ForwardError> {
         for t in &lora.tensors {
+            if t.target == Target::Output && self.output.is_none() {
+                return Err(ForwardError::Unsupported {
+                    what: "LoRA on output.weight".into(),
+                    detail: "this model ties its embeddings: it has no output.weight to adapt (llama.cpp refuses such an adapter too)".into(),
+                });
+            }
             if t.layer >= self.cfg.n_layer {
                 return Err(ForwardError::LoraLayer {
                     layer: t.layer,
@@ -512,7 +520,9 @@ impl GpuModel {
     /// Records the head: gather the scored rows of `x` `[T, d]` (the last layer's output), final
     /// RMSNorm, LM head + log-prob of each target into `ws.logp` / `ws.lse` `[N]`.
     ///
-    /// Submits `rec` after every vocabulary chunk but the last (see [`lm_head_logprobs`]).
+    /// Submits `rec` after every vocabulary chunk but the last (see [`lm_head_logprobs_lora`]).
+    ///
+    /// A LoRA of `lora` on `output.weight` is added to the logits.
     pub fn head_forward<'g>(
         &self,
         gpu: &'g Gpu,
@@ -520,6 +530,7 @@ impl GpuModel {
         batch: &GpuBatch,
         ws: &Workspace,
         x: &GpuBuf,
+        lora: Option<&GpuLora>,
     ) -> Result<(), ForwardError> {
         let n = batch.n_scored();
         if n == 0 {
@@ -538,12 +549,22 @@ impl GpuModel {
             d,
             self.cfg.rms_eps,
         )?;
-        lm_head_logprobs(
+        let head_lora = match lora.and_then(|a| a.get(0, Target::Output).map(|t| (a, t))) {
+            Some((a, t)) => Some(HeadLora {
+                tensor: t,
+                rank: a.rank,
+                scale: a.scale(),
+                u: ws.lora_u(Target::Output)?,
+            }),
+            None => None,
+        };
+        lm_head_logprobs_lora(
             gpu,
             rec,
             &ws.xsn,
             self.lm_head(),
             self.output_bias.as_ref(),
+            head_lora,
             &batch.targets,
             &ws.lm_head,
             &ws.logp,
@@ -589,7 +610,7 @@ impl GpuModel {
             rec.submit();
         }
         let mut rec = gpu.recorder();
-        self.head_forward(gpu, &mut rec, batch, ws, input(n_layer))?;
+        self.head_forward(gpu, &mut rec, batch, ws, input(n_layer), lora)?;
         rec.submit();
         let n = batch.n_scored();
         let logp: Vec<f32> = if n == 0 {

@@ -44,6 +44,22 @@ pub const SNIPPETS: &[(&str, &str)] = &[
     ),
 ];
 
+include!(concat!(env!("OUT_DIR"), "/kernel_files.rs"));
+
+/// SHA-256 over every kernel file (name and source, length-prefixed, in name order): changes
+/// whenever any kernel changes, so results computed by other kernels are not reused.
+pub fn kernels_sha256() -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (name, src) in ALL_KERNEL_FILES {
+        for b in [name.as_bytes(), src.as_bytes()] {
+            h.update((b.len() as u64).to_le_bytes());
+            h.update(b);
+        }
+    }
+    h.finalize().into()
+}
+
 /// Expands `#include` lines and `${NAME}` placeholders. Errors name the kernel and the problem.
 pub fn preprocess(kernel: &KernelSource, defines: &[(&str, String)]) -> Result<String, String> {
     let mut out = String::new();

@@ -15,7 +15,9 @@ use crate::train::checkpoint::{ADAPTER_FILE, Checkpoint};
 use crate::train::config::TrainConfig;
 use crate::train::metrics::{MetricsWriter, StepMetrics, curves_svg, read_metrics, truncate_after};
 use crate::train::prepare::{self, PrepareReport, RefSource};
-use crate::train::trainer::{self, CheckpointSink, Engine, RankingEval, TrainData, TrainOutcome};
+use crate::train::trainer::{
+    self, CheckpointSink, Engine, RankingEval, RecentTrain, TrainData, TrainOutcome, check_resume,
+};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -39,6 +41,8 @@ pub struct Summary {
     pub total_seconds: f64,
     pub tokens_per_second: f64,
     pub final_train: Option<StepMetrics>,
+    /// Loss and BFPO-ranking accuracy over the last steps (what the demo's last line reports).
+    pub recent_train: Option<RecentTrain>,
     pub final_eval: Option<StepMetrics>,
     pub heldout_before: Option<RankingEval>,
     pub heldout_after: Option<RankingEval>,
@@ -426,6 +430,8 @@ impl PreparedTune {
         let resume = match &self.job.resume {
             Some(dir) => {
                 let ck = Checkpoint::load(dir)?;
+                // Before anything of the run is rewritten (config.toml, metrics.jsonl).
+                check_resume(cfg, &self.data, &ck)?;
                 truncate_after(&metrics_path, ck.meta.step).map_err(|detail| {
                     RunError::Metrics {
                         path: metrics_path.clone(),
@@ -523,6 +529,7 @@ impl PreparedTune {
             interrupted: false,
             skipped_steps: 0,
             final_train: None,
+            recent_train: None,
             final_eval: None,
             eval_before: None,
             eval_after: None,
@@ -568,6 +575,7 @@ impl PreparedTune {
             total_seconds: self.job.started.elapsed().as_secs_f64(),
             tokens_per_second: outcome.tokens as f64 / train_seconds.max(1e-9),
             final_train: outcome.final_train,
+            recent_train: outcome.recent_train,
             final_eval: outcome.final_eval,
             heldout_before: outcome.eval_before,
             heldout_after: outcome.eval_after,

@@ -2,8 +2,12 @@
 //! run settings), `tensors.safetensors` (LoRA A/B and optimiser moments, f32, by name) and
 //! `adapter.gguf` (written by the trainer with the export writer, so a checkpoint is usable as is).
 //!
-//! Saving is atomic: everything goes into a temporary sibling directory that is renamed into place;
-//! a crash leaves either the previous checkpoint or the new one, never a mix.
+//! Saving never leaves a moment without a complete checkpoint. The new checkpoint is written to
+//! the sibling `.<name>.tmp` (every file fsynced, `state.json` last, then the directory); the old
+//! one is renamed to `.<name>.old`, the new one to `<name>`, then `.old` is removed, with the
+//! parent directory fsynced after each rename. A crash at any point leaves `<name>` complete, or
+//! a complete `.tmp` (new) or `.old` (previous) beside it: [`Checkpoint::load`] picks that one,
+//! and the next save finishes the interrupted swap before it starts.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -52,6 +56,80 @@ pub const TENSORS_FILE: &str = "tensors.safetensors";
 pub const ADAPTER_FILE: &str = "adapter.gguf";
 const VERSION: u32 = 1;
 
+/// (parent, `.<name>.tmp`, `.<name>.old`) of a checkpoint directory.
+fn siblings(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "ckpt".into());
+    let tmp = parent.join(format!(".{name}.tmp"));
+    let old = parent.join(format!(".{name}.old"));
+    (parent, tmp, old)
+}
+
+/// Finishes or undoes an interrupted save so that `dir` holds the newest complete checkpoint
+/// and no leftovers remain.
+fn recover(dir: &Path) -> Result<(), CheckpointError> {
+    let (parent, tmp, old) = siblings(dir);
+    if !is_complete(dir) {
+        // Interrupted between moving the old checkpoint aside and renaming the new one in.
+        if let Some(src) = [&tmp, &old].into_iter().find(|d| is_complete(d)) {
+            if dir.exists() {
+                std::fs::remove_dir_all(dir).map_err(io(dir))?;
+            }
+            std::fs::rename(src, dir).map_err(io(dir))?;
+            sync_dir(&parent)?;
+        }
+    }
+    for d in [&tmp, &old] {
+        if d.exists() {
+            std::fs::remove_dir_all(d).map_err(io(d))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `dir` holds a readable `state.json` of this layout version (written last, after
+/// every other file is on disk).
+fn is_complete(dir: &Path) -> bool {
+    std::fs::read(dir.join(STATE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<CheckpointMeta>(&b).ok())
+        .is_some_and(|m| m.version == VERSION)
+}
+
+/// fsyncs every file under `dir` (recursively) and the directories themselves.
+fn sync_tree(dir: &Path) -> Result<(), CheckpointError> {
+    for e in std::fs::read_dir(dir).map_err(io(dir))? {
+        let path = e.map_err(io(dir))?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&path))?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// fsyncs a directory so the names in it (new files, renames) are on disk. A no-op where
+/// directories cannot be opened (Windows).
+fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io(dir))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
 impl Checkpoint {
     pub fn new(step: usize, state: serde_json::Value, tensors: BTreeMap<String, Vec<f32>>) -> Self {
         Checkpoint {
@@ -64,23 +142,32 @@ impl Checkpoint {
         }
     }
 
-    /// Writes the checkpoint to `dir` atomically. `extra` writes more files (e.g. the adapter)
-    /// into the temporary directory before it is renamed.
+    /// Writes the checkpoint to `dir` so that a crash at any moment leaves a loadable checkpoint
+    /// (the previous one or this one; see the module documentation). `extra` writes more files
+    /// (e.g. the adapter) into the new checkpoint before it is put in place.
     pub fn save(
         &self,
         dir: &Path,
         extra: impl FnOnce(&Path) -> Result<(), String>,
     ) -> Result<(), CheckpointError> {
-        let parent = dir
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(io(parent))?;
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| "ckpt".into());
-        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        self.save_until(dir, extra, usize::MAX).map(|_| ())
+    }
+
+    /// [`Checkpoint::save`] that stops (as a crash would) after stage `stop_after` (0: the new
+    /// checkpoint is written to `.<name>.tmp`; 1: the old one moved to `.<name>.old`; 2: the new
+    /// one renamed to `<name>`); returns whether the save ran to the end. For crash tests.
+    #[doc(hidden)]
+    pub fn save_until(
+        &self,
+        dir: &Path,
+        extra: impl FnOnce(&Path) -> Result<(), String>,
+        stop_after: usize,
+    ) -> Result<bool, CheckpointError> {
+        let (parent, tmp, old) = siblings(dir);
+        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+        recover(dir)?;
+        // Stage 0: the new checkpoint, complete and on disk, in `tmp`; state.json goes last, so
+        // a directory with a readable state.json has everything.
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
         }
@@ -90,7 +177,6 @@ impl Checkpoint {
                 path: dir.to_path_buf(),
                 detail: e.to_string(),
             })?;
-        std::fs::write(tmp.join(STATE_FILE), state).map_err(io(&tmp))?;
         let bytes: Vec<(String, Vec<u8>, usize)> = self
             .tensors
             .iter()
@@ -123,20 +209,58 @@ impl Checkpoint {
             path: dir.to_path_buf(),
             detail,
         })?;
-        // Swap into place: old → .old, tmp → dir, remove .old.
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        sync_tree(&tmp)?;
+        let state_path = tmp.join(STATE_FILE);
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&state_path).map_err(io(&state_path))?;
+            f.write_all(&state).map_err(io(&state_path))?;
+            f.sync_all().map_err(io(&state_path))?;
+        }
+        sync_dir(&tmp)?;
+        sync_dir(&parent)?;
+        if stop_after == 0 {
+            return Ok(false);
+        }
+        // Stage 1: the old checkpoint steps aside (loadable as `.old` until the swap is done).
         if dir.exists() {
             std::fs::rename(dir, &old).map_err(io(dir))?;
+            sync_dir(&parent)?;
         }
+        if stop_after == 1 {
+            return Ok(false);
+        }
+        // Stage 2: the new one takes its place.
         std::fs::rename(&tmp, dir).map_err(io(dir))?;
+        sync_dir(&parent)?;
+        if stop_after == 2 {
+            return Ok(false);
+        }
         if old.exists() {
             std::fs::remove_dir_all(&old).map_err(io(&old))?;
+            sync_dir(&parent)?;
         }
-        Ok(())
+        Ok(true)
     }
 
-    /// Loads a checkpoint directory.
+    /// Loads the checkpoint at `dir`. When `dir` is missing or incomplete because a save was
+    /// interrupted, loads the complete one that save left beside it (`.<name>.tmp`, the new
+    /// checkpoint, else `.<name>.old`, the previous one); the error names `dir` otherwise.
     pub fn load(dir: &Path) -> Result<Checkpoint, CheckpointError> {
+        match Self::load_exact(dir) {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                let (_, tmp, old) = siblings(dir);
+                [tmp, old]
+                    .iter()
+                    .find_map(|d| Self::load_exact(d).ok())
+                    .ok_or(e)
+            }
+        }
+    }
+
+    /// Loads exactly the checkpoint directory `dir` (no recovery).
+    pub fn load_exact(dir: &Path) -> Result<Checkpoint, CheckpointError> {
         let invalid = |detail: String| CheckpointError::Invalid {
             path: dir.to_path_buf(),
             detail,

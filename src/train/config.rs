@@ -154,7 +154,83 @@ impl Default for TrainConfig {
     }
 }
 
+/// Settings a resumed run may change: they decide where and how often things are written or
+/// where caches live, never the numbers of the run. Every other setting must stay as the
+/// checkpoint was written with (see [`TrainConfig::resume_changes`]).
+pub const RESUME_MAY_CHANGE: &[&str] = &[
+    "out",
+    "save_every",
+    "eval_every",
+    "no_ref_cache",
+    "cache_dir",
+    "device",
+    "max_bad_steps",
+];
+
+/// One setting that differs between a checkpoint's run and the run resuming it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettingChange {
+    /// The TOML key (the long flag name with `_`).
+    pub key: String,
+    pub old: String,
+    pub new: String,
+}
+
+impl std::fmt::Display for SettingChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} -> {}", self.key, self.old, self.new)
+    }
+}
+
+/// A setting's value as a person would write it (`0.005`, `1`, `cosine`, `["a.jsonl"]`, `none`).
+fn show_value(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "none".into(),
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+            (Some(u), _, _) => u.to_string(),
+            (None, Some(i), _) => i.to_string(),
+            (None, None, Some(f)) => {
+                // f32 settings (lora_alpha, lora_dropout) print as the f32 they are.
+                let g = f as f32;
+                if g as f64 == f {
+                    g.to_string()
+                } else {
+                    f.to_string()
+                }
+            }
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
 impl TrainConfig {
+    /// The settings of `self` (a run resuming) that differ from `saved` (the run that wrote the
+    /// checkpoint), in key order, leaving out [`RESUME_MAY_CHANGE`].
+    pub fn resume_changes(&self, saved: &TrainConfig) -> Vec<SettingChange> {
+        let (Ok(serde_json::Value::Object(new)), Ok(serde_json::Value::Object(old))) =
+            (serde_json::to_value(self), serde_json::to_value(saved))
+        else {
+            return Vec::new();
+        };
+        let mut keys: Vec<&String> = new.keys().chain(old.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        let null = serde_json::Value::Null;
+        keys.into_iter()
+            .filter(|k| !RESUME_MAY_CHANGE.contains(&k.as_str()))
+            .filter_map(|k| {
+                let (a, b) = (old.get(k).unwrap_or(&null), new.get(k).unwrap_or(&null));
+                (a != b).then(|| SettingChange {
+                    key: k.clone(),
+                    old: show_value(a),
+                    new: show_value(b),
+                })
+            })
+            .collect()
+    }
+
     /// Reads a TOML file (unknown keys are errors, naming the key).
     pub fn from_toml_file(path: &Path) -> Result<TrainConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
@@ -256,6 +332,24 @@ mod tests {
         assert_eq!(c.epochs, 1, "unset keys keep defaults");
         let e = TrainConfig::from_toml_str("rnak = 8\n").unwrap_err();
         assert!(e.contains("rnak"), "{e}");
+    }
+
+    #[test]
+    fn resume_changes_name_each_setting_with_old_and_new_values() {
+        let a = TrainConfig::default();
+        let b = TrainConfig {
+            learning_rate: 5e-3,
+            lora_dropout: 0.1,
+            save_every: 7,
+            out: "elsewhere".into(),
+            ..a.clone()
+        };
+        let c: Vec<String> = b.resume_changes(&a).iter().map(|c| c.to_string()).collect();
+        assert_eq!(
+            c,
+            vec!["learning_rate: 0.0001 -> 0.005", "lora_dropout: 0 -> 0.1"]
+        );
+        assert!(a.resume_changes(&a).is_empty());
     }
 
     #[test]

@@ -71,6 +71,21 @@ pub fn unpack_state(
     Ok((m, v))
 }
 
+/// Errors when `lora` holds a tensor training cannot update: a LoRA on `output.weight` (the LM
+/// head) is scored by both engines but has no backward pass.
+pub fn check_trainable(lora: &LoraWeights) -> Result<(), TrainError> {
+    if lora
+        .tensors
+        .iter()
+        .any(|t| t.target == crate::train::lora::Target::Output)
+    {
+        return Err(TrainError::Engine(
+            "the adapter has a LoRA on output.weight: it can be scored (score --engine wgpu), not trained; train the per-layer targets".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The CPU reference engine.
 pub struct CpuEngine {
     model: RefModel,
@@ -87,6 +102,7 @@ impl CpuEngine {
         lora: LoraWeights,
         adam: AdamWConfig,
     ) -> Result<CpuEngine, TrainError> {
+        check_trainable(&lora)?;
         let n = flatten_lora(&lora).len();
         Ok(CpuEngine {
             model,

@@ -44,6 +44,7 @@ impl GpuEngine {
         lora: LoraWeights,
         adam: AdamWConfig,
     ) -> Result<GpuEngine, TrainError> {
+        crate::train::engine::check_trainable(&lora)?;
         let model = GpuModel::load(&gpu, file, cfg).map_err(err)?;
         let glora = GpuLora::upload(&gpu, &lora).map_err(err)?;
         model.check_lora(&glora).map_err(err)?;
@@ -90,6 +91,14 @@ fn owned(examples: &[&Example]) -> Vec<Example> {
 impl Engine for GpuEngine {
     fn describe(&self) -> String {
         format!("wgpu: {} ({:?})", self.gpu.info.name, self.gpu.info.backend)
+    }
+
+    fn cache_identity(&self) -> String {
+        let i = &self.gpu.info;
+        format!(
+            "wgpu: {} ({:?}); driver {} {}",
+            i.name, i.backend, i.driver, i.driver_info
+        )
     }
 
     fn score(&mut self, examples: &[&Example], adapter: bool) -> Result<Vec<SeqScore>, TrainError> {

@@ -116,7 +116,15 @@ impl PairStats {
         self.n == 0
     }
 
+    /// Pairs whose implicit reward orders them as BFPO's global ranking wants.
+    pub fn bfpo_correct(&self) -> usize {
+        self.case_correct.iter().sum()
+    }
+
     /// Fills the pair-derived fields of a record (means over the pairs seen).
+    ///
+    /// `loss` is the mean per-pair loss; the trainer replaces it with the step's objective
+    /// (safety half + buffer half) and fills `loss/safety` and `loss/buffer`.
     pub fn fill(&self, m: &mut StepMetrics) {
         let n = self.n.max(1) as f64;
         m.loss = self.loss / n;
@@ -145,7 +153,23 @@ pub struct StepMetrics {
     pub split: String,
     pub step: usize,
     pub epoch: f64,
+    /// The objective: for a training step with a helpfulness buffer, BFPO(safety batch) +
+    /// BFPO(buffer batch), averaged over the micro-steps.
     pub loss: f64,
+    /// The safety half of a training step's loss.
+    #[serde(
+        rename = "loss/safety",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub loss_safety: Option<f64>,
+    /// The buffer half of a training step's loss (absent without a buffer).
+    #[serde(
+        rename = "loss/buffer",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub loss_buffer: Option<f64>,
     #[serde(rename = "rewards/chosen")]
     pub rewards_chosen: f64,
     #[serde(rename = "rewards/rejected")]

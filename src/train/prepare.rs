@@ -222,8 +222,30 @@ pub enum RefSource {
     Computed(Option<PathBuf>),
 }
 
+/// The version of the code that computes reference log-probs: the crate version and a SHA-256
+/// of every WGSL kernel source (git-independent), e.g. `bfpo-lite 0.1.0 kernels-sha256=ab12…`.
+pub fn code_version() -> String {
+    let k: String = crate::gpu::registry::kernels_sha256()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("bfpo-lite {} kernels-sha256={k}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The settings string the reference cache is keyed with: the caller's `settings`, the
+/// [`code_version`] and the engine's [`Engine::cache_identity`] (kind, device name, driver), so
+/// an upgrade or another device never reuses stale reference log-probs.
+pub fn reference_settings(engine: &dyn Engine, settings: &str) -> String {
+    format!(
+        "{settings};code={};engine={}",
+        code_version(),
+        engine.cache_identity()
+    )
+}
+
 /// Fills every pair's reference log-probs, from `cache` when it holds an entry for exactly these
-/// examples, this model and these settings; otherwise with the engine (adapter off), then stores.
+/// examples, this model, these settings, this code version and this engine/device (see
+/// [`reference_settings`]); otherwise with the engine (adapter off), then stores.
 pub fn fill_reference(
     engine: &mut dyn Engine,
     cache: Option<(&RefCache, &[u8])>,
@@ -235,8 +257,13 @@ pub fn fill_reference(
     if pairs.is_empty() {
         return Ok(RefSource::Computed(None));
     }
+    let settings = reference_settings(engine, settings);
     let key = cache.map(|(_, id)| {
-        RefCache::key_from_iter(id, pairs.iter().map(|p| (&p.chosen, &p.rejected)), settings)
+        RefCache::key_from_iter(
+            id,
+            pairs.iter().map(|p| (&p.chosen, &p.rejected)),
+            &settings,
+        )
     });
     if let (Some((c, _)), Some(k)) = (cache, key.as_ref())
         && let Some(values) = c.load(k)

@@ -69,6 +69,11 @@ pub struct SeqScore {
 pub trait Engine {
     /// A short description for logs (`wgpu: llvmpipe`, `cpu reference`).
     fn describe(&self) -> String;
+    /// What identifies the numbers this engine computes, for cache keys: the engine kind and the
+    /// device (name, backend, driver). Defaults to [`Engine::describe`].
+    fn cache_identity(&self) -> String {
+        self.describe()
+    }
     /// Summed response log-probs, adapter on (`adapter = true`) or off, without gradients.
     fn score(&mut self, examples: &[&Example], adapter: bool) -> Result<Vec<SeqScore>, TrainError>;
     /// LoRA dropout for the following [`Engine::forward_train`] / [`Engine::backward`] (the
@@ -233,6 +238,38 @@ impl RankingEval {
     }
 }
 
+/// How many of the last steps [`RecentTrain`] covers.
+pub const RECENT_STEPS: usize = 10;
+
+/// The training pairs of the last (up to [`RECENT_STEPS`]) optimiser steps of this process:
+/// their mean loss and how many of them the implicit reward orders as BFPO's global ranking
+/// wants (the figure to read for BFPO; TRL's `rewards/accuracies` of a single step is not).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RecentTrain {
+    pub steps: usize,
+    pub pairs: usize,
+    /// Mean of the steps' logged losses (safety + buffer halves).
+    pub loss: f64,
+    pub accuracy_bfpo: f64,
+}
+
+impl RecentTrain {
+    /// From per-step (loss, pairs, pairs ranked correctly), oldest first.
+    pub fn from_steps(steps: &[(f64, usize, usize)]) -> Option<RecentTrain> {
+        if steps.is_empty() {
+            return None;
+        }
+        let pairs: usize = steps.iter().map(|s| s.1).sum();
+        let correct: usize = steps.iter().map(|s| s.2).sum();
+        Some(RecentTrain {
+            steps: steps.len(),
+            pairs,
+            loss: steps.iter().map(|s| s.0).sum::<f64>() / steps.len() as f64,
+            accuracy_bfpo: correct as f64 / pairs.max(1) as f64,
+        })
+    }
+}
+
 /// How a run ended.
 #[derive(Clone, Debug)]
 pub struct TrainOutcome {
@@ -241,13 +278,17 @@ pub struct TrainOutcome {
     pub skipped_steps: usize,
     pub final_train: Option<StepMetrics>,
     pub final_eval: Option<StepMetrics>,
+    /// The last steps of training (this process), see [`RecentTrain`].
+    pub recent_train: Option<RecentTrain>,
     pub eval_before: Option<RankingEval>,
     pub eval_after: Option<RankingEval>,
     pub tokens: u64,
     pub seconds: f64,
 }
 
-/// Total optimiser steps of a run.
+/// Total optimiser steps of a run. An epoch is exactly one pass over the training pairs: its
+/// last optimiser step may have fewer than `grad_accum` micro-steps (as in Hugging Face's
+/// Trainer), never micro-batches of the next epoch.
 pub fn total_steps(cfg: &TrainConfig, n_train: usize) -> usize {
     if cfg.max_steps > 0 {
         return cfg.max_steps;
@@ -357,6 +398,9 @@ struct LoopState {
     engine: serde_json::Value,
     /// Fingerprint of the run's data and settings, checked on resume.
     fingerprint: String,
+    /// The run's settings, compared on resume (absent in checkpoints of older versions).
+    #[serde(default)]
+    config: Option<TrainConfig>,
 }
 
 /// Where checkpoints go and what to put beside them.
@@ -396,6 +440,41 @@ fn fingerprint(cfg: &TrainConfig, data: &TrainData) -> String {
         .collect()
 }
 
+/// Checks that a checkpoint may be resumed by a run of `cfg` on `data`: the same data and
+/// every setting the run depends on unchanged (only [`crate::train::config::RESUME_MAY_CHANGE`]
+/// may differ). The error lists each changed setting with its old and new value. [`train`]
+/// calls it; callers can call it earlier, before writing anything for the resumed run.
+pub fn check_resume(
+    cfg: &TrainConfig,
+    data: &TrainData,
+    ck: &Checkpoint,
+) -> Result<(), TrainError> {
+    let state: LoopState = serde_json::from_value(ck.meta.state.clone())
+        .map_err(|e| TrainError::Resume(e.to_string()))?;
+    check_state(cfg, &fingerprint(cfg, data), &state)
+}
+
+fn check_state(cfg: &TrainConfig, fp: &str, state: &LoopState) -> Result<(), TrainError> {
+    if let Some(saved) = &state.config {
+        let changes = cfg.resume_changes(saved);
+        if !changes.is_empty() {
+            let list: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+            return Err(TrainError::Resume(format!(
+                "it was written for different data or settings: {}; resume with the settings of the run (its config.toml) or start a new run (only {} may change)",
+                list.join(", "),
+                crate::train::config::RESUME_MAY_CHANGE.join(", ")
+            )));
+        }
+    }
+    if state.fingerprint != *fp {
+        return Err(TrainError::Resume(format!(
+            "it was written for different data or settings (fingerprint {} vs {fp}); resume with the same config and data",
+            state.fingerprint
+        )));
+    }
+    Ok(())
+}
+
 /// Runs training. `resume` restores a checkpoint taken by an earlier run of the same settings;
 /// `stop` (set by Ctrl-C) makes the loop save a checkpoint and return with `interrupted`.
 pub fn train(
@@ -415,7 +494,7 @@ pub fn train(
     let loss = Loss::parse(&cfg.loss).map_err(|e| TrainError::Engine(e.to_string()))?;
     let total = total_steps(cfg, data.train.len());
     let p = cfg.pairs_per_step;
-    let n_buffer = if data.buffer.is_empty() {
+    let n_buffer = if data.buffer.is_empty() || cfg.buffer_ratio <= 0.0 {
         0
     } else {
         ((p as f64) * cfg.buffer_ratio).round().max(1.0) as usize
@@ -436,12 +515,7 @@ pub fn train(
     if let Some(mut ck) = resume {
         let state: LoopState = serde_json::from_value(ck.meta.state.clone())
             .map_err(|e| TrainError::Resume(e.to_string()))?;
-        if state.fingerprint != fp {
-            return Err(TrainError::Resume(format!(
-                "it was written for different data or settings (fingerprint {} vs {fp}); resume with the same config and data",
-                state.fingerprint
-            )));
-        }
+        check_state(cfg, &fp, &state)?;
         let tensors = std::mem::take(&mut ck.tensors);
         engine.load_state(&tensors, &state.engine)?;
         step = state.step;
@@ -466,6 +540,9 @@ pub fn train(
     let mut last_train = None;
     let mut last_eval = None;
     let mut interrupted = false;
+    // (loss, pairs, pairs ranked as BFPO wants) of the last RECENT_STEPS steps.
+    let mut recent: std::collections::VecDeque<(f64, usize, usize)> =
+        std::collections::VecDeque::new();
 
     let save = |engine: &mut dyn Engine,
                 step: usize,
@@ -486,6 +563,7 @@ pub fn train(
             tokens,
             engine: scalars,
             fingerprint: fp.clone(),
+            config: Some(cfg.clone()),
         };
         let ck = Checkpoint::new(
             step,
@@ -507,10 +585,18 @@ pub fn train(
         let step_start = Instant::now();
         step += 1;
         engine.zero_grads()?;
+        // Every pair of the step (safety and buffer) for rewards and accuracies; the two halves
+        // of the objective (each a batch mean, summed per micro-step) for the loss.
         let mut stats = PairStats::default();
+        let (mut loss_safety, mut loss_buffer) = (0.0f64, 0.0f64);
         let mut bad: Option<String> = None;
         let mut step_tokens = 0u64;
-        for micro in 0..cfg.grad_accum {
+        // The step ends with its epoch: a short last step rather than borrowing micro-batches.
+        let per_epoch = train_cursor.batches_per_epoch().max(1);
+        let n_micro = cfg
+            .grad_accum
+            .min(per_epoch - train_cursor.consumed % per_epoch);
+        for micro in 0..n_micro {
             // LoRA dropout: a counter from (step, micro), so a resumed run draws the same masks.
             let counter = ((step as u64 - 1) * cfg.grad_accum as u64 + micro as u64) as u32;
             engine.set_dropout((cfg.lora_dropout > 0.0).then_some(Dropout {
@@ -556,19 +642,22 @@ pub fn train(
                     .collect();
                 match loss.batch(&inputs) {
                     Ok(bl) => {
+                        if std::ptr::eq(set, data.train.as_slice()) {
+                            loss_safety += bl.loss;
+                        } else {
+                            loss_buffer += bl.loss;
+                        }
                         for (k, pl) in bl.pairs.iter().enumerate() {
-                            weights.push((bl.d_policy_chosen[k] / cfg.grad_accum as f64) as f32);
-                            weights.push((bl.d_policy_rejected[k] / cfg.grad_accum as f64) as f32);
-                            if std::ptr::eq(set, data.train.as_slice()) {
-                                stats.add(PairObservation {
-                                    loss: pl.loss,
-                                    reward_chosen: pl.reward_chosen,
-                                    reward_rejected: pl.reward_rejected,
-                                    logp_chosen: inputs[k].logps.policy_chosen,
-                                    logp_rejected: inputs[k].logps.policy_rejected,
-                                    case: set[idx[k]].case(),
-                                });
-                            }
+                            weights.push((bl.d_policy_chosen[k] / n_micro as f64) as f32);
+                            weights.push((bl.d_policy_rejected[k] / n_micro as f64) as f32);
+                            stats.add(PairObservation {
+                                loss: pl.loss,
+                                reward_chosen: pl.reward_chosen,
+                                reward_rejected: pl.reward_rejected,
+                                logp_chosen: inputs[k].logps.policy_chosen,
+                                logp_rejected: inputs[k].logps.policy_rejected,
+                                case: set[idx[k]].case(),
+                            });
                         }
                         if !bl.loss.is_finite() {
                             bad = Some(format!("loss {}", bl.loss));
@@ -631,6 +720,14 @@ pub fn train(
             ..Default::default()
         };
         stats.fill(&mut m);
+        // The objective of the step: mean over its micro-steps of BFPO(safety) + BFPO(buffer).
+        m.loss_safety = Some(loss_safety / n_micro as f64);
+        m.loss_buffer = (n_buffer > 0).then(|| loss_buffer / n_micro as f64);
+        m.loss = (loss_safety + loss_buffer) / n_micro as f64;
+        if recent.len() == RECENT_STEPS {
+            recent.pop_front();
+        }
+        recent.push_back((m.loss, stats.len(), stats.bfpo_correct()));
         on_event(Event::Step(m.clone()));
         last_train = Some(m);
         if !data.eval.is_empty() && cfg.eval_every > 0 && step % cfg.eval_every == 0 && step < total
@@ -676,6 +773,7 @@ pub fn train(
         skipped_steps: skipped,
         final_train: last_train,
         final_eval: last_eval,
+        recent_train: RecentTrain::from_steps(recent.make_contiguous()),
         eval_before,
         eval_after,
         tokens,

@@ -2,6 +2,7 @@
 
 pub mod close;
 pub mod rng;
+pub mod runtime_dir;
 
 pub use close::{Tol, assert_close};
 pub use rng::Rng;

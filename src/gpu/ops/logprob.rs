@@ -6,6 +6,7 @@
 //! `N × chunk` floats for the logits plus O(N); never a `[N × V]` matrix.
 
 use super::check::{bad_shape, need_words};
+use super::lora::{GpuLoraTensor, lora_head_down, lora_head_up};
 use super::matmul::{GpuWeight, matmul_rows};
 use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder, groups};
 use crate::kernel_source;
@@ -180,6 +181,16 @@ impl LmHeadScratch {
     }
 }
 
+/// A LoRA on the LM head for [`lm_head_logprobs`]: the adapter tensor, its rank and scale, and
+/// scratch `u` of ≥ `[n_rows, rank]` f32.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadLora<'a> {
+    pub tensor: &'a GpuLoraTensor,
+    pub rank: usize,
+    pub scale: f32,
+    pub u: &'a GpuBuf,
+}
+
 /// Records the fused LM head: for every vocabulary chunk, `logits = x·W[chunk]ᵀ` then the
 /// running log-softmax merge. x: `[n_rows, n_embd]` f32 (already final-normed); w: the LM
 /// head `[n_vocab, n_embd]`; bias: `[n_vocab]` f32 or `None`; targets: `[n_rows]` u32.
@@ -201,11 +212,48 @@ pub fn lm_head_logprobs<'g>(
     lse: &GpuBuf,
     n_rows: usize,
 ) -> Result<(), GpuError> {
+    lm_head_logprobs_lora(
+        gpu, rec, x, w, bias, None, targets, scratch, logp, lse, n_rows,
+    )
+}
+
+/// [`lm_head_logprobs`] with a LoRA on `output.weight`: `logits += s·B[chunk]·(A·x)`, with
+/// `u = A·x` once and then per chunk (see [`lora_head_down`], [`lora_head_up`]).
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head_logprobs_lora<'g>(
+    gpu: &'g Gpu,
+    rec: &mut Recorder<'g>,
+    x: &GpuBuf,
+    w: &GpuWeight,
+    bias: Option<&GpuBuf>,
+    lora: Option<HeadLora<'_>>,
+    targets: &GpuBuf,
+    scratch: &LmHeadScratch,
+    logp: &GpuBuf,
+    lse: &GpuBuf,
+    n_rows: usize,
+) -> Result<(), GpuError> {
     scratch.check_rows(n_rows, "lm head")?;
+    if let Some(l) = &lora {
+        lora_head_down(gpu, rec, l.tensor, l.rank, x, l.u, n_rows)?;
+    }
     let chunks = scratch.chunks(w);
     let n = chunks.len();
     for (i, cols) in chunks.into_iter().enumerate() {
         matmul_rows(gpu, rec, x, w, cols.clone(), &scratch.logits, n_rows)?;
+        if let Some(l) = &lora {
+            lora_head_up(
+                gpu,
+                rec,
+                l.tensor,
+                l.rank,
+                l.scale,
+                l.u,
+                &scratch.logits,
+                n_rows,
+                cols.clone(),
+            )?;
+        }
         logprob_update(
             gpu,
             rec,

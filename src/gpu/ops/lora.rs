@@ -147,7 +147,9 @@ pub struct LoraGemmParams {
     pub alpha: f32,
     /// Bit 0: accumulate into C.
     pub flags: u32,
-    pub _pad: [u32; 2],
+    /// First Y element (the LM head's B rows of a vocabulary chunk).
+    pub y_off: u32,
+    pub _pad: u32,
 }
 
 /// Params of `kernels/lora_back.wgsl`.
@@ -177,6 +179,23 @@ fn gemm(
     x: Bind<'_>,
     y: Bind<'_>,
     c: Bind<'_>,
+    mnk: (usize, usize, usize),
+    strides: (usize, usize, usize, usize),
+    alpha: f32,
+    accumulate: bool,
+) -> Result<(), GpuError> {
+    gemm_at(gpu, rec, x, y, 0, c, mnk, strides, alpha, accumulate)
+}
+
+/// [`gemm`] reading Y from element `y_off` on: `Y[y_off + k·syk + j·syj]`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_at(
+    gpu: &Gpu,
+    rec: &mut Recorder<'_>,
+    x: Bind<'_>,
+    y: Bind<'_>,
+    y_off: usize,
+    c: Bind<'_>,
     (m, n, k): (usize, usize, usize),
     (sxi, sxk, syk, syj): (usize, usize, usize, usize),
     alpha: f32,
@@ -197,7 +216,8 @@ fn gemm(
         c_stride: n as u32,
         alpha,
         flags: accumulate as u32,
-        _pad: [0; 2],
+        y_off: y_off as u32,
+        _pad: 0,
     };
     rec.dispatch(
         &pipe,
@@ -324,6 +344,88 @@ pub fn lora_forward(
         )?;
     }
     Ok(())
+}
+
+/// LoRA on the LM head (`output.weight`), first half: `u = A·x` for the `n_rows` normed rows
+/// x `[n_rows, n_embd]` → u `[n_rows, rank]`. The second half, per vocabulary chunk, is
+/// [`lora_head_up`].
+pub fn lora_head_down(
+    gpu: &Gpu,
+    rec: &mut Recorder<'_>,
+    t: &GpuLoraTensor,
+    rank: usize,
+    x: &GpuBuf,
+    u: &GpuBuf,
+    n_rows: usize,
+) -> Result<(), GpuError> {
+    let what = "LoRA forward of output.weight";
+    check_tensor(what, t, rank)?;
+    check(
+        what,
+        "x",
+        x,
+        n_rows * t.n_in,
+        &format!("[{n_rows}, {}]", t.n_in),
+    )?;
+    check(what, "u", u, n_rows * rank, &format!("[{n_rows}, {rank}]"))?;
+    // u[i, r] = Σ_k x[i, k]·A[r, k]
+    gemm(
+        gpu,
+        rec,
+        Bind::Range(x, 0, (n_rows * t.n_in * 4) as u64),
+        Bind::Range(&t.a, 0, (rank * t.n_in * 4) as u64),
+        Bind::Range(u, 0, (n_rows * rank * 4) as u64),
+        (n_rows, rank, t.n_in),
+        (t.n_in, 1, 1, t.n_in),
+        1.0,
+        false,
+    )
+}
+
+/// LoRA on the LM head, second half for the vocabulary columns `cols`:
+/// `logits[i, j] += scale·Σ_r u[i, r]·B[cols.start + j, r]`, logits `[n_rows, cols.len()]` (the
+/// LM head's logits chunk), u `[n_rows, rank]` from [`lora_head_down`], B `[n_vocab, rank]`.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_head_up(
+    gpu: &Gpu,
+    rec: &mut Recorder<'_>,
+    t: &GpuLoraTensor,
+    rank: usize,
+    scale: f32,
+    u: &GpuBuf,
+    logits: &GpuBuf,
+    n_rows: usize,
+    cols: Range<usize>,
+) -> Result<(), GpuError> {
+    let what = "LoRA forward of output.weight";
+    check_tensor(what, t, rank)?;
+    if cols.end > t.n_out {
+        return Err(bad(
+            what,
+            format!("vocabulary chunk {cols:?} beyond the {} rows of B", t.n_out),
+        ));
+    }
+    check(what, "u", u, n_rows * rank, &format!("[{n_rows}, {rank}]"))?;
+    let nc = cols.len();
+    check(
+        what,
+        "logits",
+        logits,
+        n_rows * nc,
+        &format!("[{n_rows}, {nc}]"),
+    )?;
+    gemm_at(
+        gpu,
+        rec,
+        Bind::Range(u, 0, (n_rows * rank * 4) as u64),
+        Bind::Range(&t.b, 0, (t.n_out * rank * 4) as u64),
+        cols.start * rank,
+        Bind::Range(logits, 0, (n_rows * nc * 4) as u64),
+        (n_rows, nc, rank),
+        (rank, 1, 1, rank),
+        scale,
+        true,
+    )
 }
 
 /// The rows `tokens` of a token-major `[T, width]` f32 buffer, as a binding window.

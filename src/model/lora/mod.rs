@@ -21,6 +21,11 @@ pub enum Target {
     FfnGate,
     FfnUp,
     FfnDown,
+    /// The LM head `output.weight` (`[n_vocab, d]`; absent when the model ties its embeddings).
+    /// Not a per-layer projection: its tensors carry layer 0, it is not in [`Target::ALL`] and
+    /// training does not target it (the GPU backward has no LM-head LoRA); adapters that carry
+    /// it (llama.cpp loads them) are scored by both engines.
+    Output,
 }
 
 impl Target {
@@ -44,6 +49,7 @@ impl Target {
             Target::FfnGate => "ffn_gate",
             Target::FfnUp => "ffn_up",
             Target::FfnDown => "ffn_down",
+            Target::Output => "output",
         }
     }
 
@@ -57,6 +63,7 @@ impl Target {
             Target::FfnGate => "mlp.gate_proj",
             Target::FfnUp => "mlp.up_proj",
             Target::FfnDown => "mlp.down_proj",
+            Target::Output => "lm_head",
         }
     }
 
@@ -81,12 +88,22 @@ impl Target {
             Target::AttnOutput => (cfg.q_dim(), cfg.n_embd),
             Target::FfnGate | Target::FfnUp => (cfg.n_embd, cfg.n_ff),
             Target::FfnDown => (cfg.n_ff, cfg.n_embd),
+            Target::Output => (cfg.n_embd, cfg.n_vocab),
         }
     }
 
-    /// Full GGUF base tensor name for a layer.
+    /// Full GGUF base tensor name for a layer (`output.weight` for [`Target::Output`], whatever
+    /// the layer).
     pub fn tensor_name(self, layer: usize) -> String {
-        format!("blk.{layer}.{}.weight", self.gguf_name())
+        match self {
+            Target::Output => "output.weight".into(),
+            _ => format!("blk.{layer}.{}.weight", self.gguf_name()),
+        }
+    }
+
+    /// Whether this is a per-layer projection (everything but [`Target::Output`]).
+    pub fn is_layer(self) -> bool {
+        self != Target::Output
     }
 }
 

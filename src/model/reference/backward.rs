@@ -174,6 +174,13 @@ impl RefModel {
         for (i, ex) in examples.iter().enumerate() {
             self.check_example(ex, i)?;
         }
+        if let Some(t) = lora.tensors.iter().find(|t| t.target == Target::Output) {
+            return Err(RefError::BadLora {
+                layer: t.layer,
+                target: t.target.gguf_name(),
+                detail: "LoRA on output.weight is supported for scoring, not training (no LM-head LoRA gradient)".into(),
+            });
+        }
         let mut ad = self.adapters(Some(lora))?;
         ad.drop = dropout;
         let seq_len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
@@ -183,7 +190,7 @@ impl RefModel {
         for (b, (ex, &wt)) in examples.iter().zip(weights).enumerate() {
             ad.row0 = b * seq_len;
             let (x, tapes) = self.trunk(&ex.ids, &ad);
-            let (lp, _nf, logits) = self.head_fwd(&x, ex);
+            let (lp, _nf, logits) = self.head_fwd(&x, ex, &ad);
             sums.push(lp.iter().sum());
             if wt == 0.0 {
                 continue;

@@ -204,6 +204,11 @@ impl RefModel {
                     t.layer, self.cfg.n_layer
                 )));
             }
+            if t.target == Target::Output && self.cfg.tied {
+                return Err(bad(
+                    "this model ties its embeddings: it has no output.weight to adapt".into(),
+                ));
+            }
             let (n_in, n_out) = t.target.shape(&self.cfg);
             if (t.n_in, t.n_out) != (n_in, n_out) {
                 return Err(bad(format!(
@@ -427,7 +432,7 @@ impl RefModel {
         let (x, _) = self.trunk(ids, &ad);
         let d = self.cfg.n_embd;
         let nf = rmsnorm_fwd(&x, d, &self.w.output_norm, self.eps());
-        let logits = linear_fwd(&nf, d, self.lm_head(), self.cfg.n_vocab, None);
+        let logits = self.lm_head_fwd(&nf, &ad);
         Ok(logits
             .chunks_exact(self.cfg.n_vocab)
             .map(|r| r.to_vec())
@@ -444,7 +449,7 @@ impl RefModel {
         self.check_example(ex, 0)?;
         let ad = self.adapters(lora)?;
         let (x, _) = self.trunk(&ex.ids, &ad);
-        Ok(self.head_fwd(&x, ex).0)
+        Ok(self.head_fwd(&x, ex, &ad).0)
     }
 
     /// Summed response log-prob of each example.
@@ -461,19 +466,25 @@ impl RefModel {
             .iter()
             .map(|ex| {
                 let (x, _) = self.trunk(&ex.ids, &ad);
-                self.head_fwd(&x, ex).0.iter().sum()
+                self.head_fwd(&x, ex, &ad).0.iter().sum()
             })
             .collect())
     }
 
     /// Final norm + LM head on the scored positions only: returns (per-token log-probs, the
     /// normed rows `nf` of positions `response_start−1 .. T−1`, their logits).
-    pub(super) fn head_fwd(&self, x: &[f64], ex: &Example) -> (Vec<f64>, Vec<f64>, Vec<Vec<f64>>) {
+    pub(super) fn head_fwd(
+        &self,
+        x: &[f64],
+        ex: &Example,
+        ad: &Adapters,
+    ) -> (Vec<f64>, Vec<f64>, Vec<Vec<f64>>) {
         let (d, nv) = (self.cfg.n_embd, self.cfg.n_vocab);
         let t_len = ex.ids.len();
         let rows = &x[(ex.response_start - 1) * d..(t_len - 1) * d];
         let nf = rmsnorm_fwd(rows, d, &self.w.output_norm, self.eps());
-        let logits: Vec<Vec<f64>> = linear_fwd(&nf, d, self.lm_head(), nv, None)
+        let logits: Vec<Vec<f64>> = self
+            .lm_head_fwd(&nf, ad)
             .chunks_exact(nv)
             .map(|r| r.to_vec())
             .collect();
@@ -483,5 +494,23 @@ impl RefModel {
             .map(|(r, lg)| log_softmax_target_fwd(lg, ex.ids[ex.response_start + r] as usize))
             .collect();
         (lp, nf, logits)
+    }
+
+    /// The LM head on normed rows `nf` `[R, d]`: `W_out·nf (+ s·B·(A·nf))` with the adapter's
+    /// LoRA on `output.weight`, if any → `[R, n_vocab]`.
+    pub(super) fn lm_head_fwd(&self, nf: &[f64], ad: &Adapters) -> Vec<f64> {
+        let (d, nv) = (self.cfg.n_embd, self.cfg.n_vocab);
+        let mut logits = linear_fwd(nf, d, self.lm_head(), nv, None);
+        if let Some(a) = ad
+            .by
+            .first()
+            .and_then(|l| l[Target::Output as usize].as_ref())
+        {
+            let (dy, _) = lora_fwd(nf, d, &a.a, &a.b, ad.rank, nv, ad.scale);
+            for (y, e) in logits.iter_mut().zip(dy) {
+                *y += e;
+            }
+        }
+        logits
     }
 }

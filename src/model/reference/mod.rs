@@ -113,7 +113,8 @@ pub(super) struct Adapter {
 pub(super) struct Adapters {
     rank: usize,
     scale: f64,
-    by: Vec<[Option<Adapter>; 7]>,
+    /// Per layer, by `Target as usize`; [`Target::Output`] (the LM head) sits in layer 0.
+    by: Vec<[Option<Adapter>; 8]>,
     /// LoRA dropout (training only) and the global row of the current sequence's first token
     /// (`b·L`, as in the GPU batch), so the masks match `gpu::ops::dropout`.
     drop: Option<Dropout>,
