@@ -727,11 +727,17 @@ fn write_hf_inputs(model: &Path, dir: &Path) -> (PathBuf, PathBuf) {
     (meta_path, weights)
 }
 
-fn score_wgpu(model: &Path, adapter: Option<&Path>, data: &Path) -> Vec<(f64, f64)> {
+/// `score --engine wgpu` log-probs, and the token ids it scored (as prompt/chosen/rejected ids).
+fn score_wgpu(
+    model: &Path,
+    adapter: Option<&Path>,
+    data: &Path,
+) -> (Vec<(f64, f64)>, Vec<serde_json::Value>) {
     let mut args = vec![
         "score",
         "--engine",
         "wgpu",
+        "--emit-tokens",
         "--model",
         s(model),
         "--data",
@@ -742,16 +748,26 @@ fn score_wgpu(model: &Path, adapter: Option<&Path>, data: &Path) -> Vec<(f64, f6
     }
     let (ok, stdout, stderr) = bin(&args);
     assert!(ok, "score: {stderr}");
-    stdout
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (
-                v["chosen_logp"].as_f64().unwrap(),
-                v["rejected_logp"].as_f64().unwrap(),
-            )
-        })
-        .collect()
+    let mut scores = Vec::new();
+    let mut rows = Vec::new();
+    for l in stdout.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        scores.push((
+            v["chosen_logp"].as_f64().unwrap(),
+            v["rejected_logp"].as_f64().unwrap(),
+        ));
+        let rs = v["response_start"].as_u64().unwrap() as usize;
+        let rr = v["rejected_response_start"]
+            .as_u64()
+            .map_or(rs, |x| x as usize);
+        assert_eq!(rs, rr, "prompts differ");
+        let (c, r) = (ids(&v["chosen_ids"]), ids(&v["rejected_ids"]));
+        assert_eq!(c[..rs], r[..rs]);
+        rows.push(serde_json::json!({
+            "prompt_ids": &c[..rs], "chosen_ids": &c[rs..], "rejected_ids": &r[rs..],
+        }));
+    }
+    (scores, rows)
 }
 
 /// Heavy and opt-in (torch, transformers, TRL, PEFT, accelerate on the CPU): run with
@@ -849,6 +865,17 @@ fn train_py_two_steps_on_cpu_then_import_and_score() {
     assert!(ok, "{e}");
     assert!(out.contains("rows converted"), "{out}");
     let eval = project.join("data/eval.jsonl");
+    let (base_rs, scored) = score_wgpu(&model, None, &eval);
+    let (lora_rs, _) = score_wgpu(&model, Some(&adapter), &eval);
+    let scored_path = dir.path().join("scored.jsonl");
+    std::fs::write(
+        &scored_path,
+        scored
+            .iter()
+            .map(|r| r.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
     let py_scores = dir.path().join("py_scores.json");
     run_python(
         &python,
@@ -856,7 +883,7 @@ fn train_py_two_steps_on_cpu_then_import_and_score() {
             s(&script("score_peft.py")),
             s(&hf),
             s(&adapter_dir),
-            s(&eval),
+            s(&scored_path),
             s(&py_scores),
         ],
         &envs,
@@ -871,8 +898,6 @@ fn train_py_two_steps_on_cpu_then_import_and_score() {
             .map(|p| (p[0].as_f64().unwrap(), p[1].as_f64().unwrap()))
             .collect()
     };
-    let base_rs = score_wgpu(&model, None, &eval);
-    let lora_rs = score_wgpu(&model, Some(&adapter), &eval);
     let (base_py, lora_py) = (pairs("base"), pairs("adapter"));
     assert_eq!(base_rs.len(), 4);
     let (mut err_base, mut err_lora, mut moved) = (0.0f64, 0.0f64, 0.0f64);
