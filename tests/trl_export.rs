@@ -927,4 +927,17 @@ fn train_py_two_steps_on_cpu_then_import_and_score() {
         moved > 0.05,
         "two steps did not move the adapter ({moved}): the check is not sensitive"
     );
+    // BFPO_TRL_KEEP=DIR keeps the exported project and the HF model (e.g. to run them on a GPU).
+    if let Some(keep) = std::env::var_os("BFPO_TRL_KEEP") {
+        let keep = PathBuf::from(keep);
+        std::fs::create_dir_all(&keep).unwrap();
+        for (from, to) in [(&project, "trl"), (&hf, "hf"), (&model, "model.gguf")] {
+            let _ = std::fs::remove_dir_all(keep.join(to));
+            let st = Command::new("cp")
+                .args(["-r", s(from), s(&keep.join(to))])
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+    }
 }

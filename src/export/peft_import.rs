@@ -201,6 +201,9 @@ fn parse_name(name: &str) -> Result<(usize, Target, bool), String> {
     Ok((layer, target, is_b))
 }
 
+/// One LoRA half as read: tensor name, shape, values.
+type Half = (String, Vec<usize>, Vec<f32>);
+
 /// Reads a PEFT LoRA directory for the model `cfg` into [`LoraWeights`] in GGUF orientation
 /// (llama Q/K `lora_B` rows permuted), checked against the model's shapes.
 pub fn read_peft(dir: &Path, cfg: &ModelConfig) -> Result<(LoraWeights, PeftImport), ExportError> {
@@ -222,8 +225,7 @@ pub fn read_peft(dir: &Path, cfg: &ModelConfig) -> Result<(LoraWeights, PeftImpo
         tensor: tensor.to_string(),
         detail,
     };
-    let mut halves: BTreeMap<(usize, Target), [Option<(String, Vec<usize>, Vec<f32>)>; 2]> =
-        BTreeMap::new();
+    let mut halves: BTreeMap<(usize, Target), [Option<Half>; 2]> = BTreeMap::new();
     let mut dtypes = std::collections::BTreeSet::new();
     let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
     names.sort();
