@@ -830,6 +830,24 @@ fn train_py_two_steps_on_cpu_then_import_and_score() {
         &envs,
     );
     eprintln!("train.py: 2 steps in {:.1} s", t.elapsed().as_secs_f64());
+    // --tokenize hf: the text re-rendered with the HF tokenizer's chat template, truncated by
+    // bfpo_loss.truncate_pair; one step must run.
+    let log_hf = run_python(
+        &python,
+        &[
+            s(&project.join("train.py")),
+            "--model",
+            s(&hf),
+            "--output-dir",
+            s(&dir.path().join("output-hf")),
+            "--max-steps",
+            "1",
+            "--tokenize",
+            "hf",
+        ],
+        &envs,
+    );
+    assert!(log_hf.contains("(1 steps"), "{log_hf}");
     let adapter_dir = output.join("adapter");
     assert!(
         adapter_dir.join("adapter_model.safetensors").is_file(),
