@@ -102,7 +102,7 @@ class BufferMixSampler(torch.utils.data.Sampler):
 
     def _next_buffer(self):
         if self.buffer_pos >= len(self.buffer_order):
-            g = torch.Generator().manual_seed(self.seed ^ 0xB0FF + self.buffer_epoch)
+            g = torch.Generator().manual_seed((self.seed ^ 0xB0FF) + self.buffer_epoch)
             self.buffer_order = [self.buffer[i] for i in torch.randperm(len(self.buffer), generator=g).tolist()]
             self.buffer_epoch += 1
             self.buffer_pos = 0
@@ -132,10 +132,9 @@ class BfpoTrainer(DPOTrainer):
     `_compute_loss` (the BFPO loss of bfpo_loss.py; TRL's metric names).
     """
 
-    def __init__(self, *a, bfpo_spec=None, bfpo_settings=None, tokenize_mode="bfpo", **kw):
+    def __init__(self, *a, bfpo_spec=None, bfpo_settings=None, **kw):
         self.bfpo_spec = bfpo_spec
         self.bfpo_settings = bfpo_settings
-        self.tokenize_mode = tokenize_mode
         super().__init__(*a, **kw)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -330,7 +329,6 @@ def main():
         peft_config=peft_config,
         bfpo_spec=spec,
         bfpo_settings=cfg,
-        tokenize_mode=args.tokenize,
     )
     if args.tokenize == "bfpo":
         vocab = trainer.model.config.get_text_config().vocab_size
