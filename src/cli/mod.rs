@@ -5,7 +5,9 @@ use clap::{Parser, Subcommand};
 
 pub mod devices;
 pub mod export;
+pub mod export_run;
 pub mod generate;
+pub mod import_peft;
 pub mod info;
 pub mod init_model;
 pub mod plan;
@@ -41,6 +43,10 @@ pub enum Command {
     Generate(generate::Args),
     /// Export a trained adapter as GGUF LoRA, PEFT safetensors or a merged model.
     Export(export::Args),
+    /// Hand a run over to Hugging Face TRL + accelerate (multi-GPU) as a Python project.
+    ExportRun(export_run::Args),
+    /// Convert a Hugging Face PEFT LoRA into a GGUF adapter for llama.cpp and `score`.
+    ImportPeft(import_peft::Args),
     /// Inspect a GGUF model: architecture, shapes, tensor types, trainability.
     Info(info::Args),
     /// Write a deterministic random-weight model (test fixtures, the demo model).
@@ -79,6 +85,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Score(a)) => score::run(a, verbose),
         Some(Command::Generate(a)) => generate::run(a, verbose),
         Some(Command::Export(a)) => export::run(a, verbose),
+        Some(Command::ExportRun(a)) => export_run::run(a, verbose),
+        Some(Command::ImportPeft(a)) => import_peft::run(a, verbose),
         Some(Command::Info(a)) => info::run(a, verbose),
         Some(Command::InitModel(a)) => init_model::run(a, verbose),
         Some(Command::Devices(a)) => devices::run(a, verbose),

@@ -8,6 +8,8 @@
 pub mod gguf_adapter;
 pub mod merge;
 pub mod peft;
+pub mod peft_import;
+pub mod trl;
 
 pub use gguf_adapter::{AdapterDType, Provenance, read_adapter, write_adapter};
 
