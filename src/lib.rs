@@ -31,6 +31,7 @@
 //! ```
 
 pub mod data;
+pub mod eval;
 pub mod export;
 pub mod gguf;
 pub mod gpu;
