@@ -127,6 +127,10 @@ pub struct Args {
     /// Adapter tensor type: f32 or f16.
     #[arg(long, default_value = "f32")]
     pub outtype: String,
+    /// Time every GPU operation (serialises the work) and report where the time went, per
+    /// phase and kernel family, on stderr and in OUT/profile.json.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// The built-in demo's model recipe (also documented in models/README.md).
@@ -457,6 +461,9 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
     }
 
     // Engine.
+    if args.profile {
+        bfpo_lite::gpu::profile::start();
+    }
     let spec = LoraSpec {
         targets,
         layers,
@@ -721,6 +728,13 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
     };
     let json = serde_json::to_string_pretty(&summary)?;
     std::fs::write(cfg.out.join("summary.json"), &json)?;
+    if let Some(p) = bfpo_lite::gpu::profile::take() {
+        eprint!("{p}");
+        std::fs::write(
+            cfg.out.join("profile.json"),
+            serde_json::to_string_pretty(&p)?,
+        )?;
+    }
     if args.json {
         println!("{json}");
         return Ok(());
