@@ -5,7 +5,8 @@
 //!
 //! Env: `BFPO_BENCH_T` (tokens, default 512; use 32–64 on lavapipe), `BFPO_BENCH_SECS`
 //! (measurement seconds, default 5). Filter with criterion, e.g.
-//! `cargo bench --bench matmul -- 'fwd/Q8_0'`.
+//! `cargo bench --bench matmul -- 'fwd/Q8_0'`. `BFPO_BENCH_ITERS=N` (with `BFPO_BENCH_FILTER`)
+//! skips criterion and prints GFLOP/s per wall second and per CPU second (see `manual`).
 
 use bfpo_lite::gguf::GgmlType;
 use bfpo_lite::gpu::ops::matmul::{
@@ -18,6 +19,8 @@ use std::time::Duration;
 
 /// (label, n_in, n_out, is the LM head)
 const SHAPES: &[(&str, usize, usize, bool)] = &[
+    ("smollm2_ffn_up", 576, 1536, false),
+    ("smollm2_ffn_down", 1536, 576, false),
     ("qwen0.5b_ffn_up", 896, 4864, false),
     ("qwen0.5b_ffn_down", 4864, 896, false),
     ("qwen0.5b_lm_head", 896, 151_936, true),
@@ -25,7 +28,13 @@ const SHAPES: &[(&str, usize, usize, bool)] = &[
     ("llama1b_ffn_down", 8192, 2048, false),
 ];
 
-const TYPES: &[GgmlType] = &[GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::F16, GgmlType::F32];
+const TYPES: &[GgmlType] = &[
+    GgmlType::Q4_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::F16,
+    GgmlType::F32,
+];
 
 /// Vocabulary rows per `matmul_rows` call for the LM head (keeps y under the binding limit).
 const VOCAB_CHUNK: usize = 16_384;
@@ -97,9 +106,71 @@ fn backward(gpu: &Gpu, c: &Case, t: usize, lm_head: bool) {
     rec.run("bench backward").unwrap();
 }
 
+/// Process CPU seconds (user + system, all threads: lavapipe's workers run in this process).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0 // utime, stime (fields 14, 15) at 100 ticks/s
+}
+
+/// `BFPO_BENCH_ITERS=N`: instead of criterion, runs each case whose id contains
+/// `BFPO_BENCH_FILTER` N times and prints GFLOP/s per wall second and per CPU second (the latter
+/// is what to compare on a loaded machine; on lavapipe it is per core).
+fn manual(gpu: &Gpu, t: usize, iters: usize) {
+    let filter = std::env::var("BFPO_BENCH_FILTER").unwrap_or_default();
+    for &(label, n_in, n_out, lm_head) in SHAPES {
+        for &ty in TYPES {
+            if ty.row_bytes(n_in).is_none() || (lm_head && ty == GgmlType::F32) {
+                continue;
+            }
+            for dir in ["fwd", "back"] {
+                let id = format!("{dir}/{ty}/{label}_{n_in}x{n_out}_T{t}");
+                if !id.contains(&filter) {
+                    continue;
+                }
+                let y_cols = if lm_head { VOCAB_CHUNK } else { n_out };
+                let mut rng = Rng::new(1);
+                let bytes = weight_bytes(ty, n_in, n_out);
+                let c = Case {
+                    w: GpuWeight::upload_raw(gpu, label, ty, n_in, n_out, &bytes).unwrap(),
+                    x: gpu.upload("x", &rng.normal_vec(t * n_in, 1.0)).unwrap(),
+                    y: gpu.alloc("y", (t * y_cols * 4) as u64).unwrap(),
+                    dy: gpu.upload("dy", &rng.normal_vec(t * y_cols, 1.0)).unwrap(),
+                    dx: gpu.alloc("dx", (t * n_in * 4) as u64).unwrap(),
+                };
+                let run = |c: &Case| {
+                    if dir == "fwd" {
+                        forward(gpu, c, t, lm_head)
+                    } else {
+                        backward(gpu, c, t, lm_head)
+                    }
+                };
+                run(&c); // warm-up: pipeline compilation
+                let (w0, c0) = (std::time::Instant::now(), cpu_seconds());
+                for _ in 0..iters {
+                    run(&c);
+                }
+                let (wall, cpu) = (w0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+                let gflop = (2 * t * n_in * n_out * iters) as f64 * 1e-9;
+                println!(
+                    "{id}: {:.2} GFLOP/s wall, {:.2} GFLOP/s per CPU-second ({iters} runs, {wall:.2} s wall, {cpu:.2} s CPU)",
+                    gflop / wall,
+                    gflop / cpu.max(1e-9)
+                );
+            }
+        }
+    }
+}
+
 fn bench(cr: &mut Criterion) {
     let gpu = test_device();
     let t = env_usize("BFPO_BENCH_T", 512);
+    if let Ok(n) = std::env::var("BFPO_BENCH_ITERS") {
+        manual(&gpu, t, n.parse().unwrap_or(3));
+        return;
+    }
     let secs = env_usize("BFPO_BENCH_SECS", 5) as u64;
     let mut g = cr.benchmark_group("matmul");
     g.sample_size(10)

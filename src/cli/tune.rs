@@ -128,6 +128,10 @@ pub struct Args {
     /// Adapter tensor type: f32 or f16.
     #[arg(long, default_value = "f32")]
     pub outtype: String,
+    /// Time every GPU operation (serialises the work) and report where the time went, per
+    /// phase and kernel family, on stderr and in OUT/profile.json.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 fn apply_overrides(cfg: &mut TrainConfig, a: &Args) {
@@ -250,7 +254,8 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
         .resume(args.resume.clone())
         .assume_safe(args.assume_safe)
         .adapter_type(dtype)
-        .force(args.force || demo);
+        .force(args.force || demo)
+        .profile(args.profile);
     install_ctrlc(&job.cancel_token());
     let mut view = View::new(args.json);
     let mut obs = |e: &Event| view.show(e);
@@ -488,6 +493,9 @@ fn print_summary(s: &Summary, out: &Path) {
         "\n{status}: {} steps in {:.1} s ({:.0} tokens/s, {} skipped); total {:.1} s",
         s.steps, s.train_seconds, s.tokens_per_second, s.skipped_steps, s.total_seconds
     );
+    if let Some(p) = &s.profile {
+        eprint!("{p}");
+    }
     if let Some(r) = &s.recent_train {
         println!(
             "last {} steps: loss {:.4e}, BFPO-ranking accuracy {:.3} over {} pairs",

@@ -62,6 +62,7 @@ use super::ops::matmul::matmul_back_input;
 use super::ops::rmsnorm_back::rmsnorm_backward;
 use super::ops::rope_back::rope_backward_inplace;
 use super::ops::swiglu_back::swiglu_backward_inplace;
+use super::profile;
 use super::{Gpu, GpuBuf, GpuError, Recorder};
 use crate::data::Example;
 use crate::model::lora::Target;
@@ -263,6 +264,8 @@ pub fn backward(
         roww[r.clone()].iter_mut().for_each(|v| *v = w);
     }
     let roww = gpu.upload("seed weight per scored row", &roww)?;
+    profile::set_phase("backward");
+    profile::set_scope(Some("lm_head"));
     let mut rec = gpu.recorder();
     lm_head_backward(
         gpu,
@@ -292,6 +295,7 @@ pub fn backward(
     rec.clear(&s.dx, 0, (t * d * 4) as u64);
     scatter_rows(gpu, &mut rec, &s.dn, &batch.rows, &s.dx, n, d)?;
     rec.submit();
+    profile::set_scope(None);
 
     for il in (0..cfg.n_layer).rev() {
         let mut rec = gpu.recorder();
@@ -333,9 +337,11 @@ fn layer_backward(
 
     // Recompute: every intermediate of this layer lands in `ws` (x_out goes to the spare
     // `ping[0]`; the checkpoint of layer il + 1 is not touched).
+    profile::set_phase("recompute");
     model
         .layer_forward(gpu, rec, il, batch, ws, x_in, &ws.ping[0], Some(lora))
         .map_err(gpu_err)?;
+    profile::set_phase("backward");
 
     // Input gradient through a frozen projection plus its LoRA branch (if adapted):
     // dx_in (+)= dy·W (+ LoRA: grads and dx_in += du·A).

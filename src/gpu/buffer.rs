@@ -5,6 +5,7 @@
 //! (always the last binding). [`Recorder::dispatch`] builds the bind group in that order.
 
 use super::device::{Gpu, GpuError};
+use super::profile;
 use super::registry::Pipeline;
 use std::sync::Arc;
 use wgpu::util::DeviceExt;
@@ -137,6 +138,7 @@ impl Gpu {
         if bytes == 0 {
             return Ok(Vec::new());
         }
+        let timer = profile::enabled().then(std::time::Instant::now);
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
             size: bytes,
@@ -171,6 +173,9 @@ impl Gpu {
             bytemuck::pod_collect_to_vec(&view[..])
         };
         staging.unmap();
+        if let Some(t) = timer {
+            profile::add_readback(t.elapsed().as_secs_f64());
+        }
         Ok(out)
     }
 
@@ -179,6 +184,7 @@ impl Gpu {
         Recorder {
             gpu: self,
             ops: Vec::new(),
+            tags: Vec::new(),
         }
     }
 }
@@ -203,11 +209,46 @@ enum Op {
     },
 }
 
+/// (phase, family) of a recorded operation while profiling.
+type Tag = Option<(&'static str, String)>;
+
+fn encode_op(enc: &mut wgpu::CommandEncoder, op: &Op, ts: Option<(&wgpu::QuerySet, u32)>) {
+    match op {
+        Op::Dispatch {
+            pipeline,
+            bind_group,
+            groups,
+        } => {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: ts.map(|(qs, i)| wgpu::ComputePassTimestampWrites {
+                    query_set: qs,
+                    beginning_of_pass_write_index: Some(i),
+                    end_of_pass_write_index: Some(i + 1),
+                }),
+            });
+            pass.set_pipeline(&pipeline.pipeline);
+            pass.set_bind_group(0, bind_group, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        }
+        Op::Copy {
+            src,
+            src_off,
+            dst,
+            dst_off,
+            bytes,
+        } => enc.copy_buffer_to_buffer(src, *src_off, dst, *dst_off, *bytes),
+        Op::Clear { buf, offset, bytes } => enc.clear_buffer(buf, *offset, Some(*bytes)),
+    }
+}
+
 /// Records dispatches (each with its own small params uniform) and copies; `submit` encodes them
 /// into one command buffer, consecutive dispatches sharing one compute pass.
 pub struct Recorder<'g> {
     gpu: &'g Gpu,
     ops: Vec<Op>,
+    /// Per op, its (phase, family) while profiling (empty otherwise).
+    tags: Vec<Tag>,
 }
 
 impl Recorder<'_> {
@@ -263,35 +304,52 @@ impl Recorder<'_> {
                 layout: &pipeline.layout,
                 entries: &entries,
             });
-        self.ops.push(Op::Dispatch {
-            pipeline: pipeline.clone(),
-            bind_group,
-            groups,
-        });
+        self.push(
+            Op::Dispatch {
+                pipeline: pipeline.clone(),
+                bind_group,
+                groups,
+            },
+            &pipeline.name,
+        );
         Ok(())
+    }
+
+    fn push(&mut self, op: Op, family: &str) {
+        if profile::enabled() {
+            self.tags.resize(self.ops.len(), None);
+            self.tags.push(profile::tag(family));
+        }
+        self.ops.push(op);
     }
 
     /// Records a buffer-to-buffer copy (offsets and size multiples of 4).
     pub fn copy(&mut self, src: &GpuBuf, src_off: u64, dst: &GpuBuf, dst_off: u64, bytes: u64) {
         if bytes > 0 {
-            self.ops.push(Op::Copy {
-                src: src.buf.clone(),
-                src_off,
-                dst: dst.buf.clone(),
-                dst_off,
-                bytes,
-            });
+            self.push(
+                Op::Copy {
+                    src: src.buf.clone(),
+                    src_off,
+                    dst: dst.buf.clone(),
+                    dst_off,
+                    bytes,
+                },
+                "copy",
+            );
         }
     }
 
     /// Records zero-filling `bytes` bytes from `offset`.
     pub fn clear(&mut self, buf: &GpuBuf, offset: u64, bytes: u64) {
         if bytes > 0 {
-            self.ops.push(Op::Clear {
-                buf: buf.buf.clone(),
-                offset,
-                bytes,
-            });
+            self.push(
+                Op::Clear {
+                    buf: buf.buf.clone(),
+                    offset,
+                    bytes,
+                },
+                "clear",
+            );
         }
     }
 
@@ -304,8 +362,16 @@ impl Recorder<'_> {
         self.ops.is_empty()
     }
 
-    /// Encodes and submits everything recorded (does not wait).
+    /// Encodes and submits everything recorded (does not wait; while profiling, it does).
     pub fn submit(self) {
+        if profile::enabled() {
+            profile::count_submit();
+            if self.ops.is_empty() {
+                return;
+            }
+            self.submit_profiled();
+            return;
+        }
         let mut enc = self
             .gpu
             .device
@@ -349,6 +415,118 @@ impl Recorder<'_> {
             }
         }
         self.gpu.queue.submit([enc.finish()]);
+    }
+
+    /// Profiled submission: device timestamps around each dispatch when the device has them,
+    /// else each operation submitted alone and timed on the host (see `gpu::profile`).
+    fn submit_profiled(mut self) {
+        let gpu = self.gpu;
+        self.tags.resize(self.ops.len(), None);
+        let wait = || {
+            let _ = gpu.device.poll(wgpu::PollType::wait_indefinitely());
+        };
+        // Whatever was submitted before is not charged to these operations.
+        wait();
+        if !gpu.has_timestamps() {
+            for (op, tag) in self.ops.iter().zip(self.tags.drain(..)) {
+                let t = std::time::Instant::now();
+                let mut enc = gpu
+                    .device
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+                encode_op(&mut enc, op, None);
+                gpu.queue.submit([enc.finish()]);
+                wait();
+                if let Some((phase, fam)) = tag {
+                    profile::add(
+                        phase,
+                        fam,
+                        t.elapsed().as_secs_f64(),
+                        Some(profile::Method::TimedSubmissions),
+                    );
+                }
+            }
+            return;
+        }
+        // Timestamps: at most 2048 dispatches (4096 queries) per query set.
+        let period = gpu.queue.get_timestamp_period() as f64 * 1e-9;
+        let n = self.ops.len();
+        let mut start = 0;
+        while start < n {
+            let end = (start + 2048).min(n);
+            let count = (end - start) as u32 * 2;
+            let qs = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("profile"),
+                ty: wgpu::QueryType::Timestamp,
+                count,
+            });
+            let bytes = count as u64 * 8;
+            let resolve = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile resolve"),
+                size: bytes,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile staging"),
+                size: bytes,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut enc = gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            let mut host = vec![0.0f64; end - start];
+            for (k, op) in self.ops[start..end].iter().enumerate() {
+                match op {
+                    Op::Dispatch { .. } => encode_op(&mut enc, op, Some((&qs, 2 * k as u32))),
+                    _ => {
+                        // Copies and clears have no pass to time: time them as a submission.
+                        gpu.queue.submit([std::mem::replace(
+                            &mut enc,
+                            gpu.device
+                                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                                    label: None,
+                                }),
+                        )
+                        .finish()]);
+                        wait();
+                        let t = std::time::Instant::now();
+                        let mut e =
+                            gpu.device
+                                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                                    label: None,
+                                });
+                        encode_op(&mut e, op, None);
+                        gpu.queue.submit([e.finish()]);
+                        wait();
+                        host[k] = t.elapsed().as_secs_f64();
+                    }
+                }
+            }
+            enc.resolve_query_set(&qs, 0..count, &resolve, 0);
+            enc.copy_buffer_to_buffer(&resolve, 0, &staging, 0, bytes);
+            gpu.queue.submit([enc.finish()]);
+            staging.map_async(wgpu::MapMode::Read, .., |_| {});
+            wait();
+            let stamps: Vec<u64> = match staging.get_mapped_range(..) {
+                Ok(v) => bytemuck::pod_collect_to_vec(&v[..]),
+                Err(_) => vec![0; count as usize],
+            };
+            staging.unmap();
+            for k in 0..end - start {
+                let Some((phase, fam)) = self.tags[start + k].take() else {
+                    continue;
+                };
+                let secs = match self.ops[start + k] {
+                    Op::Dispatch { .. } => {
+                        stamps[2 * k + 1].saturating_sub(stamps[2 * k]) as f64 * period
+                    }
+                    _ => host[k],
+                };
+                profile::add(phase, fam, secs, Some(profile::Method::Timestamps));
+            }
+            start = end;
+        }
     }
 
     /// Submits and waits, turning device errors into `GpuError`.

@@ -54,6 +54,7 @@ use super::ops::matmul::{GpuWeight, matmul};
 use super::ops::rmsnorm::rmsnorm;
 use super::ops::rope::{RopeConfig, rope_inplace};
 use super::ops::swiglu::swiglu;
+use super::profile;
 use super::{Gpu, GpuBuf, GpuError, Recorder};
 use crate::data::Example;
 use crate::gguf::GgufFile;
@@ -537,6 +538,23 @@ impl GpuModel {
             return Ok(());
         }
         let d = self.cfg.n_embd;
+        profile::set_scope(Some("lm_head"));
+        let done = self.head_forward_scoped(gpu, rec, batch, ws, x, n, d);
+        profile::set_scope(None);
+        done
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn head_forward_scoped<'g>(
+        &self,
+        gpu: &'g Gpu,
+        rec: &mut Recorder<'g>,
+        batch: &GpuBatch,
+        ws: &Workspace,
+        x: &GpuBuf,
+        n: usize,
+        d: usize,
+    ) -> Result<(), ForwardError> {
         gather_rows(gpu, rec, x, &batch.rows, &ws.xs, n, d)?;
         rmsnorm(
             gpu,

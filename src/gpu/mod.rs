@@ -10,6 +10,7 @@ pub mod device;
 pub mod forward;
 pub mod memory;
 pub mod ops;
+pub mod profile;
 pub mod registry;
 
 pub use buffer::{Bind, GpuBuf, Recorder, groups};

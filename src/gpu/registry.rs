@@ -148,6 +148,26 @@ impl Gpu {
         if let Some(p) = self.registry.cache.lock().expect("registry lock").get(&key) {
             return Ok(p.clone());
         }
+        // Kernel development: `BFPO_KERNEL_DIR=kernels` reads the sources from disk at run time
+        // (no rebuild per WGSL edit). Snippets still come from the binary.
+        let from_disk = std::env::var_os("BFPO_KERNEL_DIR").and_then(|dir| {
+            std::fs::read_to_string(
+                std::path::Path::new(&dir).join(format!("{}.wgsl", kernel.name)),
+            )
+            .ok()
+        });
+        let disk_kernel;
+        let kernel = match from_disk {
+            Some(src) => {
+                // Leaked once per compiled pipeline (cached), only in this development mode.
+                disk_kernel = KernelSource {
+                    name: kernel.name,
+                    source: Box::leak(src.into_boxed_str()),
+                };
+                &disk_kernel
+            }
+            None => kernel,
+        };
         let src = preprocess(kernel, defines).map_err(|detail| GpuError::Validation {
             context: format!("preparing kernel {}", kernel.name),
             detail,

@@ -47,6 +47,9 @@ pub struct Summary {
     pub heldout_before: Option<RankingEval>,
     pub heldout_after: Option<RankingEval>,
     pub adapter: String,
+    /// Where the GPU time went (`TuneJob::profile`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<crate::gpu::profile::ProfileReport>,
 }
 
 /// What `tune --dry-run` reports: the plan and the data, without touching a device.
@@ -65,6 +68,7 @@ pub struct TuneJob {
     assume_safe: bool,
     adapter_type: AdapterDType,
     force: bool,
+    profile: bool,
     cancel: Cancel,
     started: Instant,
 }
@@ -96,6 +100,7 @@ impl TuneJob {
             assume_safe: false,
             adapter_type: AdapterDType::F32,
             force: false,
+            profile: false,
             cancel: Cancel::new(),
             started: Instant::now(),
         })
@@ -122,6 +127,13 @@ impl TuneJob {
     /// Overwrite a finished run in the output folder.
     pub fn force(mut self, yes: bool) -> Self {
         self.force = yes;
+        self
+    }
+
+    /// Time every GPU operation (this serialises the work) and report, per phase and kernel
+    /// family, where the time went: in [`Summary::profile`] and OUT/profile.json.
+    pub fn profile(mut self, yes: bool) -> Self {
+        self.profile = yes;
         self
     }
 
@@ -210,6 +222,9 @@ impl TuneJob {
         }
         let l = self.load(obs)?;
         let lora = LoraWeights::init(&l.spec, &l.model.config)?;
+        if self.profile {
+            crate::gpu::profile::start();
+        }
         let mut engine = build_engine(
             cfg.engine,
             &l.model,
@@ -580,7 +595,13 @@ impl PreparedTune {
             heldout_before: outcome.eval_before,
             heldout_after: outcome.eval_after,
             adapter: adapter_path.display().to_string(),
+            profile: crate::gpu::profile::take(),
         };
+        if let Some(p) = &summary.profile {
+            let path = cfg.out.join("profile.json");
+            let json = serde_json::to_string_pretty(p).unwrap_or_default();
+            std::fs::write(&path, json).map_err(io_err("writing", &path))?;
+        }
         let path = cfg.out.join("summary.json");
         let json = serde_json::to_string_pretty(&summary).unwrap_or_default();
         std::fs::write(&path, json).map_err(io_err("writing", &path))?;

@@ -9,6 +9,7 @@ use crate::gpu::forward::GpuModel;
 use crate::gpu::ops::adamw::GpuAdamW;
 use crate::gpu::ops::dropout::Dropout;
 use crate::gpu::ops::lora::GpuLora;
+use crate::gpu::profile;
 use crate::gpu::{Gpu, GpuBuf};
 use crate::model::ModelConfig;
 use crate::model::reference::flatten_lora;
@@ -102,6 +103,7 @@ impl Engine for GpuEngine {
     }
 
     fn score(&mut self, examples: &[&Example], adapter: bool) -> Result<Vec<SeqScore>, TrainError> {
+        profile::set_phase("score");
         let out = self
             .model
             .forward(&self.gpu, &owned(examples), adapter.then_some(&self.lora))
@@ -123,6 +125,7 @@ impl Engine for GpuEngine {
     }
 
     fn forward_train(&mut self, examples: &[&Example]) -> Result<Vec<SeqScore>, TrainError> {
+        profile::set_phase("forward");
         let (seqs, state) = forward_train(
             &self.model,
             &self.gpu,
@@ -149,6 +152,7 @@ impl Engine for GpuEngine {
     }
 
     fn grad_norm(&mut self) -> Result<f64, TrainError> {
+        profile::set_phase("optimizer");
         let mut rec = self.gpu.recorder();
         let (_, grads) = self.params_and_grads();
         self.opt
@@ -161,6 +165,7 @@ impl Engine for GpuEngine {
     }
 
     fn optimizer_step(&mut self, lr: f64, grad_scale: f64) -> Result<(), TrainError> {
+        profile::set_phase("optimizer");
         let gpu = self.gpu.clone();
         let mut rec = gpu.recorder();
         {
@@ -190,6 +195,7 @@ impl Engine for GpuEngine {
     }
 
     fn zero_grads(&mut self) -> Result<(), TrainError> {
+        profile::set_phase("optimizer");
         let mut rec = self.gpu.recorder();
         self.lora.zero_grads(&mut rec);
         rec.run("zeroing gradients").map_err(err)

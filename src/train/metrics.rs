@@ -218,8 +218,11 @@ pub struct StepMetrics {
     pub grad_norm: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub learning_rate: Option<f64>,
+    /// Tokens processed per second in this step: every token of every sequence (prompt and
+    /// response, chosen and rejected), as TRL counts them.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub tokens_per_second: Option<f64>,
+    /// Tokens processed so far (counted as for `tokens_per_second`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub num_tokens: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]

@@ -623,7 +623,8 @@ pub fn train(
                 continue;
             }
             let scores = engine.forward_train(&seqs)?;
-            step_tokens += scores.iter().map(|s| s.n_tokens as u64).sum::<u64>();
+            // Every token processed (prompt and response, chosen and rejected), as TRL counts.
+            step_tokens += seqs.iter().map(|e| e.len() as u64).sum::<u64>();
             let mut weights = Vec::with_capacity(seqs.len());
             let mut offset = 0;
             for (set, idx) in groups {

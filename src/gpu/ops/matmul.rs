@@ -19,14 +19,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// ~10–40 ms on a laptop GPU running these kernels.
 pub const MAX_DISPATCH_FLOPS: u64 = 1 << 31;
 
-/// Rows per invocation × invocations per workgroup along rows in `matmul.wgsl`.
-const FWD_ROWS_PER_WG: usize = 4 * 16;
-/// Tokens per workgroup in `matmul.wgsl` (8 per invocation × 4).
-const FWD_TOKENS_PER_WG: usize = 8 * 4;
-/// Tokens per workgroup in `matmul_back.wgsl` (4 per invocation × 4).
-const BACK_TOKENS_PER_WG: usize = 4 * 4;
-/// 8-element groups per workgroup in `matmul_back.wgsl`.
-const BACK_GROUPS_PER_WG: usize = 16;
+/// Rows per workgroup in `matmul.wgsl` (32 invocations × 8 rows).
+const FWD_ROWS_PER_WG: usize = 256;
+/// Tokens per workgroup in `matmul.wgsl`.
+const FWD_TOKENS_PER_WG: usize = 8;
+/// Tokens per workgroup in `matmul_back.wgsl`.
+const BACK_TOKENS_PER_WG: usize = 16;
+/// 8-element groups per workgroup in `matmul_back.wgsl` (one per invocation).
+const BACK_GROUPS_PER_WG: usize = 32;
 
 /// A weight matrix uploaded as its raw GGUF bytes: `n_out` rows of `n_in` elements. Rows are
 /// split into chunks (separate buffers) so no binding exceeds the device limit.
