@@ -31,7 +31,7 @@ fn rust_files(p: &Path, out: &mut Vec<PathBuf>) {
         for e in std::fs::read_dir(p).unwrap() {
             rust_files(&e.unwrap().path(), out);
         }
-    } else if p.extension().is_some_and(|e| e == "rs") {
+    } else if p.is_file() && p.extension().is_some_and(|e| e == "rs") {
         out.push(p.to_path_buf());
     }
 }

@@ -450,6 +450,10 @@ fn bad_rows_are_counted_or_stop_a_strict_run() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert!(stderr.contains("2 rows skipped"), "{stderr}");
+    assert!(
+        stderr.contains("safety cases (training): "),
+        "the pairs per safety case are shown: {stderr}"
+    );
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let skipped: u64 = summary["data"]["loads"][0]["skipped_by_reason"]

@@ -43,8 +43,10 @@ pub struct DataLoaded {
 }
 
 /// Progress of a run. Serialized with an `"event"` tag: `{"event": "step", "loss": …}`.
+/// New variants may be added (eval, red-team progress): match with a `_` arm.
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Event {
     /// The model was opened; `chat_template` is the template the data is rendered with.
     ModelOpened {

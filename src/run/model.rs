@@ -26,6 +26,11 @@ impl OpenModel {
         self.rt.as_ref()
     }
 
+    /// The runtime model, mutable (to load adapters for generation).
+    pub fn runtime_mut(&mut self) -> Option<&mut RtModel> {
+        self.rt.as_mut()
+    }
+
     /// Frees llama.cpp's copy once encoding is done (training only needs the GGUF file).
     pub fn release_runtime(&mut self) {
         self.rt = None;
