@@ -259,3 +259,35 @@ fn cli_prints_the_template_used_and_takes_overrides() {
         "{err}"
     );
 }
+
+#[test]
+fn tune_prints_the_template_and_takes_an_override() {
+    let model = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo/train.jsonl");
+    let tune = |extra: &[&str], out: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_bfpo-lite"))
+            .args(["tune", "--dry-run", "--engine", "cpu", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(dir.path().join(out))
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        err
+    };
+    let err = tune(&[], "own");
+    assert!(
+        err.contains("chat template: the model's own tokenizer.chat_template (chatml-like)"),
+        "{err}"
+    );
+    let err = tune(&["--chat-template", "zephyr"], "zephyr");
+    assert!(
+        err.contains("chat template: built-in zephyr (--chat-template)"),
+        "{err}"
+    );
+}

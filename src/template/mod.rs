@@ -129,6 +129,10 @@ impl TemplateInfo {
 impl fmt::Display for TemplateInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.origin {
+            TemplateOrigin::Model if self.name == UNKNOWN_FORMAT => write!(
+                f,
+                "the model's own tokenizer.chat_template (not a format bfpo-lite names), rendered as Hugging Face does"
+            ),
             TemplateOrigin::Model => write!(
                 f,
                 "the model's own tokenizer.chat_template ({}-like), rendered as Hugging Face does",
@@ -194,11 +198,7 @@ impl ChatTemplate {
 
     /// The model's own template text.
     pub fn from_model(source: &str) -> Result<ChatTemplate, TemplateError> {
-        ChatTemplate::new(
-            format!("tokenizer.chat_template ({}-like)", looks_like(source)),
-            source,
-            TemplateOrigin::Model,
-        )
+        ChatTemplate::new("tokenizer.chat_template", source, TemplateOrigin::Model)
     }
 
     /// One of [`BUILTIN_NAMES`].
@@ -385,6 +385,9 @@ fn convert(template: &str, e: &minijinja::Error, compiling: bool) -> TemplateErr
     }
 }
 
+/// What [`looks_like`] says of a template that matches no format it knows.
+pub const UNKNOWN_FORMAT: &str = "unknown format";
+
 /// The known format a template's text looks like, for names and messages.
 pub fn looks_like(source: &str) -> &'static str {
     if source.contains("<|im_start|>") {
@@ -398,6 +401,6 @@ pub fn looks_like(source: &str) -> &'static str {
     } else if source.contains("<|user|>") {
         "zephyr"
     } else {
-        "unknown format"
+        UNKNOWN_FORMAT
     }
 }
