@@ -6,7 +6,7 @@
 use bfpo_lite::data::Example;
 use bfpo_lite::model::reference::{RefError, RefModel, RefWeights};
 use bfpo_lite::model::{Arch, ModelConfig};
-use bfpo_lite::train::lora::{LoraSpec, LoraWeights, Target};
+use bfpo_lite::train::lora::{LoraSpec, LoraTensor, LoraWeights, Target};
 use bfpo_lite::util::close::{Tol, assert_close};
 
 /// A tiny model of each architecture (d 24, 2 layers, vocab 37). llama: partial rotation
@@ -227,7 +227,22 @@ fn lora_forward_equals_merged_weights() {
     for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
         let cfg = tiny(arch, false);
         let w = RefWeights::random(&cfg, 7);
-        let lora = lora_for(&cfg, &Target::ALL);
+        let mut lora = lora_for(&cfg, &Target::ALL);
+        // And a LoRA on the LM head (output.weight; this model is untied), as llama.cpp loads.
+        let mut rng = bfpo_lite::util::Rng::new(11);
+        let round = |v: Vec<f32>| -> Vec<f32> {
+            v.into_iter()
+                .map(|x| (x * 4096.0).round() / 4096.0)
+                .collect()
+        };
+        lora.tensors.push(LoraTensor {
+            layer: 0,
+            target: Target::Output,
+            n_in: cfg.n_embd,
+            n_out: cfg.n_vocab,
+            a: round(rng.normal_vec(lora.rank * cfg.n_embd, 0.3)),
+            b: round(rng.normal_vec(cfg.n_vocab * lora.rank, 0.3)),
+        });
         let scale = lora.scale();
         let mut merged = w.clone();
         for t in &lora.tensors {
@@ -240,6 +255,7 @@ fn lora_forward_equals_merged_weights() {
                 Target::FfnGate => &mut l.w_gate,
                 Target::FfnUp => &mut l.w_up,
                 Target::FfnDown => &mut l.w_down,
+                Target::Output => merged.output.as_mut().expect("untied: output.weight"),
             };
             // Merge in f64 then round: compare with a tolerance for that rounding.
             for (d, dw) in dst.iter_mut().zip(t.delta(lora.rank, scale)) {
