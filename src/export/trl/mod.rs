@@ -418,3 +418,52 @@ bfpo-lite score --model {gguf} --adapter adapter.gguf --data data/eval.jsonl
         gguf = gguf,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_follow_the_run() {
+        let cfg = TrainConfig {
+            loss: "ipo:tau=0.05".into(),
+            targets: "attn_q,ffn_down".into(),
+            layers: "1,3".into(),
+            schedule: ScheduleKind::Linear,
+            pairs_per_step: 3,
+            buffer_ratio: 0.5,
+            ..TrainConfig::default()
+        };
+        let s = TrlSettings::from_run(&cfg, "org/m", 4, Path::new("runs/x"), true).unwrap();
+        assert_eq!(s.loss, Loss::Ipo { tau: 0.05 });
+        assert_eq!(s.lora.target_modules, vec!["q_proj", "down_proj"]);
+        assert_eq!(s.lora.layers_to_transform, Some(vec![1, 3]));
+        assert_eq!(s.train.lr_scheduler_type, "linear");
+        // round(3 · 0.5) = 2 buffer pairs per micro-batch; none without a buffer; at least 1.
+        assert_eq!(s.train.buffer_pairs_per_step, 2);
+        let none = TrlSettings::from_run(&cfg, "org/m", 4, Path::new("r"), false).unwrap();
+        assert_eq!(none.train.buffer_pairs_per_step, 0);
+        let tiny = TrainConfig {
+            buffer_ratio: 0.1,
+            ..cfg.clone()
+        };
+        let t = TrlSettings::from_run(&tiny, "org/m", 4, Path::new("r"), true).unwrap();
+        assert_eq!(t.train.buffer_pairs_per_step, 1);
+        // Every layer → no layers_to_transform; a bad layer list is an error naming it.
+        let all = TrainConfig {
+            layers: "all".into(),
+            ..cfg.clone()
+        };
+        let a = TrlSettings::from_run(&all, "org/m", 4, Path::new("r"), false).unwrap();
+        assert_eq!(a.lora.layers_to_transform, None);
+        let bad = TrainConfig {
+            layers: "0-9".into(),
+            ..cfg
+        };
+        let e = TrlSettings::from_run(&bad, "org/m", 4, Path::new("r"), false).unwrap_err();
+        assert!(e.to_string().contains("layer 9 does not exist"), "{e}");
+        // The JSON train.py reads: the loss as {"kind": .., params}.
+        let j = serde_json::to_value(&s).unwrap();
+        assert_eq!(j["loss"], serde_json::json!({"kind": "ipo", "tau": 0.05}));
+    }
+}
