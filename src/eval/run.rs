@@ -11,7 +11,7 @@ use crate::runtime::{AdapterId, GenerateOptions, LoadOptions, RtModel, Sampling,
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// Which judge decides safety.
@@ -369,7 +369,11 @@ pub fn run_eval(
     }
     let judge: Box<dyn Judge> = match &opts.judge {
         JudgeSpec::Refusal => Box::new(RefusalJudge),
-        JudgeSpec::Model { path, format } => Box::new(ModelJudge::load(path, *format, &load)?),
+        JudgeSpec::Model { path, format } => {
+            let mut j = ModelJudge::load(path, *format, &load)?;
+            j.set_threads(opts.threads);
+            Box::new(j)
+        }
     };
     let judge_name = judge.name();
     on(&EvalEvent::JudgeReady {
@@ -744,13 +748,4 @@ fn generate_and_judge(
     }
     timed(phases.1, seconds, t, on);
     Ok(out)
-}
-
-/// Writes nothing; kept for symmetry with [`super::report::write_outputs`].
-pub fn default_out_dir(model: &Path) -> PathBuf {
-    let stem = model
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    PathBuf::from("runs").join(format!("eval-{stem}"))
 }
