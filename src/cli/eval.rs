@@ -104,8 +104,13 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
     let mut on = |ev: &EvalEvent| match ev {
         EvalEvent::Loaded(set) => {
             if !args.json {
+                let noun = match set.role.as_str() {
+                    "pairs" => "pairs",
+                    "mc" => "questions",
+                    _ => "prompts",
+                };
                 eprintln!(
-                    "{} set {}: {} prompts{} ({} rows read, {} skipped)",
+                    "{} set {}: {} {noun}{} ({} rows read, {} skipped)",
                     set.role,
                     set.name,
                     set.n,
