@@ -342,6 +342,12 @@ impl ModelJudge {
         })
     }
 
+    /// CPU threads per decode for the judge's scoring and category line (default: the
+    /// runtime's choice, [`RtModel::auto_threads`]).
+    pub fn set_threads(&mut self, threads: Option<usize>) {
+        self.opts.threads = threads;
+    }
+
     pub fn format(&self) -> JudgeFormat {
         self.format
     }
@@ -398,7 +404,7 @@ impl ModelJudge {
             max_tokens: 12,
             sampling: Sampling::greedy(),
             n_ctx: None,
-            threads: None,
+            threads: self.opts.threads,
         };
         let g = self
             .model
