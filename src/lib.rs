@@ -10,6 +10,7 @@ pub mod gguf;
 pub mod gpu;
 pub mod loss;
 pub mod model;
+pub mod redteam;
 pub mod runtime;
 pub mod train;
 pub mod util;
