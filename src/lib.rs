@@ -5,6 +5,7 @@
 //! `tracing`; the `bfpo-lite` binary decides what a person sees.
 
 pub mod data;
+pub mod eval;
 pub mod export;
 pub mod gguf;
 pub mod gpu;

@@ -1,0 +1,58 @@
+//! Evaluation: is the tuned model safer, and what did helpfulness pay?
+//!
+//! - [`judge`]: the [`Judge`] trait, the rule-based [`RefusalJudge`] and GGUF judges
+//!   ([`ModelJudge`], Llama Guard 3 or yes/no format, read by log-probabilities).
+//! - [`prompts`]: prompt sets (vendored HarmBench and Do-Not-Answer, the built-in benign set,
+//!   any JSONL of prompts).
+//! - [`stats`]: rates with Wilson intervals, means with normal intervals.
+//!
+//! The library never prints; progress is reported through a callback.
+
+pub mod judge;
+pub mod prompts;
+pub mod stats;
+
+pub use judge::{
+    Judge, JudgeFormat, ModelJudge, REFUSAL_PHRASES, REFUSAL_PREFIXES, RefusalJudge, Verdict,
+};
+pub use prompts::{EvalPrompt, PromptSet, PromptSource, load_prompt_set, parse_prompts};
+pub use stats::{Figure, wilson};
+
+use crate::runtime::RuntimeError;
+use std::path::PathBuf;
+
+/// Everything that stops an evaluation; messages name the file, line or option.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "prompt set {name} has no usable prompts ({rows} rows read, {skipped} skipped{first_skip}); each line needs a JSON object with a non-empty \"prompt\" string"
+    )]
+    EmptyPromptSet {
+        name: String,
+        rows: usize,
+        skipped: usize,
+        first_skip: String,
+    },
+    #[error("judge model {path} cannot be used as a judge: {detail}")]
+    JudgeNotChat { path: PathBuf, detail: String },
+    #[error("{what}: {source}")]
+    Runtime {
+        what: String,
+        #[source]
+        source: RuntimeError,
+    },
+    #[error("invalid --{name} {value}: expected {expected}")]
+    InvalidOption {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("{0}")]
+    Other(String),
+}
