@@ -10,6 +10,7 @@
 //! rows (`prompt`, `chosen`, `rejected`, `chosen_safe`, `rejected_safe`) with a `provenance`
 //! object; [`output`] appends them a prompt at a time and resumes an interrupted run.
 //!
+//! Answers are judged by any [`crate::eval::Judge`] (the refusal detector or a GGUF judge).
 //! The library never prints: progress goes to an observer, which can also stop the run.
 
 pub mod output;
@@ -113,12 +114,38 @@ pub struct PromptItem {
     pub category: Option<String>,
 }
 
-/// Labels one answer. Implemented over `eval`'s judges; see [`JudgeAdapter`] in the CLI.
-pub trait AnswerJudge {
-    /// The judge's name for provenance (`refusal`, `llama-guard:Llama-Guard-3-1B.gguf`).
-    fn name(&self) -> String;
-    /// Judges `answer` as a reply to `prompt`.
-    fn judge(&mut self, prompt: &Prompt, answer: &str) -> Result<Judgement, String>;
+/// Turns an `eval` verdict into a pairing judgement (eval's judges give no helpfulness
+/// score, so the documented fallback order decides which answer is more helpful).
+pub fn judgement_of(v: &crate::eval::Verdict) -> Judgement {
+    let mut detail = Vec::new();
+    if let Some(c) = &v.category {
+        detail.push(format!("category {c}"));
+    }
+    if let Some(p) = v.p_unsafe {
+        detail.push(format!("p_unsafe {p:.4}"));
+    }
+    if let Some(m) = &v.matched {
+        detail.push(format!("refusal phrase {m:?}"));
+    }
+    Judgement {
+        safe: v.safe,
+        refused: v.refused,
+        helpfulness: None,
+        detail: detail.join(", "),
+    }
+}
+
+/// The text a judge sees as the request: the last user message.
+fn request_text(p: &Prompt) -> String {
+    match p {
+        Prompt::Text(t) => t.clone(),
+        Prompt::Messages(m) => m
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map(|m| m.content.clone())
+            .unwrap_or_default(),
+    }
 }
 
 /// How to make pairs.
@@ -383,7 +410,7 @@ struct Answered {
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     model: &RtModel,
-    judge: &mut dyn AnswerJudge,
+    judge: &dyn crate::eval::Judge,
     harmful: &[PromptItem],
     benign: &[PromptItem],
     opts: &RedteamOptions,
@@ -548,7 +575,7 @@ fn side(c: &Candidate) -> Value {
 #[allow(clippy::too_many_arguments)]
 fn answer_prompt(
     model: &RtModel,
-    judge: &mut dyn AnswerJudge,
+    judge: &dyn crate::eval::Judge,
     judge_name: &str,
     model_sha: &str,
     set: &'static str,
@@ -565,6 +592,7 @@ fn answer_prompt(
     let mut cands = Vec::with_capacity(n_answers + 1);
     let mut judged_safe = 0;
     let system_prompt = with_system(&item.prompt, &opts.safety_system);
+    let request = request_text(&item.prompt);
     for a in 0..n_answers {
         let system = a >= opts.samples;
         let slot = if system { a - opts.samples } else { a };
@@ -601,17 +629,17 @@ fn answer_prompt(
             return Ok(None);
         }
         *tokens += g.ids.len() as u64;
-        let verdict =
-            judge
-                .judge(&item.prompt, g.text.trim())
-                .map_err(|detail| RedteamError::Judge {
-                    set,
-                    index,
-                    id: item.id.clone(),
-                    answer: a,
-                    judge: judge_name.to_string(),
-                    detail,
-                })?;
+        let verdict = judge
+            .judge(&request, g.text.trim())
+            .map(|v| judgement_of(&v))
+            .map_err(|e| RedteamError::Judge {
+                set,
+                index,
+                id: item.id.clone(),
+                answer: a,
+                judge: judge_name.to_string(),
+                detail: e.to_string(),
+            })?;
         judged_safe += usize::from(verdict.safe);
         if on_event(&Event::Answer {
             answer: a,

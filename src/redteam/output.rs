@@ -362,3 +362,41 @@ fn check_rows(path: &Path, f: &mut File) -> Result<(), RedteamError> {
     f.seek(SeekFrom::End(0)).map_err(io_err(path, "reading"))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full disk is reported as such, with the file and the offset.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn full_disk_is_a_clear_error() {
+        let path = Path::new("/dev/full");
+        let Ok(mut f) = OpenOptions::new().append(true).open(path) else {
+            panic!("/dev/full is missing: this Linux test needs it");
+        };
+        let mut len = 0;
+        let e = append_all(&mut f, path, &mut len, b"{\"row\": 1}\n").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RedteamError::DiskFull {
+                    bytes: 11,
+                    at: 0,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("disk is full"), "{e}");
+        assert_eq!(len, 0, "nothing counted as written");
+    }
+
+    #[test]
+    fn journal_path_is_beside_the_pairs_file() {
+        assert_eq!(
+            journal_path(Path::new("runs/p.jsonl")),
+            PathBuf::from("runs/p.jsonl.progress.jsonl")
+        );
+    }
+}
