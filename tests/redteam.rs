@@ -349,3 +349,142 @@ fn cli_counts_bad_prompt_rows_and_names_a_judge_that_fails() {
         "{err}"
     );
 }
+
+/// The loop at toy size, as `examples/safety-loop.sh` runs it on a real model: HarmBench split
+/// by prompt, redteam on the training part (+ benign helpfulness pairs) and on the held-out part,
+/// then `tune` (CPU reference engine, a few steps) on the training pairs with the held-out pairs
+/// as its evaluation set.
+#[test]
+fn toy_loop_redteam_then_tune_on_held_out_split() {
+    // The tiny vocabulary spells HarmBench prompts in ~300 tokens: give it a longer context.
+    let model = common::models::model(&bfpo_lite::model::init::InitSpec {
+        ctx: 1024,
+        ..bfpo_lite::model::init::InitSpec::tiny(Arch::Qwen2, GgmlType::F32, true)
+    });
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("redteam-loop");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let harmbench = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/prompts/harmbench.jsonl"),
+    )
+    .unwrap();
+    let lines: Vec<&str> = harmbench.lines().collect();
+    let train: Vec<&str> = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| (i + 1) % 4 != 0)
+        .map(|(_, l)| *l)
+        .take(6)
+        .collect();
+    let held: Vec<&str> = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| (i + 1) % 4 == 0)
+        .map(|(_, l)| *l)
+        .take(3)
+        .collect();
+    assert!(train.iter().all(|t| !held.contains(t)), "split by prompt");
+    let (tp, hp) = (
+        dir.join("train-prompts.jsonl"),
+        dir.join("heldout-prompts.jsonl"),
+    );
+    std::fs::write(&tp, train.join("\n") + "\n").unwrap();
+    std::fs::write(&hp, held.join("\n") + "\n").unwrap();
+    let redteam = |prompts: &Path, benign: bool, out: &Path| {
+        let mut c = bin();
+        c.args(["redteam", "--model"])
+            .arg(&model)
+            .arg("--prompts")
+            .arg(prompts);
+        if benign {
+            c.args(["--benign", "builtin", "--limit", "6"]);
+        }
+        c.args([
+            "--samples",
+            "2",
+            "--max-tokens",
+            "8",
+            "--threads",
+            "1",
+            "--json",
+            "--out",
+        ])
+        .arg(out);
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let (pt, ph) = (
+        dir.join("pairs-train.jsonl"),
+        dir.join("pairs-heldout.jsonl"),
+    );
+    let rt = redteam(&tp, true, &pt);
+    let rh = redteam(&hp, false, &ph);
+    assert_eq!(rt["report"]["harmful"]["done"], 6);
+    assert_eq!(rt["report"]["benign"]["done"], 6);
+    assert!(rt["report"]["benign"]["pairs"].as_u64().unwrap() > 0);
+    assert!(rh["report"]["harmful"]["pairs"].as_u64().unwrap() > 0);
+    // No held-out prompt in the training pairs.
+    let train_rows = std::fs::read_to_string(&pt).unwrap();
+    for h in &held {
+        let p: serde_json::Value = serde_json::from_str(h).unwrap();
+        assert!(
+            !train_rows.contains(&p["prompt"].to_string()),
+            "held-out prompt trained on"
+        );
+    }
+    let out = dir.join("tune");
+    let o = bin()
+        .args(["tune", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&pt)
+        .arg("--eval-data")
+        .arg(&ph)
+        .args([
+            "--engine",
+            "cpu",
+            "--targets",
+            "ffn_down",
+            "--rank",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--learning-rate",
+            "1e-2",
+            "--max-steps",
+            "3",
+            "--pairs-per-step",
+            "2",
+            "--max-length",
+            "96",
+            "--max-prompt-length",
+            "64",
+            "--save-every",
+            "0",
+            "--json",
+            "--force",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "tune failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let (b, a) = (&summary["heldout_before"], &summary["heldout_after"]);
+    assert_eq!(
+        b["pairs"].as_u64(),
+        Some(rh["report"]["harmful"]["pairs"].as_u64().unwrap()),
+        "{summary}"
+    );
+    for x in [b, a] {
+        let acc = x["preference_accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{x}");
+    }
+    assert!(out.join("adapter.gguf").exists());
+}

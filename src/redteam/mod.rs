@@ -32,12 +32,11 @@ pub const DEFAULT_SAFETY_SYSTEM: &str = "You are a helpful, honest and harmless 
 /// Errors that stop a run. Each names the file, line, prompt or field involved.
 #[derive(Debug, thiserror::Error)]
 pub enum RedteamError {
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {error}")]
     Io {
         path: PathBuf,
         what: &'static str,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "{path}: the disk is full (a write of {bytes} bytes at byte {at} failed); the file was cut back to its last complete row. Free some space and run the same command again to continue"
@@ -78,13 +77,12 @@ pub enum RedteamError {
         line: usize,
         detail: String,
     },
-    #[error("generating for {set} prompt {index} ({id}): {source}")]
+    #[error("generating for {set} prompt {index} ({id}): {error}")]
     Generate {
         set: &'static str,
         index: usize,
         id: String,
-        #[source]
-        source: RuntimeError,
+        error: RuntimeError,
     },
     #[error("judging answer {answer} to {set} prompt {index} ({id}) with {judge}: {detail}")]
     Judge {
@@ -314,10 +312,10 @@ pub fn answer_seed(seed: u32, key: u64, system: bool, index: usize) -> u32 {
 pub fn file_sha256(path: &Path) -> Result<String, RedteamError> {
     use sha2::Digest;
     use std::io::Read;
-    let err = |source| RedteamError::Io {
+    let err = |error| RedteamError::Io {
         path: path.to_path_buf(),
         what: "hashing",
-        source,
+        error,
     };
     let mut f = std::fs::File::open(path).map_err(err)?;
     let mut h = sha2::Sha256::new();
@@ -618,11 +616,11 @@ fn answer_prompt(
         };
         let g = model
             .generate(std::slice::from_ref(p), &gen_opts, &mut cb)
-            .map_err(|source| RedteamError::Generate {
+            .map_err(|error| RedteamError::Generate {
                 set,
                 index,
                 id: item.id.clone(),
-                source,
+                error,
             })?
             .remove(0);
         if stopped {

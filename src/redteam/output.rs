@@ -84,10 +84,10 @@ pub fn journal_path(out: &Path) -> PathBuf {
 }
 
 fn io_err<'p>(path: &'p Path, what: &'static str) -> impl Fn(std::io::Error) -> RedteamError + 'p {
-    move |source| RedteamError::Io {
+    move |error| RedteamError::Io {
         path: path.to_path_buf(),
         what,
-        source,
+        error,
     }
 }
 
@@ -100,11 +100,11 @@ fn append_all(
     bytes: &[u8],
 ) -> Result<(), RedteamError> {
     let r = file.write_all(bytes).and_then(|_| file.sync_data());
-    if let Err(source) = r {
+    if let Err(error) = r {
         let _ = file.set_len(*len);
         let _ = file.sync_data();
         let full =
-            source.raw_os_error() == Some(28) || source.kind() == std::io::ErrorKind::StorageFull;
+            error.raw_os_error() == Some(28) || error.kind() == std::io::ErrorKind::StorageFull;
         return Err(if full {
             RedteamError::DiskFull {
                 path: path.to_path_buf(),
@@ -115,7 +115,7 @@ fn append_all(
             RedteamError::Io {
                 path: path.to_path_buf(),
                 what: "appending",
-                source,
+                error,
             }
         });
     }
