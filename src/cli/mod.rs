@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod devices;
+pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod info;
@@ -40,6 +41,8 @@ pub enum Command {
     Score(score::Args),
     /// Generate text from prompts, optionally with an adapter.
     Generate(generate::Args),
+    /// Measure harmless rate, over-refusal and helpfulness kept, base vs each adapter.
+    Eval(eval::Args),
     /// Export a trained adapter as GGUF LoRA, PEFT safetensors or a merged model.
     Export(export::Args),
     /// Inspect a GGUF model: architecture, shapes, tensor types, trainability.
@@ -81,6 +84,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Plan(a)) => plan::run(a, verbose),
         Some(Command::Score(a)) => score::run(a, verbose),
         Some(Command::Generate(a)) => generate::run(a, verbose),
+        Some(Command::Eval(a)) => eval::run(a, verbose),
         Some(Command::Export(a)) => export::run(a, verbose),
         Some(Command::Info(a)) => info::run(a, verbose),
         Some(Command::InitModel(a)) => init_model::run(a, verbose),

@@ -5,17 +5,28 @@
 //! - [`prompts`]: prompt sets (vendored HarmBench and Do-Not-Answer, the built-in benign set,
 //!   any JSONL of prompts).
 //! - [`stats`]: rates with Wilson intervals, means with normal intervals.
+//! - [`helpful`]: ranking accuracy on held-out pairs, log-prob drift and KL against the base,
+//!   multiple-choice accuracy.
+//! - [`run`]: [`run_eval`], the whole evaluation (base and each adapter side by side).
+//! - [`report`]: `report.json`, `report.md`, `samples.jsonl`, `eval.svg`.
 //!
 //! The library never prints; progress is reported through a callback.
 
+pub mod helpful;
 pub mod judge;
 pub mod prompts;
+pub mod report;
+pub mod run;
 pub mod stats;
 
 pub use judge::{
     Judge, JudgeFormat, ModelJudge, REFUSAL_PHRASES, REFUSAL_PREFIXES, RefusalJudge, Verdict,
 };
 pub use prompts::{EvalPrompt, PromptSet, PromptSource, load_prompt_set, parse_prompts};
+pub use report::{Written, write_outputs};
+pub use run::{
+    EvalEvent, EvalOptions, EvalOutput, EvalReport, JudgeSpec, ModelReport, Phase, Sample, run_eval,
+};
 pub use stats::{Figure, wilson};
 
 use crate::runtime::RuntimeError;
