@@ -11,7 +11,8 @@
 #
 # Usage: examples/safety-loop.sh            (sizes below; override with environment variables)
 #   MODEL=path.gguf  BIN=target/release/bfpo-lite  OUT=runs/safety-loop
-#   N_TRAIN=24 N_HELD=8 N_BENIGN=12 SAMPLES=2 MAX_TOKENS=48 EVAL_TOKENS=64 STEPS=12 THREADS=
+#   N_TRAIN=24 N_HELD=8 N_BENIGN=12 SAMPLES=2 MAX_TOKENS=48 EVAL_TOKENS=64 EVAL_LIMIT=16
+#   STEPS=12 PAIRS_PER_STEP=4 MAX_LEN=256 MAX_PROMPT_LEN=128 LR=5e-4 SEED=42 THREADS=
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +24,11 @@ N_BENIGN=${N_BENIGN:-12}     # built-in benign prompts turned into helpfulness p
 SAMPLES=${SAMPLES:-2}        # sampled answers per prompt (+1 under the safety system prompt)
 MAX_TOKENS=${MAX_TOKENS:-48} # tokens per red-team answer
 EVAL_TOKENS=${EVAL_TOKENS:-64}
+EVAL_LIMIT=${EVAL_LIMIT:-16} # eval: at most this many prompts per set (held-out, benign)
 STEPS=${STEPS:-12}           # training steps
+PAIRS_PER_STEP=${PAIRS_PER_STEP:-4}
+MAX_LEN=${MAX_LEN:-256}
+MAX_PROMPT_LEN=${MAX_PROMPT_LEN:-128}
 LR=${LR:-5e-4}
 SEED=${SEED:-42}
 THREADS=${THREADS:+--threads $THREADS}
@@ -51,8 +56,8 @@ now() { date +%s.%N; }
 declare -A secs
 
 # 1. Split HarmBench by prompt: every 4th line held out.
-awk 'NR % 4 != 0' data/prompts/harmbench.jsonl | head -n "$N_TRAIN" > "$OUT/train-prompts.jsonl"
-awk 'NR % 4 == 0' data/prompts/harmbench.jsonl | head -n "$N_HELD" > "$OUT/heldout-prompts.jsonl"
+awk -v n="$N_TRAIN" 'NR % 4 != 0 && c < n { print; c++ }' data/prompts/harmbench.jsonl > "$OUT/train-prompts.jsonl"
+awk -v n="$N_HELD" 'NR % 4 == 0 && c < n { print; c++ }' data/prompts/harmbench.jsonl > "$OUT/heldout-prompts.jsonl"
 head -n "$N_BENIGN" data/prompts/benign.jsonl > "$OUT/benign-train.jsonl"
 if [ -n "$(comm -12 <(sort "$OUT/train-prompts.jsonl") <(sort "$OUT/heldout-prompts.jsonl"))" ]; then
   echo "a held-out prompt is in the training split" >&2; exit 1
@@ -61,10 +66,10 @@ fi
 # 2. Red-team: training pairs (harmful + benign) and held-out pairs (for ranking accuracy).
 t=$(now)
 "$BIN" redteam --model "$MODEL" --prompts "$OUT/train-prompts.jsonl" --benign "$OUT/benign-train.jsonl" \
-  --samples "$SAMPLES" --max-tokens "$MAX_TOKENS" --seed "$SEED" $THREADS \
+  --overwrite --samples "$SAMPLES" --max-tokens "$MAX_TOKENS" --seed "$SEED" $THREADS \
   --out "$OUT/pairs-train.jsonl" --json > "$OUT/redteam-train.json"
 "$BIN" redteam --model "$MODEL" --prompts "$OUT/heldout-prompts.jsonl" \
-  --samples "$SAMPLES" --max-tokens "$MAX_TOKENS" --seed "$SEED" $THREADS \
+  --overwrite --samples "$SAMPLES" --max-tokens "$MAX_TOKENS" --seed "$SEED" $THREADS \
   --out "$OUT/pairs-heldout.jsonl" --json > "$OUT/redteam-heldout.json"
 secs[redteam]=$(echo "$(now) - $t" | bc)
 
@@ -72,7 +77,8 @@ secs[redteam]=$(echo "$(now) - $t" | bc)
 t=$(now)
 "$BIN" tune --model "$MODEL" --data "$OUT/pairs-train.jsonl" --out "$OUT/tune" --force \
   --targets ffn_down --rank 8 --lora-alpha 16 --learning-rate "$LR" --max-steps "$STEPS" \
-  --pairs-per-step 4 --grad-accum 1 --max-length 256 --max-prompt-length 128 --eval-fraction 0 \
+  --pairs-per-step "$PAIRS_PER_STEP" --grad-accum 1 --max-length "$MAX_LEN" \
+  --max-prompt-length "$MAX_PROMPT_LEN" --eval-fraction 0 \
   --save-every 0 --seed "$SEED" --json > "$OUT/tune.json"
 secs[tune]=$(echo "$(now) - $t" | bc)
 
@@ -80,7 +86,8 @@ secs[tune]=$(echo "$(now) - $t" | bc)
 t=$(now)
 "$BIN" eval --model "$MODEL" --adapter "$OUT/tune/adapter.gguf" \
   --harmful "$OUT/heldout-prompts.jsonl" --benign builtin --judge refusal \
-  --max-tokens "$EVAL_TOKENS" --seed "$SEED" --pairs "$OUT/pairs-heldout.jsonl" $THREADS \
+  --max-tokens "$EVAL_TOKENS" --limit "$EVAL_LIMIT" --seed "$SEED" \
+  --pairs "$OUT/pairs-heldout.jsonl" $THREADS \
   --out "$OUT/eval" --json > "$OUT/eval.json"
 secs[eval]=$(echo "$(now) - $t" | bc)
 
