@@ -33,7 +33,7 @@ pub struct Args {
     /// Answers sampled per prompt on the plain prompt.
     #[arg(long, default_value_t = 2)]
     pub samples: usize,
-    /// Answers sampled per harmful prompt with the safety system prompt in front.
+    /// Answers sampled per prompt with the safety system prompt in front (harmful and benign).
     #[arg(long, default_value_t = 1)]
     pub safety_samples: usize,
     /// The safety system prompt (default: a short harmless-assistant instruction).

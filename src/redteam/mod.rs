@@ -1,12 +1,13 @@
 //! Safety preference pairs without human labels: the model answers red-team prompts, a judge
 //! labels every answer, and the answers become BFPO pairs that `tune` reads unchanged.
 //!
-//! For every harmful prompt, [`run`] samples `samples` answers on the plain prompt and
+//! For every prompt, [`run`] samples `samples` answers on the plain prompt and
 //! `safety_samples` answers with a safety system prompt in front (seeded per prompt and answer,
 //! so a seed gives the same file), judges each against the **plain** prompt, adds a written
 //! refusal ([`templates`]) when no answer was safe, drops empty and duplicate answers, and
 //! writes pairs ordered by helpfulness with each side's safety label ([`pairing`] documents the
-//! rules). Benign prompts become both-safe helpfulness pairs (BFPO's buffer). Rows are generic
+//! rules). Benign prompts (answered the same way, no written refusal) become both-safe
+//! helpfulness pairs (BFPO's buffer). Rows are generic
 //! rows (`prompt`, `chosen`, `rejected`, `chosen_safe`, `rejected_safe`) with a `provenance`
 //! object; [`output`] appends them a prompt at a time and resumes an interrupted run.
 //!
@@ -151,7 +152,9 @@ fn request_text(p: &Prompt) -> String {
 pub struct RedteamOptions {
     /// Answers sampled per prompt on the plain prompt.
     pub samples: usize,
-    /// Answers sampled per harmful prompt with the safety system prompt.
+    /// Answers sampled per prompt with the safety system prompt (for benign prompts they show
+    /// whether the safety prompt makes the model over-refuse; the helpfulness order then prefers
+    /// the answer that does not refuse).
     pub safety_samples: usize,
     pub max_tokens: usize,
     /// Temperature, top-k/p, min-p; `sampling.seed` is the run's seed (each answer derives its own).
@@ -585,7 +588,7 @@ fn answer_prompt(
     tokens: &mut u64,
 ) -> Result<Option<Answered>, RedteamError> {
     let benign = set == "benign";
-    let safety_samples = if benign { 0 } else { opts.safety_samples };
+    let safety_samples = opts.safety_samples;
     let n_answers = opts.samples + safety_samples;
     let mut cands = Vec::with_capacity(n_answers + 1);
     let mut judged_safe = 0;
