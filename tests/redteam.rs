@@ -352,10 +352,11 @@ fn cli_counts_bad_prompt_rows_and_names_a_judge_that_fails() {
 
 /// The loop at toy size, as `examples/safety-loop.sh` runs it on a real model: HarmBench split
 /// by prompt, redteam on the training part (+ benign helpfulness pairs) and on the held-out part,
-/// then `tune` (CPU reference engine, a few steps) on the training pairs with the held-out pairs
-/// as its evaluation set.
+/// `tune` (CPU reference engine, a few steps) on the training pairs with the held-out pairs as
+/// its evaluation set, then `eval` of base vs tuned on the held-out prompts, benign prompts and
+/// held-out pairs.
 #[test]
-fn toy_loop_redteam_then_tune_on_held_out_split() {
+fn toy_loop_redteam_tune_eval_on_held_out_split() {
     // The tiny vocabulary spells HarmBench prompts in ~300 tokens: give it a longer context.
     let model = common::models::model(&bfpo_lite::model::init::InitSpec {
         ctx: 1024,
@@ -487,4 +488,50 @@ fn toy_loop_redteam_then_tune_on_held_out_split() {
         assert!((0.0..=1.0).contains(&acc), "{x}");
     }
     assert!(out.join("adapter.gguf").exists());
+
+    // Eval: base vs tuned on the held-out prompts, the benign set and the held-out pairs.
+    let ev = dir.join("eval");
+    let o = bin()
+        .args(["eval", "--model"])
+        .arg(&model)
+        .arg("--adapter")
+        .arg(out.join("adapter.gguf"))
+        .arg("--harmful")
+        .arg(&hp)
+        .args([
+            "--benign",
+            "builtin",
+            "--judge",
+            "refusal",
+            "--limit",
+            "3",
+            "--max-tokens",
+            "6",
+            "--threads",
+            "1",
+        ])
+        .arg("--pairs")
+        .arg(&ph)
+        .arg("--out")
+        .arg(&ev)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "eval failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ev.join("report.json")).unwrap()).unwrap();
+    let models = report["models"].as_array().unwrap();
+    assert_eq!(models.len(), 2, "base and the adapter");
+    for m in models {
+        assert_eq!(m["harmless"]["n"], held.len());
+        assert!(m["over_refusal"]["n"].as_u64().unwrap() > 0);
+        assert!(
+            m["ranking"]["likelihood_bfpo"]["n"].as_u64().unwrap() > 0,
+            "{m}"
+        );
+    }
+    assert!(models[1]["ranking"]["reward_bfpo"]["n"].as_u64().unwrap() > 0);
 }
