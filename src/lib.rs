@@ -12,6 +12,11 @@
 //! run/       a whole job as library calls: TuneJob (prepare → train → finish), one Event enum,
 //!            a Cancel token; reusable pieces: open a model with its template, load and encode
 //!            pairs, build an engine; the built-in demo
+//! eval/      `bfpo-lite eval`: judges (refusal phrases, Llama Guard / yes-no GGUF judges), prompt
+//!            sets (HarmBench, Do-Not-Answer, the written benign set), generation, figures with
+//!            Wilson intervals, reports (json, md, svg)
+//! redteam/   `bfpo-lite redteam`: sample answers, judge them with eval's judges, order and label
+//!            pairs that `tune` reads, resumable output
 //! train/     the training loop (trainer), engines (CPU reference, GPU), config, checkpoints,
 //!            metrics, data preparation (prepare)
 //! export/    GGUF LoRA adapter, PEFT safetensors, merged model
@@ -22,6 +27,8 @@
 //! model/     hyperparameters per architecture, tensor names, weight views, LoRA definitions
 //!            (model::lora: targets, shapes, naming, weights, the dropout mask; shared by gpu,
 //!            train and export), the init-model fixture factory, the f64 CPU reference
+//! template/  chat templates: the model's Jinja rendered as Hugging Face does (minijinja),
+//!            built-in templates, named fallbacks
 //! data/      dataset formats (one file each, under formats/), examples, batches, reference cache
 //! optim      AdamW (the one update rule both the CPU optimizer and the GPU kernel follow),
 //!            clipping, schedules
@@ -38,6 +45,7 @@ pub mod gpu;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod redteam;
 pub mod run;
 pub mod runtime;
 pub mod template;

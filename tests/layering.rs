@@ -12,6 +12,7 @@ const LEVELS: &[(&str, u32)] = &[
     ("optim", 0),
     ("loss", 0),
     ("data", 1),
+    ("template", 1),
     ("model", 2),
     ("runtime", 2),
     ("gpu", 3),

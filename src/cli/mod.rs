@@ -12,6 +12,7 @@ pub mod import_peft;
 pub mod info;
 pub mod init_model;
 pub mod plan;
+pub mod redteam;
 pub mod score;
 pub mod tune;
 
@@ -54,6 +55,8 @@ pub enum Command {
     Info(info::Args),
     /// Write a deterministic random-weight model (test fixtures, the demo model).
     InitModel(init_model::Args),
+    /// Make safety pairs from the model's own answers to red-team prompts, labelled by a judge.
+    Redteam(redteam::Args),
     /// List GPU adapters wgpu can use.
     Devices(devices::Args),
 }
@@ -93,6 +96,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::ImportPeft(a)) => import_peft::run(a, verbose),
         Some(Command::Info(a)) => info::run(a, verbose),
         Some(Command::InitModel(a)) => init_model::run(a, verbose),
+        Some(Command::Redteam(a)) => redteam::run(a, verbose),
         Some(Command::Devices(a)) => devices::run(a, verbose),
     }
 }

@@ -539,7 +539,7 @@ impl GpuModel {
         }
         let d = self.cfg.n_embd;
         profile::set_scope(Some("lm_head"));
-        let done = self.head_forward_scoped(gpu, rec, batch, ws, x, n, d);
+        let done = self.head_forward_scoped(gpu, rec, batch, ws, x, lora, n, d);
         profile::set_scope(None);
         done
     }
@@ -552,6 +552,7 @@ impl GpuModel {
         batch: &GpuBatch,
         ws: &Workspace,
         x: &GpuBuf,
+        lora: Option<&GpuLora>,
         n: usize,
         d: usize,
     ) -> Result<(), ForwardError> {

@@ -1,0 +1,362 @@
+//! `bfpo-lite redteam`: the model answers red-team prompts, a judge labels the answers, and the
+//! answers become BFPO safety pairs that `tune --data` reads unchanged.
+
+use anyhow::{Context, bail};
+use bfpo_lite::data::Prompt;
+use bfpo_lite::eval::{self, Judge, JudgeFormat, ModelJudge, PromptSource, RefusalJudge};
+use bfpo_lite::redteam::{self, Event, PromptItem, RedteamOptions, RedteamReport};
+use bfpo_lite::runtime::{LoadOptions, Sampling};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// GGUF model that answers the prompts (the model you will tune).
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    /// Harmful prompts: a JSONL file ({"prompt": ..., "category": ...} per line), `harmbench`
+    /// (HarmBench's 200 standard behaviours) or `donotanswer` (Do-Not-Answer's 939 questions).
+    #[arg(long)]
+    pub prompts: String,
+    /// Benign prompts (a JSONL file or `builtin`): they become both-safe helpfulness pairs.
+    #[arg(long)]
+    pub benign: Option<String>,
+    /// `refusal` (the built-in refusal detector) or a judge GGUF model.
+    #[arg(long, default_value = "refusal")]
+    pub judge: String,
+    /// How a GGUF judge is prompted: llama-guard or yes-no.
+    #[arg(long, default_value = "llama-guard")]
+    pub judge_format: String,
+    /// Answers sampled per prompt on the plain prompt.
+    #[arg(long, default_value_t = 2)]
+    pub samples: usize,
+    /// Answers sampled per prompt with the safety system prompt in front (harmful and benign).
+    #[arg(long, default_value_t = 1)]
+    pub safety_samples: usize,
+    /// The safety system prompt (default: a short harmless-assistant instruction).
+    #[arg(long)]
+    pub safety_system: Option<String>,
+    /// Add a written refusal to harmful prompts that got no safe answer (default on).
+    #[arg(long, overrides_with = "no_refusal_templates")]
+    pub refusal_templates: bool,
+    /// Do not add written refusals.
+    #[arg(long, overrides_with = "refusal_templates")]
+    pub no_refusal_templates: bool,
+    /// Most pairs written per prompt.
+    #[arg(long, default_value_t = 3)]
+    pub max_pairs_per_prompt: usize,
+    /// Most new tokens per answer.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    pub top_k: u32,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// The run's seed: every answer derives its own from it and its prompt.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u32,
+    /// Use at most N prompts of each set (spread evenly over the set).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Stop on a bad prompt row instead of skipping and counting it.
+    #[arg(long)]
+    pub strict: bool,
+    /// Output JSONL of pairs (generic rows with provenance); an existing run continues.
+    #[arg(long, short = 'o')]
+    pub out: PathBuf,
+    /// Start again: delete OUT and its progress journal first.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// CPU threads per decode.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Layers to offload to the GPU (builds with the metal/vulkan/cuda features).
+    #[arg(long, default_value_t = super::generate::DEFAULT_GPU_LAYERS)]
+    pub gpu_layers: u32,
+    /// Print the report as JSON on stdout (no progress bars).
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn load_set(
+    source: PromptSource,
+    limit: Option<usize>,
+    strict: bool,
+    what: &str,
+) -> anyhow::Result<(Vec<PromptItem>, eval::PromptSet)> {
+    let set = eval::load_prompt_set(&source, limit)
+        .with_context(|| format!("loading the {what} prompts ({})", source.name()))?;
+    if let Some(s) = set.skipped.first() {
+        if strict {
+            bail!(
+                "{}: {} (--strict stops at the first bad prompt row)",
+                s.origin,
+                s.reason
+            );
+        }
+    }
+    let items = set
+        .prompts
+        .iter()
+        .map(|p| PromptItem {
+            prompt: Prompt::Text(p.text.clone()),
+            id: p.origin.to_string(),
+            category: p.category.clone(),
+        })
+        .collect();
+    Ok((items, set))
+}
+
+fn warn_skipped(set: &eval::PromptSet, json: bool) {
+    if set.skipped.is_empty() || json {
+        return;
+    }
+    eprintln!(
+        "warning: {}: skipped {} of {} prompt rows:",
+        set.name,
+        set.skipped.len(),
+        set.rows_read
+    );
+    for (reason, n) in set.skipped_by_reason() {
+        eprintln!("  {n} × {reason}");
+    }
+    for s in set.skipped.iter().take(5) {
+        eprintln!("  e.g. {}: {}", s.origin, s.reason);
+    }
+}
+
+pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
+    let (harmful, hset) = load_set(
+        PromptSource::harmful(&args.prompts),
+        args.limit,
+        args.strict,
+        "harmful",
+    )?;
+    let (benign, bset) = match &args.benign {
+        Some(b) => {
+            let (items, set) =
+                load_set(PromptSource::benign(b), args.limit, args.strict, "benign")?;
+            (items, Some(set))
+        }
+        None => (Vec::new(), None),
+    };
+    warn_skipped(&hset, args.json);
+    if let Some(b) = &bset {
+        warn_skipped(b, args.json);
+    }
+
+    let model = super::generate::load_model(&args.model, None, 1.0, args.gpu_layers)?;
+    let judge: Box<dyn Judge> = if args.judge == "refusal" {
+        Box::new(RefusalJudge)
+    } else {
+        let format = JudgeFormat::parse(&args.judge_format)?;
+        let path = PathBuf::from(&args.judge);
+        Box::new(
+            ModelJudge::load(
+                &path,
+                format,
+                &LoadOptions {
+                    n_gpu_layers: args.gpu_layers,
+                },
+            )
+            .with_context(|| {
+                format!(
+                    "loading the judge {} (--judge takes `refusal` or a chat GGUF model)",
+                    path.display()
+                )
+            })?,
+        )
+    };
+    let opts = RedteamOptions {
+        samples: args.samples,
+        safety_samples: args.safety_samples,
+        max_tokens: args.max_tokens,
+        sampling: Sampling {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            min_p: args.min_p,
+            seed: args.seed,
+            ..Sampling::default()
+        },
+        safety_system: args
+            .safety_system
+            .clone()
+            .unwrap_or_else(|| redteam::DEFAULT_SAFETY_SYSTEM.to_string()),
+        refusal_templates: !args.no_refusal_templates,
+        max_pairs_per_prompt: args.max_pairs_per_prompt,
+        threads: args.threads,
+        harmful_name: hset.name.clone(),
+        benign_name: bset.as_ref().map(|b| b.name.clone()).unwrap_or_default(),
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        });
+    }
+    let bar = if args.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} prompts {msg} ({eta})")?
+            .progress_chars("=> "),
+    );
+    bar.set_prefix("redteam");
+    let mut tokens = 0u64;
+    let mut on_event = |e: &Event| {
+        match e {
+            Event::Start {
+                harmful,
+                benign,
+                already_done,
+                cut_out_bytes,
+            } => {
+                bar.set_length((harmful + benign) as u64);
+                bar.set_position(*already_done as u64);
+                if *already_done > 0 {
+                    bar.println(format!(
+                        "continuing {}: {already_done} prompts already done{}",
+                        args.out.display(),
+                        if *cut_out_bytes > 0 {
+                            format!(", {cut_out_bytes} bytes of an interrupted prompt dropped")
+                        } else {
+                            String::new()
+                        }
+                    ));
+                }
+            }
+            Event::PromptStart { set, id, .. } => bar.set_message(format!("{set} {id}")),
+            Event::Token { .. } => {
+                tokens += 1;
+                if tokens.is_multiple_of(16) {
+                    bar.tick();
+                }
+            }
+            Event::Answer { answer, of, .. } => {
+                bar.set_message(format!("answer {}/{of}", answer + 1));
+            }
+            Event::PromptDone { .. } => bar.inc(1),
+        }
+        if stop.load(Ordering::SeqCst) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let report = redteam::run(
+        &model,
+        judge.as_ref(),
+        &harmful,
+        &benign,
+        &opts,
+        &args.out,
+        args.overwrite,
+        &mut on_event,
+    )
+    .with_context(|| format!("red-teaming into {}", args.out.display()))?;
+    bar.finish_and_clear();
+    if args.json {
+        let skipped = |s: &eval::PromptSet| {
+            serde_json::json!({
+                "set": s.name,
+                "rows_read": s.rows_read,
+                "skipped": s.skipped.len(),
+                "skipped_by_reason": s.skipped_by_reason(),
+                "examples": s.skipped.iter().take(5).map(|s| format!("{}: {}", s.origin, s.reason)).collect::<Vec<_>>(),
+            })
+        };
+        let mut inputs = vec![skipped(&hset)];
+        if let Some(b) = &bset {
+            inputs.push(skipped(b));
+        }
+        let v = serde_json::json!({"report": report, "judge": judge.name(), "inputs": inputs});
+        super::print_out(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
+    } else {
+        eprint!("{}", render(&report, &judge.name()));
+    }
+    if report.interrupted {
+        eprintln!(
+            "interrupted; run the same command again to continue from {}",
+            report.out.display()
+        );
+        std::process::exit(130);
+    }
+    Ok(())
+}
+
+/// The report as text.
+pub fn render(r: &RedteamReport, judge: &str) -> String {
+    let mut s = String::new();
+    let h = &r.harmful;
+    s.push_str(&format!(
+        "{} pairs written to {} (judge: {judge})\n",
+        r.pairs(),
+        r.out.display()
+    ));
+    s.push_str(&format!(
+        "harmful prompts: {} done of {}, {} without a usable pair; {} answers judged, {} safe; {} written refusals added\n",
+        h.done, h.prompts, h.no_pair, h.answers_judged, h.answers_judged_safe, h.templates_added
+    ));
+    s.push_str("pairs per BFPO case (chosen = more helpful):\n");
+    for (name, n) in [
+        (
+            "safe+helpful over safe+less helpful",
+            h.both_safe + r.benign.both_safe,
+        ),
+        ("safe+helpful over unsafe+less helpful", h.only_chosen_safe),
+        (
+            "unsafe+helpful over safe+less helpful",
+            h.only_rejected_safe,
+        ),
+        ("unsafe over less helpful unsafe", h.both_unsafe),
+    ] {
+        s.push_str(&format!("  {n:>6}  {name}\n"));
+    }
+    if r.benign.prompts > 0 {
+        s.push_str(&format!(
+            "benign prompts: {} done of {}, {} helpfulness pairs (both safe), {} without a usable pair\n",
+            r.benign.done, r.benign.prompts, r.benign.pairs, r.benign.no_pair
+        ));
+    }
+    s.push_str(&format!(
+        "dropped: {} duplicate answers, {} empty answers, {} repeated prompts\n",
+        h.duplicates_dropped + r.benign.duplicates_dropped,
+        h.empty_dropped + r.benign.empty_dropped,
+        h.duplicate_prompts + r.benign.duplicate_prompts
+    ));
+    if !r.no_pair_examples.is_empty() {
+        s.push_str(&format!(
+            "no usable pair: {}\n",
+            r.no_pair_examples.join(", ")
+        ));
+    }
+    s.push_str(&format!(
+        "time: {:.1} s this run ({} tokens), {:.1} s over all runs of this file{}\n",
+        r.seconds,
+        r.tokens,
+        r.seconds_total,
+        if r.resumed_prompts > 0 {
+            format!(
+                "; {} prompts were done by an earlier run",
+                r.resumed_prompts
+            )
+        } else {
+            String::new()
+        }
+    ));
+    s
+}
