@@ -386,9 +386,9 @@ pub fn multiple_choice(
     let n_ex = examples.len().max(1);
     let sums = model
         .score_sums_with_progress(&examples, opts, &mut |d, _| progress(d * n_q / n_ex, n_q))
-        .map_err(|source| EvalError::Runtime {
+        .map_err(|error| EvalError::Runtime {
             what: "scoring multiple-choice answers".into(),
-            source,
+            error,
         })?;
     let (mut acc, mut acc_norm) = (0usize, 0usize);
     for (q, &(start, len)) in questions.iter().zip(&spans) {

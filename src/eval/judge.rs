@@ -288,9 +288,9 @@ impl ModelJudge {
         format: JudgeFormat,
         load: &LoadOptions,
     ) -> Result<ModelJudge, EvalError> {
-        let model = RtModel::load(path, load).map_err(|source| EvalError::Runtime {
+        let model = RtModel::load(path, load).map_err(|error| EvalError::Runtime {
             what: format!("loading judge model {}", path.display()),
-            source,
+            error,
         })?;
         ModelJudge::from_model(model, format)
     }
@@ -370,7 +370,7 @@ impl ModelJudge {
     fn rt_err(&self, what: &str, source: crate::runtime::RuntimeError) -> EvalError {
         EvalError::Runtime {
             what: format!("{what} (judge {})", self.model.path().display()),
-            source,
+            error: source,
         }
     }
 

@@ -35,11 +35,12 @@ use std::path::PathBuf;
 /// Everything that stops an evaluation; messages name the file, line or option.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
-    #[error("cannot read {path}: {source}")]
+    // The underlying errors are part of the message (not `#[source]`), so `anyhow`'s `{:#}`
+    // does not print them twice.
+    #[error("cannot read {path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "prompt set {name} has no usable prompts ({rows} rows read, {skipped} skipped{first_skip}); each line needs a JSON object with a non-empty \"prompt\" string"
@@ -52,12 +53,8 @@ pub enum EvalError {
     },
     #[error("judge model {path} cannot be used as a judge: {detail}")]
     JudgeNotChat { path: PathBuf, detail: String },
-    #[error("{what}: {source}")]
-    Runtime {
-        what: String,
-        #[source]
-        source: RuntimeError,
-    },
+    #[error("{what}: {error}")]
+    Runtime { what: String, error: RuntimeError },
     #[error("invalid --{name} {value}: expected {expected}")]
     InvalidOption {
         name: &'static str,

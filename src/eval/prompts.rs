@@ -172,9 +172,9 @@ pub fn load_prompt_set(
 }
 
 fn read_text(path: &Path) -> Result<String, EvalError> {
-    std::fs::read_to_string(path).map_err(|source| EvalError::Io {
+    std::fs::read_to_string(path).map_err(|error| EvalError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 

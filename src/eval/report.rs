@@ -20,7 +20,7 @@ pub struct Written {
 pub fn write_outputs(dir: &Path, out: &EvalOutput) -> Result<Written, EvalError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| EvalError::Io { path, source }
+        move |error| EvalError::Io { path, error }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let w = Written {

@@ -277,7 +277,7 @@ fn adapter_names(paths: &[PathBuf]) -> Vec<String> {
 }
 
 fn rt(what: String) -> impl FnOnce(crate::runtime::RuntimeError) -> EvalError {
-    move |source| EvalError::Runtime { what, source }
+    move |error| EvalError::Runtime { what, error }
 }
 
 /// Runs an evaluation (see the module docs); `on` sees every [`EvalEvent`].
@@ -325,9 +325,9 @@ pub fn run_eval(
     };
     let mc = match &opts.mc {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
+            let text = std::fs::read_to_string(path).map_err(|error| EvalError::Io {
                 path: path.clone(),
-                source,
+                error,
             })?;
             let mut set = helpful::parse_mc(&text, &path.display().to_string());
             if set.questions.is_empty() {
@@ -427,7 +427,7 @@ pub fn run_eval(
     let gen_opts = GenerateOptions {
         max_tokens: opts.max_tokens,
         sampling: Sampling {
-            temperature: opts.temperature.max(0.0),
+            temperature: opts.temperature,
             seed: opts.seed,
             ..Sampling::default()
         },
@@ -722,9 +722,9 @@ fn generate_and_judge(
     let mut out = Vec::with_capacity(total);
     for (i, (p, g)) in prompts.iter().zip(gens).enumerate() {
         let v = judge.judge(&p.text, &g.text).map_err(|e| match e {
-            EvalError::Runtime { what, source } => EvalError::Runtime {
+            EvalError::Runtime { what, error } => EvalError::Runtime {
                 what: format!("{what}, judging {}", p.origin),
-                source,
+                error,
             },
             other => other,
         })?;
