@@ -271,20 +271,9 @@ fn gguf_judge_on_a_tiny_model_gives_a_probability_and_rejects_non_chat_models() 
 }
 
 /// SmolLM2-135M-Instruct for judge plumbing tests.
-// TODO(coordinator): replace with the cached fetch in tests/common once it lands; until then
-// BFPO_SMOLLM2_GGUF or the shared models cache.
+// The suite's real model, fetched once and cached (tests/common/smollm2.rs).
 fn smollm2() -> PathBuf {
-    let p = std::env::var_os("BFPO_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from("/work/models-cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        p.exists(),
-        "SmolLM2-135M-Instruct not found at {}; fetch it with shared/bench/fetch-smollm2.sh DIR and set BFPO_SMOLLM2_GGUF",
-        p.display()
-    );
-    p
+    common::smollm2::smollm2()
 }
 
 #[test]
