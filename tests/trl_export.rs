@@ -1,13 +1,13 @@
 //! `export-run --to trl`: the Python project it writes, its loss against `bfpo_lite::loss`, and
-//! (opt-in, heavy) a two-step CPU run of its `train.py` on a tiny Hugging Face llama holding the
-//! same weights as a GGUF, whose adapter comes back through `import-peft` and scores in the wgpu
-//! engine as PEFT scores it in Python.
+//! (heavy: about a minute once its venv is cached) a two-step CPU run of its `train.py` on a
+//! tiny Hugging Face llama holding the same weights as a GGUF, whose adapter comes back through
+//! `import-peft` and scores in the wgpu engine as PEFT scores it in Python.
 //!
 //! Python: `BFPO_TRL_PYTHON` (a Python with the project's requirements, e.g. a venv made with
 //! `pip install -r src/export/trl/requirements.txt`) is used when set. Otherwise the loss test
 //! uses `python3` if it has numpy, else a venv with numpy created once under
 //! `~/.cache/bfpo-lite/` (`$BFPO_CACHE_DIR` or `$XDG_CACHE_HOME/bfpo-lite` when set); the smoke
-//! test (`--ignored`) creates the full venv there from `requirements.txt` (keyed by its hash).
+//! test creates the full venv there from `requirements.txt` (keyed by its hash).
 
 mod common;
 
@@ -770,11 +770,10 @@ fn score_wgpu(
     (scores, rows)
 }
 
-/// Heavy and opt-in (torch, transformers, TRL, PEFT, accelerate on the CPU): run with
-/// `BFPO_TRL_PYTHON=/path/to/venv/bin/python cargo test --release --test trl_export -- --ignored`
-/// or without BFPO_TRL_PYTHON to create the cached venv from requirements.txt (see README).
+/// Heavy (torch, transformers, TRL, PEFT, accelerate on the CPU): the first run creates the
+/// cached venv from requirements.txt (~6 GB, 2–9 minutes, see docs/multi-gpu.md); later runs
+/// take about a minute. `BFPO_TRL_PYTHON=/path/to/venv/bin/python` uses an existing venv.
 #[test]
-#[ignore = "needs torch/transformers/trl/peft (BFPO_TRL_PYTHON or a ~6 GB cached venv)"]
 fn train_py_two_steps_on_cpu_then_import_and_score() {
     let python = trl_python();
     let dir = tempfile::tempdir().unwrap();
