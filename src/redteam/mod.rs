@@ -83,7 +83,7 @@ pub enum RedteamError {
         set: &'static str,
         index: usize,
         id: String,
-        error: RuntimeError,
+        error: Box<RuntimeError>,
     },
     #[error("judging answer {answer} to {set} prompt {index} ({id}) with {judge}: {detail}")]
     Judge {
@@ -623,7 +623,7 @@ fn answer_prompt(
                 set,
                 index,
                 id: item.id.clone(),
-                error,
+                error: Box::new(error),
             })?
             .remove(0);
         if stopped {
