@@ -42,6 +42,13 @@ pub const SNIPPETS: &[(&str, &str)] = &[
         "dequant.wgsl",
         include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/dequant.wgsl")),
     ),
+    (
+        "matmul_common.wgsl",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/kernels/matmul_common.wgsl"
+        )),
+    ),
 ];
 
 /// Expands `#include` lines and `${NAME}` placeholders. Errors name the kernel and the problem.

@@ -1,0 +1,70 @@
+//! The forward matmul has two kernels: `matmul_sg.wgsl` (x through subgroup broadcasts, used when
+//! the device has subgroups of ≥ 8 lanes, as lavapipe does) and `matmul.wgsl` (the fallback).
+//! They must give bit-identical results (same sums in the same order), and the fallback must
+//! match the f64 reference like the subgroup path does in gpu_matmul.rs.
+
+#[path = "common/gpu.rs"]
+mod common;
+
+use bfpo_lite::gguf::GgmlType;
+use bfpo_lite::gpu::ops::matmul::{GpuWeight, TEST_NO_SUBGROUPS, matmul, matmul_ref};
+use bfpo_lite::util::{Rng, Tol, assert_close};
+use std::sync::atomic::Ordering;
+
+#[test]
+fn subgroup_and_fallback_kernels_agree_bit_for_bit() {
+    let gpu = common::gpu();
+    // Awkward sizes: rows not a multiple of the 256-row workgroup, tokens not of 8.
+    let (n_in, n_out, n_tokens) = (256, 300, 13);
+    for (i, ty) in [
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::F16,
+        GgmlType::F32,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut rng = Rng::new(40 + i as u64);
+        let vals = rng.normal_vec(n_in * n_out, 1.0 / (n_in as f32).sqrt());
+        let (bytes, wf) = match ty {
+            GgmlType::F32 => (bytemuck::cast_slice(&vals).to_vec(), vals.clone()),
+            GgmlType::F16 => {
+                let h: Vec<half::f16> = vals.iter().map(|&v| half::f16::from_f32(v)).collect();
+                let f = h.iter().map(|v| v.to_f32()).collect();
+                (bytemuck::cast_slice(&h).to_vec(), f)
+            }
+            _ => {
+                let b = bfpo_lite::gguf::quant::quantize(ty, &vals).unwrap();
+                let f = bfpo_lite::gguf::quant::dequantize_vec(ty, &b, vals.len()).unwrap();
+                (b, f)
+            }
+        };
+        let w = GpuWeight::upload_raw(&gpu, "w", ty, n_in, n_out, &bytes).unwrap();
+        let x0 = rng.normal_vec(n_tokens * n_in, 1.0);
+        let x = gpu.upload("x", &x0).unwrap();
+        let mut out = Vec::new();
+        for plain in [false, true] {
+            TEST_NO_SUBGROUPS.store(plain, Ordering::SeqCst);
+            let y = gpu.alloc("y", (n_tokens * n_out * 4) as u64).unwrap();
+            let mut rec = gpu.recorder();
+            matmul(&gpu, &mut rec, &x, &w, None, &y, n_tokens, false).unwrap();
+            rec.run("matmul paths").unwrap();
+            out.push(gpu.read::<f32>(&y).unwrap());
+        }
+        TEST_NO_SUBGROUPS.store(false, Ordering::SeqCst);
+        let want = matmul_ref(&x0, &wf, None, n_tokens, n_in, n_out);
+        assert_close(
+            &format!("fallback matmul {ty}"),
+            &out[1],
+            &want,
+            Tol::new(5e-5, 5e-5),
+        );
+        assert!(
+            out[0] == out[1],
+            "{ty}: subgroup and fallback kernels differ"
+        );
+    }
+}
