@@ -1,13 +1,16 @@
-//! The forward matmul has two kernels: `matmul_sg.wgsl` (x through subgroup broadcasts, used when
-//! the device has subgroups of ≥ 8 lanes, as lavapipe does) and `matmul.wgsl` (the fallback).
-//! They must give bit-identical results (same sums in the same order), and the fallback must
-//! match the f64 reference like the subgroup path does in gpu_matmul.rs.
+//! Each matmul direction has two kernels: `matmul_sg.wgsl` / `matmul_back_sg.wgsl` (x or dy
+//! through subgroup broadcasts, used when the device has subgroups of ≥ 8 lanes, as lavapipe
+//! does) and `matmul.wgsl` / `matmul_back.wgsl` (the fallbacks). They must give bit-identical
+//! results (same sums in the same order), and the fallbacks must match the f64 reference like
+//! the subgroup paths do in gpu_matmul.rs.
 
 #[path = "common/gpu.rs"]
 mod common;
 
 use bfpo_lite::gguf::GgmlType;
-use bfpo_lite::gpu::ops::matmul::{GpuWeight, TEST_NO_SUBGROUPS, matmul, matmul_ref};
+use bfpo_lite::gpu::ops::matmul::{
+    GpuWeight, TEST_NO_SUBGROUPS, matmul, matmul_back_input, matmul_back_input_ref, matmul_ref,
+};
 use bfpo_lite::util::{Rng, Tol, assert_close};
 use std::sync::atomic::Ordering;
 
@@ -45,14 +48,19 @@ fn subgroup_and_fallback_kernels_agree_bit_for_bit() {
         let w = GpuWeight::upload_raw(&gpu, "w", ty, n_in, n_out, &bytes).unwrap();
         let x0 = rng.normal_vec(n_tokens * n_in, 1.0);
         let x = gpu.upload("x", &x0).unwrap();
-        let mut out = Vec::new();
+        let dy0 = rng.normal_vec(n_tokens * n_out, 1.0);
+        let dy = gpu.upload("dy", &dy0).unwrap();
+        let (mut out, mut back) = (Vec::new(), Vec::new());
         for plain in [false, true] {
             TEST_NO_SUBGROUPS.store(plain, Ordering::SeqCst);
             let y = gpu.alloc("y", (n_tokens * n_out * 4) as u64).unwrap();
+            let dx = gpu.alloc("dx", (n_tokens * n_in * 4) as u64).unwrap();
             let mut rec = gpu.recorder();
             matmul(&gpu, &mut rec, &x, &w, None, &y, n_tokens, false).unwrap();
+            matmul_back_input(&gpu, &mut rec, &dy, &w, &dx, n_tokens, false).unwrap();
             rec.run("matmul paths").unwrap();
             out.push(gpu.read::<f32>(&y).unwrap());
+            back.push(gpu.read::<f32>(&dx).unwrap());
         }
         TEST_NO_SUBGROUPS.store(false, Ordering::SeqCst);
         let want = matmul_ref(&x0, &wf, None, n_tokens, n_in, n_out);
@@ -64,7 +72,18 @@ fn subgroup_and_fallback_kernels_agree_bit_for_bit() {
         );
         assert!(
             out[0] == out[1],
-            "{ty}: subgroup and fallback kernels differ"
+            "{ty}: subgroup and fallback forward kernels differ"
+        );
+        let want_dx = matmul_back_input_ref(&dy0, &wf, n_tokens, n_in, n_out);
+        assert_close(
+            &format!("fallback matmul backward {ty}"),
+            &back[1],
+            &want_dx,
+            Tol::new(5e-5, 5e-5),
+        );
+        assert!(
+            back[0] == back[1],
+            "{ty}: subgroup and fallback backward kernels differ"
         );
     }
 }

@@ -49,6 +49,13 @@ pub const SNIPPETS: &[(&str, &str)] = &[
             "/kernels/matmul_common.wgsl"
         )),
     ),
+    (
+        "matmul_back_common.wgsl",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/kernels/matmul_back_common.wgsl"
+        )),
+    ),
 ];
 
 /// Expands `#include` lines and `${NAME}` placeholders. Errors name the kernel and the problem.

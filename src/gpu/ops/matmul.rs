@@ -268,14 +268,14 @@ pub struct MatmulBackParams {
     pub _pad: u32,
 }
 
-/// Tests set this to run the forward matmul without subgroups on a device that has them (both
-/// kernels give identical results).
+/// Tests set this to run the matmuls without subgroups on a device that has them (both kernels
+/// of each direction give identical results).
 #[doc(hidden)]
 pub static TEST_NO_SUBGROUPS: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
-/// Whether the forward matmul loads x through subgroup broadcasts (`matmul_sg.wgsl`): the device
-/// has subgroups of at least 8 lanes.
+/// Whether the matmuls load x (forward, `matmul_sg.wgsl`) and dy (backward,
+/// `matmul_back_sg.wgsl`) through subgroup broadcasts: the device has subgroups of ≥ 8 lanes.
 pub fn use_subgroups(gpu: &Gpu) -> bool {
     gpu.features.contains(wgpu::Features::SUBGROUP)
         && gpu.info.subgroup_min_size >= 8
@@ -454,7 +454,12 @@ fn back_input(
         }
         return Ok(());
     }
-    let pipe = gpu.pipeline(&kernel_source!("matmul_back"), "main", &type_define(w.ty))?;
+    let kernel = if use_subgroups(gpu) {
+        kernel_source!("matmul_back_sg")
+    } else {
+        kernel_source!("matmul_back")
+    };
+    let pipe = gpu.pipeline(&kernel, "main", &type_define(w.ty))?;
     let row_bytes = w.row_bytes();
     let n_groups = w.n_in / 8;
     // Work per dispatch = 2 · rows · tokens · 8 · groups. Prefer whole rows of dx (all groups,
