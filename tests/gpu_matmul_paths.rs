@@ -69,12 +69,7 @@ fn subgroup_and_fallback_kernels_agree_bit_for_bit() {
             Tol::new(5e-5, 5e-5)
         };
         let want = matmul_ref(&x0, &wf, None, n_tokens, n_in, n_out);
-        assert_close(
-            &format!("fallback matmul {ty}"),
-            &out[1],
-            &want,
-            tol,
-        );
+        assert_close(&format!("fallback matmul {ty}"), &out[1], &want, tol);
         assert!(
             out[0] == out[1],
             "{ty}: subgroup and fallback forward kernels differ"
