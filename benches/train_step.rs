@@ -138,8 +138,100 @@ fn n_matrix_params(cfg: &ModelConfig) -> usize {
     cfg.n_layer * (d * q + 2 * d * kv + q * d + 3 * d * ff) + d * cfg.n_vocab
 }
 
+/// Process CPU seconds (user + system, all threads: lavapipe's workers run in this process).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// One step (forward with checkpoints, backward, AdamW) on `examples`.
+fn step(gpu: &Gpu, model: &GpuModel, lora: &GpuLora, opt: &mut GpuAdamW, examples: &[Example]) {
+    let mut rec = gpu.recorder();
+    lora.zero_grads(&mut rec);
+    rec.submit();
+    let (_seqs, state) = forward_train(model, gpu, examples, lora, None).unwrap();
+    let w: Vec<f32> = (0..examples.len())
+        .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+        .collect();
+    backward(model, gpu, state, &w, lora).unwrap();
+    let mut rec = gpu.recorder();
+    let params: Vec<_> = lora.tensors.iter().flat_map(|t| [&t.a, &t.b]).collect();
+    let grads: Vec<_> = lora
+        .tensors
+        .iter()
+        .flat_map(|t| [&t.grad_a, &t.grad_b])
+        .collect();
+    opt.record_step(gpu, &mut rec, &params, &grads, 1e-6, 1.0, Some(1.0))
+        .unwrap();
+    rec.submit();
+    opt.finish_step(gpu).unwrap();
+}
+
+/// `BFPO_BENCH_SCALING=1`: step time of a SmolLM2-135M-shaped model (`BFPO_BENCH_LAYERS`, default
+/// 2 layers; `BFPO_BENCH_VOCAB`, default 49152) with one pair, LoRA on ffn_down, against the
+/// sequence length (128 → 1024, rank 16) and the rank (8 → 64, T = 256). Prints wall and CPU
+/// seconds per step (the latter is what to compare on a loaded machine).
+fn scaling(gpu: &Gpu) {
+    let mut cfg = config(Arch::Llama, 576, 1536, 2, 9, 3, 49_152, 1e5);
+    cfg.qkv_bias = false;
+    let model = synthetic_model(gpu, &cfg);
+    let run = |t: usize, rank: usize| {
+        let spec = LoraSpec {
+            targets: vec![Target::FfnDown],
+            layers: (0..cfg.n_layer).collect(),
+            rank,
+            alpha: rank as f32,
+            dropout: 0.0,
+            seed: 1,
+        };
+        let lora = GpuLora::upload(gpu, &LoraWeights::random(&spec, &cfg, 0.01).unwrap()).unwrap();
+        let sizes: Vec<usize> = lora
+            .tensors
+            .iter()
+            .flat_map(|t| [lora.rank * t.n_in, t.n_out * lora.rank])
+            .collect();
+        let mut opt = GpuAdamW::new(gpu, AdamWConfig::default(), &sizes).unwrap();
+        let mut rng = Rng::new(2);
+        let examples: Vec<Example> = (0..2)
+            .map(|_| Example {
+                ids: (0..t)
+                    .map(|_| rng.below(cfg.n_vocab as u64) as u32)
+                    .collect(),
+                response_start: t / 2,
+            })
+            .collect();
+        step(gpu, &model, &lora, &mut opt, &examples); // warm-up
+        let (w0, c0) = (std::time::Instant::now(), cpu_seconds());
+        let n = 2;
+        for _ in 0..n {
+            step(gpu, &model, &lora, &mut opt, &examples);
+        }
+        let (wall, cpu) = (w0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+        println!(
+            "scaling L{} vocab {} T {t}x2 rank {rank}: {:.3} s wall/step, {:.3} s CPU/step",
+            cfg.n_layer,
+            cfg.n_vocab,
+            wall / n as f64,
+            cpu / n as f64
+        );
+    };
+    for t in [128, 256, 512, 1024] {
+        run(t, 16);
+    }
+    for rank in [8, 32, 64] {
+        run(256, rank);
+    }
+}
+
 fn bench_train_step(c: &mut Criterion) {
     let gpu = test_device();
+    if std::env::var_os("BFPO_BENCH_SCALING").is_some() {
+        scaling(&gpu);
+        return;
+    }
     let t = env_usize("BFPO_BENCH_T").unwrap_or(if quick() { 64 } else { 512 });
     let mut g = c.benchmark_group("train_step");
     g.sample_size(10)

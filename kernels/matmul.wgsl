@@ -8,121 +8,25 @@
 // computes rows l, l + 32, …, l + 224 (neighbouring invocations take neighbouring rows) for all 8
 // tokens: every x element loaded is used for 8 rows and every dequantized weight group for 8
 // tokens, from registers (64 outputs per invocation). The x addresses are the same in every
-// invocation of a workgroup (a broadcast). There is no early return: out-of-range rows and
+// invocation of a workgroup (a broadcast; matmul_sg.wgsl instead loads each x element once per
+// subgroup and broadcasts it with subgroupBroadcast). There is no early return: out-of-range rows and
 // tokens are clamped to the last valid one (the same control flow everywhere) and not written.
 // Each output is summed over i in increasing 8-element groups: results are deterministic.
-#include "dequant.wgsl"
-
-struct Params {
-    n_in: u32,      // elements per weight row (multiple of 8)
-    row_bytes: u32, // bytes per weight row
-    row0: u32,      // first weight row of this dispatch, relative to the chunk buffer
-    n_rows: u32,    // weight rows in this dispatch
-    t0: u32,        // first token
-    n_tokens: u32,  // tokens in this dispatch
-    y_stride: u32,  // elements per row of y
-    y_col0: u32,    // y column of row0
-    bias0: u32,     // bias index of row0
-    flags: u32,     // bit 0: accumulate into y; bit 1: add bias
-    _pad0: u32,
-    _pad1: u32,
-}
+#include "matmul_common.wgsl"
 
 @group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;  // x: [T, n_in] f32
-@group(0) @binding(1) var<storage, read> wq: array<u32>;       // W chunk: raw GGUF rows
-@group(0) @binding(2) var<storage, read> bias: array<f32>;     // bias: [n_out] f32 (unused without flag)
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;  // y: [T, y_stride] f32
-@group(0) @binding(4) var<uniform> p: Params;
 
-// Eight elements of x for four tokens: lo[b] = elements 8g..8g+3 of token b, hi[b] = 8g+4..8g+7.
-struct X4 {
-    l0: vec4<f32>, l1: vec4<f32>, l2: vec4<f32>, l3: vec4<f32>,
-    h0: vec4<f32>, h1: vec4<f32>, h2: vec4<f32>, h3: vec4<f32>,
+fn x_row_len() -> u32 {
+    return p.n_in / 4u;
 }
 
-fn load_x4(r0: u32, r1: u32, r2: u32, r3: u32, g: u32) -> X4 {
+fn load_x4(r0: u32, r1: u32, r2: u32, r3: u32, g: u32, k: u32) -> X4 {
     let o = 2u * g;
     return X4(x[r0 + o], x[r1 + o], x[r2 + o], x[r3 + o],
               x[r0 + o + 1u], x[r1 + o + 1u], x[r2 + o + 1u], x[r3 + o + 1u]);
 }
 
-// The 8-element partial dot products of one weight group with four tokens.
-fn dot4(w: W8, v: X4) -> vec4<f32> {
-    return vec4<f32>(dot(w.lo, v.l0) + dot(w.hi, v.h0), dot(w.lo, v.l1) + dot(w.hi, v.h1),
-                     dot(w.lo, v.l2) + dot(w.hi, v.h2), dot(w.lo, v.l3) + dot(w.hi, v.h3));
-}
-
-fn store(r: u32, t_first: u32, acc: vec4<f32>) {
-    if (r >= p.n_rows) {
-        return;
-    }
-    for (var k = 0u; k < 4u; k++) {
-        let t = t_first + k;
-        if (t < p.n_tokens) {
-            let o = (p.t0 + t) * p.y_stride + p.y_col0 + r;
-            var v = acc[k];
-            if ((p.flags & 2u) != 0u) {
-                v += bias[p.bias0 + r];
-            }
-            if ((p.flags & 1u) != 0u) {
-                v += y[o];
-            }
-            y[o] = v;
-        }
-    }
-}
-
 @compute @workgroup_size(32)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let r = wg.x * 256u + lid.x; // rows r, r + 32, …, r + 224, relative to row0
-    let t = wg.y * 8u;           // tokens t .. t + 7, relative to t0
-    let last = p.n_rows - 1u;
-    let b0 = (p.row0 + min(r, last)) * p.row_bytes;
-    let b1 = (p.row0 + min(r + 32u, last)) * p.row_bytes;
-    let b2 = (p.row0 + min(r + 64u, last)) * p.row_bytes;
-    let b3 = (p.row0 + min(r + 96u, last)) * p.row_bytes;
-    let b4 = (p.row0 + min(r + 128u, last)) * p.row_bytes;
-    let b5 = (p.row0 + min(r + 160u, last)) * p.row_bytes;
-    let b6 = (p.row0 + min(r + 192u, last)) * p.row_bytes;
-    let b7 = (p.row0 + min(r + 224u, last)) * p.row_bytes;
-    let n4 = p.n_in / 4u;
-    let tl = p.n_tokens - 1u;
-    let x0 = (p.t0 + t) * n4;
-    let x1 = (p.t0 + min(t + 1u, tl)) * n4;
-    let x2 = (p.t0 + min(t + 2u, tl)) * n4;
-    let x3 = (p.t0 + min(t + 3u, tl)) * n4;
-    let x4 = (p.t0 + min(t + 4u, tl)) * n4;
-    let x5 = (p.t0 + min(t + 5u, tl)) * n4;
-    let x6 = (p.t0 + min(t + 6u, tl)) * n4;
-    let x7 = (p.t0 + min(t + 7u, tl)) * n4;
-    // acc<row><token quad>
-    var a0 = vec4<f32>(0.0); var c0 = vec4<f32>(0.0);
-    var a1 = vec4<f32>(0.0); var c1 = vec4<f32>(0.0);
-    var a2 = vec4<f32>(0.0); var c2 = vec4<f32>(0.0);
-    var a3 = vec4<f32>(0.0); var c3 = vec4<f32>(0.0);
-    var a4 = vec4<f32>(0.0); var c4 = vec4<f32>(0.0);
-    var a5 = vec4<f32>(0.0); var c5 = vec4<f32>(0.0);
-    var a6 = vec4<f32>(0.0); var c6 = vec4<f32>(0.0);
-    var a7 = vec4<f32>(0.0); var c7 = vec4<f32>(0.0);
-    let n_groups = p.n_in / 8u;
-    for (var g = 0u; g < n_groups; g++) {
-        let u = load_x4(x0, x1, x2, x3, g);
-        let v = load_x4(x4, x5, x6, x7, g);
-        var w = dq8_${WTYPE}(b0, g); a0 += dot4(w, u); c0 += dot4(w, v);
-        w = dq8_${WTYPE}(b1, g); a1 += dot4(w, u); c1 += dot4(w, v);
-        w = dq8_${WTYPE}(b2, g); a2 += dot4(w, u); c2 += dot4(w, v);
-        w = dq8_${WTYPE}(b3, g); a3 += dot4(w, u); c3 += dot4(w, v);
-        w = dq8_${WTYPE}(b4, g); a4 += dot4(w, u); c4 += dot4(w, v);
-        w = dq8_${WTYPE}(b5, g); a5 += dot4(w, u); c5 += dot4(w, v);
-        w = dq8_${WTYPE}(b6, g); a6 += dot4(w, u); c6 += dot4(w, v);
-        w = dq8_${WTYPE}(b7, g); a7 += dot4(w, u); c7 += dot4(w, v);
-    }
-    store(r, t, a0); store(r, t + 4u, c0);
-    store(r + 32u, t, a1); store(r + 32u, t + 4u, c1);
-    store(r + 64u, t, a2); store(r + 64u, t + 4u, c2);
-    store(r + 96u, t, a3); store(r + 96u, t + 4u, c3);
-    store(r + 128u, t, a4); store(r + 128u, t + 4u, c4);
-    store(r + 160u, t, a5); store(r + 160u, t + 4u, c5);
-    store(r + 192u, t, a6); store(r + 192u, t + 4u, c6);
-    store(r + 224u, t, a7); store(r + 224u, t + 4u, c7);
+    matmul_body(wg, lid, 0u);
 }

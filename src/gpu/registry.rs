@@ -42,6 +42,20 @@ pub const SNIPPETS: &[(&str, &str)] = &[
         "dequant.wgsl",
         include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/dequant.wgsl")),
     ),
+    (
+        "matmul_common.wgsl",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/kernels/matmul_common.wgsl"
+        )),
+    ),
+    (
+        "matmul_back_common.wgsl",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/kernels/matmul_back_common.wgsl"
+        )),
+    ),
 ];
 
 include!(concat!(env!("OUT_DIR"), "/kernel_files.rs"));

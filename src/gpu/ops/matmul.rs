@@ -268,6 +268,20 @@ pub struct MatmulBackParams {
     pub _pad: u32,
 }
 
+/// Tests set this to run the matmuls without subgroups on a device that has them (both kernels
+/// of each direction give identical results).
+#[doc(hidden)]
+pub static TEST_NO_SUBGROUPS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the matmuls load x (forward, `matmul_sg.wgsl`) and dy (backward,
+/// `matmul_back_sg.wgsl`) through subgroup broadcasts: the device has subgroups of ≥ 8 lanes.
+pub fn use_subgroups(gpu: &Gpu) -> bool {
+    gpu.features.contains(wgpu::Features::SUBGROUP)
+        && gpu.info.subgroup_min_size >= 8
+        && !TEST_NO_SUBGROUPS.load(Ordering::Relaxed)
+}
+
 /// A lower binding limit for tests (0 = none), so token windows are exercised on small data.
 /// Lowering it only adds windows; results are unchanged.
 #[doc(hidden)]
@@ -345,7 +359,12 @@ fn forward(
     if let Some(b) = bias {
         check_len(&what, b, rows.end, || format!("bias: [{}] f32", w.n_out))?;
     }
-    let pipe = gpu.pipeline(&kernel_source!("matmul"), "main", &type_define(w.ty))?;
+    let kernel = if use_subgroups(gpu) {
+        kernel_source!("matmul_sg")
+    } else {
+        kernel_source!("matmul")
+    };
+    let pipe = gpu.pipeline(&kernel, "main", &type_define(w.ty))?;
     let row_bytes = w.row_bytes();
     let flops_per_row_token = 2 * w.n_in as u64;
     // Rows per dispatch with all tokens; if even one workgroup of rows is too much, split tokens
@@ -435,7 +454,12 @@ fn back_input(
         }
         return Ok(());
     }
-    let pipe = gpu.pipeline(&kernel_source!("matmul_back"), "main", &type_define(w.ty))?;
+    let kernel = if use_subgroups(gpu) {
+        kernel_source!("matmul_back_sg")
+    } else {
+        kernel_source!("matmul_back")
+    };
+    let pipe = gpu.pipeline(&kernel, "main", &type_define(w.ty))?;
     let row_bytes = w.row_bytes();
     let n_groups = w.n_in / 8;
     // Work per dispatch = 2 · rows · tokens · 8 · groups. Prefer whole rows of dx (all groups,
