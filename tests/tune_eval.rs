@@ -144,3 +144,49 @@ fn bad_prompt_file_fails_before_training() {
         "{msg}"
     );
 }
+
+/// A run interrupted after step 3 and resumed keeps the points measured before the checkpoint
+/// (OUT/harmless.jsonl) and adds the final one.
+#[test]
+fn resume_keeps_the_points_measured_before_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("harmful.jsonl");
+    std::fs::write(&prompts, PROMPTS).unwrap();
+    let out = dir.path().join("run");
+    let mut cfg = config(&out, &prompts);
+    cfg.eval_harmful_every = 2;
+    cfg.eval_harmful_limit = Some(3);
+    let job = TuneJob::from_config(cfg.clone()).unwrap();
+    let cancel = job.cancel_token();
+    let mut obs = |e: &Event| {
+        if let Event::Step(m) = e
+            && m.step == 3
+        {
+            cancel.cancel();
+        }
+    };
+    let mut run = job.prepare(&mut obs).unwrap();
+    assert!(run.train(&mut obs).unwrap().interrupted);
+    let first = run.finish(&mut |_: &Event| {}).unwrap();
+    let steps =
+        |s: &bfpo_lite::run::Summary| -> Vec<usize> { s.harmless.iter().map(|p| p.step).collect() };
+    assert_eq!(steps(&first), [0, 2, 3]);
+    assert!(first.harmless.iter().all(|p| p.n == 3));
+
+    // Resume with another judge budget (eval settings may change on resume).
+    cfg.eval_max_tokens = 6;
+    let job = TuneJob::from_config(cfg)
+        .unwrap()
+        .resume(Some(out.join("checkpoint")));
+    let mut run = job.prepare(&mut |_: &Event| {}).unwrap();
+    run.train(&mut |_: &Event| {}).unwrap();
+    let second = run.finish(&mut |_: &Event| {}).unwrap();
+    assert_eq!(steps(&second), [0, 2, 3, 4]);
+    assert_eq!(
+        second.harmless[1], first.harmless[1],
+        "step 2 kept as measured"
+    );
+    assert_eq!(second.harmless[3].max_tokens, 6);
+    let lines = std::fs::read_to_string(out.join("harmless.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 4);
+}

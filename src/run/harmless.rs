@@ -4,7 +4,7 @@
 //! tuned adapter at the end. The figures go into [`Event::Harmless`], `summary.json` and
 //! `curves.svg`.
 
-use super::{Event, Observer, RunError};
+use super::{Event, Observer, RunError, io_err};
 use crate::eval::{
     EvalError, EvalEvent, EvalOptions, JudgeFormat, JudgeSpec, PromptSource, load_prompt_set,
     run_eval,
@@ -13,6 +13,51 @@ use crate::train::config::TrainConfig;
 use crate::train::metrics::HarmlessMark;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+
+/// Every point measured so far, one JSON object per line (OUT/harmless.jsonl), so a resumed run
+/// keeps its mid-run points.
+pub const HARMLESS_FILE: &str = "harmless.jsonl";
+
+/// Appends `points` to `path`, one JSON line each.
+pub(crate) fn append(path: &Path, points: &[HarmlessPoint]) -> Result<(), RunError> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err("opening", path))?;
+    for p in points {
+        let line = serde_json::to_string(p).unwrap_or_default();
+        writeln!(f, "{line}").map_err(io_err("writing", path))?;
+    }
+    Ok(())
+}
+
+/// The adapter's points up to `step` (a checkpoint's) from `path`, which is rewritten to hold
+/// only them; a missing file gives none.
+pub(crate) fn resume_points(path: &Path, step: usize) -> Result<Vec<HarmlessPoint>, RunError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err("reading", path)(e)),
+    };
+    let mut kept = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let p: HarmlessPoint = serde_json::from_str(line).map_err(|e| RunError::Metrics {
+            path: path.to_path_buf(),
+            detail: format!("line {}: {e}", i + 1),
+        })?;
+        if p.model == "adapter" && p.step <= step {
+            kept.push(p);
+        }
+    }
+    std::fs::remove_file(path).map_err(io_err("removing", path))?;
+    append(path, &kept)?;
+    Ok(kept)
+}
 
 /// The harmlessness of one model at one step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

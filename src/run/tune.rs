@@ -476,6 +476,7 @@ impl PreparedTune {
     pub fn train(&mut self, obs: &mut dyn Observer) -> Result<&TrainOutcome, RunError> {
         let cfg = &self.job.cfg;
         let metrics_path = cfg.out.join("metrics.jsonl");
+        let harmless_path = cfg.out.join(harmless::HARMLESS_FILE);
         let resume = match &self.job.resume {
             Some(dir) => {
                 let ck = Checkpoint::load(dir)?;
@@ -487,6 +488,7 @@ impl PreparedTune {
                         detail,
                     }
                 })?;
+                self.harmless_points = harmless::resume_points(&harmless_path, ck.meta.step)?;
                 obs.event(&Event::Resumed {
                     checkpoint: dir.clone(),
                     step: ck.meta.step,
@@ -497,6 +499,10 @@ impl PreparedTune {
                 if metrics_path.exists() {
                     std::fs::remove_file(&metrics_path)
                         .map_err(io_err("removing", &metrics_path))?;
+                }
+                if harmless_path.exists() {
+                    std::fs::remove_file(&harmless_path)
+                        .map_err(io_err("removing", &harmless_path))?;
                 }
                 None
             }
@@ -562,7 +568,11 @@ impl PreparedTune {
                                 steps: Some(step as u64),
                                 ..prov.clone()
                             };
-                            match mid_run_harmless(opts, &lora, mcfg, &p, step, &cfg.out, obs) {
+                            match mid_run_harmless(opts, &lora, mcfg, &p, step, &cfg.out, obs)
+                                .and_then(|pts| {
+                                    harmless::append(&harmless_path, &pts)?;
+                                    Ok(pts)
+                                }) {
                                 Ok(pts) => harmless_points.extend(pts),
                                 Err(e) => eval_err = Some(e),
                             }
@@ -617,8 +627,16 @@ impl PreparedTune {
         )?;
         if let Some(opts) = &self.harmless {
             let pts = harmless::evaluate(opts, true, Some(&adapter_path), outcome.steps, obs)?;
+            // The final adapter replaces a mid-run point at the same step (an interrupted run).
+            self.harmless_points
+                .retain(|p| p.model == "adapter" && p.step != outcome.steps);
             self.harmless_points.extend(pts);
             self.harmless_points.sort_by_key(|p| p.step);
+            let path = cfg.out.join(harmless::HARMLESS_FILE);
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(io_err("removing", &path))?;
+            }
+            harmless::append(&path, &self.harmless_points)?;
         }
         let metrics_path = cfg.out.join("metrics.jsonl");
         let records = read_metrics(&metrics_path).map_err(|detail| RunError::Metrics {
