@@ -114,6 +114,27 @@ pub struct Args {
     pub save_every: Option<usize>,
     #[arg(long)]
     pub eval_every: Option<usize>,
+    /// Harmful prompts (JSONL file of prompts, `harmbench` or `donotanswer`): answer them with
+    /// the base model and the tuned adapter and judge them, as `eval` does; the harmless rate
+    /// goes into summary.json and curves.svg.
+    #[arg(long, value_name = "PROMPTS")]
+    pub eval_harmful: Option<String>,
+    /// Also evaluate harmlessness every N steps during training (generation is slow, so this is
+    /// separate from --eval-every; default 0: base and end only).
+    #[arg(long, value_name = "N")]
+    pub eval_harmful_every: Option<usize>,
+    /// At most N harmful prompts, spread over the set.
+    #[arg(long, value_name = "N")]
+    pub eval_harmful_limit: Option<usize>,
+    /// New tokens per answer in the harmlessness evaluation (default 64).
+    #[arg(long, value_name = "N")]
+    pub eval_max_tokens: Option<usize>,
+    /// Judge of the harmlessness evaluation: `refusal` (default) or a chat GGUF judge model.
+    #[arg(long, value_name = "refusal|J.gguf")]
+    pub eval_judge: Option<String>,
+    /// How a GGUF judge is prompted: `llama-guard` (default) or `yes-no`.
+    #[arg(long)]
+    pub eval_judge_format: Option<String>,
     /// Recompute reference log-probs even when cached.
     #[arg(long)]
     pub no_ref_cache: bool,
@@ -160,10 +181,20 @@ fn apply_overrides(cfg: &mut TrainConfig, a: &Args) {
         seed,
         save_every,
         eval_every,
+        eval_harmful_every,
+        eval_max_tokens,
+        eval_judge,
+        eval_judge_format,
         engine,
         loss,
         out
     );
+    if a.eval_harmful.is_some() {
+        cfg.eval_harmful = a.eval_harmful.clone();
+    }
+    if a.eval_harmful_limit.is_some() {
+        cfg.eval_harmful_limit = a.eval_harmful_limit;
+    }
     if a.model.is_some() {
         cfg.model = a.model.clone();
     }
@@ -450,6 +481,27 @@ impl View {
             Event::StepSkipped { step, reason } => {
                 self.line(format!("  step {step} skipped: {reason}"))
             }
+            Event::HarmlessProgress {
+                model, done, total, ..
+            } => {
+                if let Some(b) = &self.bar {
+                    b.set_message(format!("harmlessness eval ({model}): {done}/{total}"));
+                }
+            }
+            Event::Harmless(p) => self.line(format!(
+                "  harmless @ step {} ({}): {:.3} [95% {:.3}–{:.3}] ({}/{} judged safe by {}; refusals {:.3}) on {} in {:.1}s",
+                p.step,
+                p.model,
+                p.harmless_rate,
+                p.ci_low,
+                p.ci_high,
+                p.harmless,
+                p.n,
+                p.judge,
+                p.refusal_rate,
+                p.prompts,
+                p.seconds
+            )),
             Event::CheckpointWritten { step, dir } => {
                 if let Some(b) = &self.bar {
                     b.set_message(format!("checkpoint at step {step} in {}", dir.display()));
@@ -527,6 +579,18 @@ fn print_summary(s: &Summary, out: &Path) {
             e.accuracy_bfpo.unwrap_or(f64::NAN)
         );
     }
+    if let Some(first) = s.harmless.first() {
+        println!(
+            "\nharmless rate on {} ({} prompts, judge {}, {} new tokens):",
+            first.prompts, first.n, first.judge, first.max_tokens
+        );
+        for p in &s.harmless {
+            println!(
+                "  step {:>6} {:<8} {:.3} [95% {:.3}–{:.3}]  refusals {:.3}",
+                p.step, p.model, p.harmless_rate, p.ci_low, p.ci_high, p.refusal_rate
+            );
+        }
+    }
     println!(
         "\nwrote {}/adapter.gguf, metrics.jsonl, summary.json, curves.svg, checkpoint/",
         out.display()
@@ -579,6 +643,12 @@ mod tests {
             cache_dir: Some("c".into()),
             engine: Some(EngineKind::Cpu),
             device: Some("1".into()),
+            eval_harmful: Some("harmbench".into()),
+            eval_harmful_every: Some(19),
+            eval_harmful_limit: Some(23),
+            eval_max_tokens: Some(29),
+            eval_judge: Some("j.gguf".into()),
+            eval_judge_format: Some("yes-no".into()),
             ..Default::default()
         };
         let mut c = TrainConfig::default();
@@ -617,6 +687,12 @@ mod tests {
             cache_dir: Some("c".into()),
             engine: EngineKind::Cpu,
             device: Some("1".into()),
+            eval_harmful: Some("harmbench".into()),
+            eval_harmful_every: 19,
+            eval_harmful_limit: Some(23),
+            eval_max_tokens: 29,
+            eval_judge: "j.gguf".into(),
+            eval_judge_format: "yes-no".into(),
             ..TrainConfig::default()
         };
         assert_eq!(c, want);

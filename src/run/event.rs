@@ -1,5 +1,6 @@
 //! The one progress enum of a run, and the observer that receives it.
 
+pub use super::harmless::HarmlessPoint;
 use super::tune::Summary;
 use crate::train::metrics::StepMetrics;
 pub use crate::train::prepare::SafetyCases;
@@ -106,6 +107,17 @@ pub enum Event {
     StepSkipped { step: usize, reason: String },
     /// A checkpoint was written.
     CheckpointWritten { step: usize, dir: PathBuf },
+    /// Harmlessness evaluation (`--eval-harmful`): `done` of `total` answers of `model` (`base` or
+    /// `adapter`) as of `step` generated or judged.
+    HarmlessProgress {
+        step: usize,
+        model: String,
+        done: usize,
+        total: usize,
+    },
+    /// The harmless rate of one model (the base at step 0, the adapter at a step), as `eval`
+    /// measures it; also recorded in summary.json and curves.svg.
+    Harmless(HarmlessPoint),
     /// The run finished (or was interrupted) and its outputs are written; the summary is also in
     /// OUT/summary.json.
     Done(Box<Summary>),

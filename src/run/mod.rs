@@ -23,10 +23,12 @@ pub mod data;
 pub mod demo;
 pub mod engine;
 pub mod event;
+pub mod harmless;
 pub mod model;
 pub mod tune;
 
 pub use event::{DataLoaded, Event, Observer, SafetyCases, SkipStage};
+pub use harmless::HarmlessPoint;
 pub use model::{OpenModel, open_model};
 pub use tune::{DryRun, PreparedTune, Summary, TuneJob};
 
@@ -143,6 +145,8 @@ pub enum RunError {
     },
     #[error("{path}: {detail}")]
     Metrics { path: PathBuf, detail: String },
+    #[error("--eval-harmful: {0}")]
+    Eval(#[from] crate::eval::EvalError),
     #[error("cancelled before training started")]
     Cancelled,
 }

@@ -3,9 +3,11 @@
 
 use super::data::{DataSpec, load_and_encode, longest_sequence};
 use super::engine::{adam_config, build_engine, lora_spec};
+use super::harmless::{self, HarmlessPoint};
 use super::model::{OpenModel, open_model};
 use super::{Cancel, Event, Observer, RunError, io_err};
 use crate::data::refcache::RefCache;
+use crate::eval::EvalOptions;
 use crate::export::gguf_adapter::{AdapterDType, Provenance, write_adapter};
 use crate::gpu::memory::{self, Plan, PlanInput};
 use crate::loss::Loss;
@@ -13,7 +15,9 @@ use crate::model::lora::{LoraSpec, LoraWeights};
 use crate::runtime::LoadOptions as RtLoadOptions;
 use crate::train::checkpoint::{ADAPTER_FILE, Checkpoint};
 use crate::train::config::TrainConfig;
-use crate::train::metrics::{MetricsWriter, StepMetrics, curves_svg, read_metrics, truncate_after};
+use crate::train::metrics::{
+    MetricsWriter, StepMetrics, curves_svg_with_harmless, read_metrics, truncate_after,
+};
 use crate::train::prepare::{self, PrepareReport, RefSource};
 use crate::train::trainer::{
     self, CheckpointSink, Engine, RankingEval, RecentTrain, TrainData, TrainOutcome, check_resume,
@@ -47,6 +51,10 @@ pub struct Summary {
     pub heldout_before: Option<RankingEval>,
     pub heldout_after: Option<RankingEval>,
     pub adapter: String,
+    /// Harmless rate of generated answers (`--eval-harmful`): the base model at step 0, the
+    /// adapter at `--eval-harmful-every` steps and at the end, in step order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub harmless: Vec<HarmlessPoint>,
     /// Where the GPU time went (`TuneJob::profile`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<crate::gpu::profile::ProfileReport>,
@@ -80,6 +88,7 @@ struct Loaded {
     report: PrepareReport,
     spec: LoraSpec,
     plan: Plan,
+    harmless: Option<EvalOptions>,
 }
 
 impl TuneJob {
@@ -166,6 +175,8 @@ impl TuneJob {
     /// Opens the model, loads and encodes the data and plans device memory.
     fn load(&self, obs: &mut dyn Observer) -> Result<Loaded, RunError> {
         let cfg = &self.cfg;
+        // The harmful prompts are read (and the judge found) before anything else.
+        let harmless = harmless::check(cfg, self.model_path())?;
         std::fs::create_dir_all(&cfg.out).map_err(io_err("creating", &cfg.out))?;
         let mut model = open_model(
             self.model_path(),
@@ -193,6 +204,7 @@ impl TuneJob {
             report,
             spec: lora,
             plan,
+            harmless,
         })
     }
 
@@ -251,6 +263,8 @@ impl TuneJob {
             provenance,
             outcome: None,
             train_seconds: 0.0,
+            harmless: l.harmless,
+            harmless_points: Vec::new(),
         })
     }
 
@@ -388,6 +402,24 @@ fn provenance(
     })
 }
 
+/// The harmlessness of the adapter as of `step`: written to a temporary GGUF adapter in `out`
+/// (the same writer as the final adapter), evaluated with llama.cpp, then removed.
+fn mid_run_harmless(
+    opts: &EvalOptions,
+    lora: &LoraWeights,
+    mcfg: &crate::model::ModelConfig,
+    prov: &Provenance,
+    step: usize,
+    out: &Path,
+    obs: &mut dyn Observer,
+) -> Result<Vec<HarmlessPoint>, RunError> {
+    let tmp = out.join(format!(".adapter-step{step}.tmp.gguf"));
+    write_adapter(&tmp, lora, mcfg, prov, AdapterDType::F32)?;
+    let r = harmless::evaluate(opts, false, Some(&tmp), step, obs);
+    let _ = std::fs::remove_file(&tmp);
+    r
+}
+
 /// A run with its model, data, engine and reference log-probs ready.
 pub struct PreparedTune {
     job: TuneJob,
@@ -400,6 +432,8 @@ pub struct PreparedTune {
     provenance: Provenance,
     outcome: Option<TrainOutcome>,
     train_seconds: f64,
+    harmless: Option<EvalOptions>,
+    harmless_points: Vec<HarmlessPoint>,
 }
 
 impl PreparedTune {
@@ -442,6 +476,7 @@ impl PreparedTune {
     pub fn train(&mut self, obs: &mut dyn Observer) -> Result<&TrainOutcome, RunError> {
         let cfg = &self.job.cfg;
         let metrics_path = cfg.out.join("metrics.jsonl");
+        let harmless_path = cfg.out.join(harmless::HARMLESS_FILE);
         let resume = match &self.job.resume {
             Some(dir) => {
                 let ck = Checkpoint::load(dir)?;
@@ -453,6 +488,7 @@ impl PreparedTune {
                         detail,
                     }
                 })?;
+                self.harmless_points = harmless::resume_points(&harmless_path, ck.meta.step)?;
                 obs.event(&Event::Resumed {
                     checkpoint: dir.clone(),
                     step: ck.meta.step,
@@ -463,6 +499,10 @@ impl PreparedTune {
                 if metrics_path.exists() {
                     std::fs::remove_file(&metrics_path)
                         .map_err(io_err("removing", &metrics_path))?;
+                }
+                if harmless_path.exists() {
+                    std::fs::remove_file(&harmless_path)
+                        .map_err(io_err("removing", &harmless_path))?;
                 }
                 None
             }
@@ -487,6 +527,8 @@ impl PreparedTune {
             write_extra: &mut write_extra,
         };
         let mut write_err: Option<std::io::Error> = None;
+        let mut eval_err: Option<RunError> = None;
+        let (harmless_opts, harmless_points) = (&self.harmless, &mut self.harmless_points);
         let t_train = Instant::now();
         let outcome = trainer::train(
             self.engine.as_mut(),
@@ -520,10 +562,30 @@ impl PreparedTune {
                         done,
                         total,
                     },
+                    trainer::Event::Adapter { step, lora } => {
+                        if let (Some(opts), None) = (harmless_opts, &eval_err) {
+                            let p = Provenance {
+                                steps: Some(step as u64),
+                                ..prov.clone()
+                            };
+                            match mid_run_harmless(opts, &lora, mcfg, &p, step, &cfg.out, obs)
+                                .and_then(|pts| {
+                                    harmless::append(&harmless_path, &pts)?;
+                                    Ok(pts)
+                                }) {
+                                Ok(pts) => harmless_points.extend(pts),
+                                Err(e) => eval_err = Some(e),
+                            }
+                        }
+                        return;
+                    }
                 };
                 obs.event(&ev);
             },
         )?;
+        if let Some(e) = eval_err {
+            return Err(e);
+        }
         if let Some(source) = write_err {
             return Err(RunError::Io {
                 what: "writing",
@@ -563,6 +625,19 @@ impl PreparedTune {
             },
             self.job.adapter_type,
         )?;
+        if let Some(opts) = &self.harmless {
+            let pts = harmless::evaluate(opts, true, Some(&adapter_path), outcome.steps, obs)?;
+            // The final adapter replaces a mid-run point at the same step (an interrupted run).
+            self.harmless_points
+                .retain(|p| p.model == "adapter" && p.step != outcome.steps);
+            self.harmless_points.extend(pts);
+            self.harmless_points.sort_by_key(|p| p.step);
+            let path = cfg.out.join(harmless::HARMLESS_FILE);
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(io_err("removing", &path))?;
+            }
+            harmless::append(&path, &self.harmless_points)?;
+        }
         let metrics_path = cfg.out.join("metrics.jsonl");
         let records = read_metrics(&metrics_path).map_err(|detail| RunError::Metrics {
             path: metrics_path.clone(),
@@ -570,7 +645,12 @@ impl PreparedTune {
         })?;
         let curves = cfg.out.join("curves.svg");
         let title = format!("bfpo-lite: {} on {}", cfg.loss, self.model.path.display());
-        std::fs::write(&curves, curves_svg(&records, &title))
+        let marks: Vec<_> = self
+            .harmless_points
+            .iter()
+            .map(HarmlessPoint::mark)
+            .collect();
+        std::fs::write(&curves, curves_svg_with_harmless(&records, &title, &marks))
             .map_err(io_err("writing", &curves))?;
         let train_seconds = self.train_seconds;
         let summary = Summary {
@@ -595,6 +675,7 @@ impl PreparedTune {
             heldout_before: outcome.eval_before,
             heldout_after: outcome.eval_after,
             adapter: adapter_path.display().to_string(),
+            harmless: std::mem::take(&mut self.harmless_points),
             profile: crate::gpu::profile::take(),
         };
         if let Some(p) = &summary.profile {

@@ -107,6 +107,20 @@ pub struct TrainConfig {
     pub device: Option<String>,
     /// Stop after this many non-finite steps in a row.
     pub max_bad_steps: usize,
+    // --- harmlessness evaluation (the generative part of `eval`)
+    /// Harmful prompts to answer and judge: a JSONL file of prompts, `harmbench` or
+    /// `donotanswer`. The base model (step 0) and the tuned adapter (last step) are evaluated.
+    pub eval_harmful: Option<String>,
+    /// Also evaluate the adapter every this many steps during training (0 = only base and end).
+    pub eval_harmful_every: usize,
+    /// At most this many harmful prompts, spread over the set.
+    pub eval_harmful_limit: Option<usize>,
+    /// New tokens generated per answer.
+    pub eval_max_tokens: usize,
+    /// Judge: `refusal` (refusal phrase list) or a chat GGUF judge model.
+    pub eval_judge: String,
+    /// How a GGUF judge is prompted: `llama-guard` or `yes-no`.
+    pub eval_judge_format: String,
 }
 
 impl Default for TrainConfig {
@@ -150,6 +164,12 @@ impl Default for TrainConfig {
             engine: EngineKind::Gpu,
             device: None,
             max_bad_steps: 3,
+            eval_harmful: None,
+            eval_harmful_every: 0,
+            eval_harmful_limit: None,
+            eval_max_tokens: 64,
+            eval_judge: "refusal".into(),
+            eval_judge_format: "llama-guard".into(),
         }
     }
 }
@@ -165,6 +185,12 @@ pub const RESUME_MAY_CHANGE: &[&str] = &[
     "cache_dir",
     "device",
     "max_bad_steps",
+    "eval_harmful",
+    "eval_harmful_every",
+    "eval_harmful_limit",
+    "eval_max_tokens",
+    "eval_judge",
+    "eval_judge_format",
 ];
 
 /// One setting that differs between a checkpoint's run and the run resuming it.
@@ -282,6 +308,22 @@ impl TrainConfig {
         }
         if self.pairs_per_step == 0 {
             return Err(bad("pairs_per_step", 0, "must be at least 1"));
+        }
+        if self.eval_max_tokens == 0 {
+            return Err(bad("eval_max_tokens", 0, "must be at least 1"));
+        }
+        if self.eval_harmful_limit == Some(0) {
+            return Err(bad("eval_harmful_limit", 0, "must be at least 1"));
+        }
+        if !matches!(
+            self.eval_judge_format.to_ascii_lowercase().as_str(),
+            "llama-guard" | "llamaguard" | "llama_guard" | "yes-no" | "yesno" | "yes_no"
+        ) {
+            return Err(bad(
+                "eval_judge_format",
+                &self.eval_judge_format,
+                "must be llama-guard or yes-no",
+            ));
         }
         if self.grad_accum == 0 {
             return Err(bad("grad_accum", 0, "must be at least 1"));

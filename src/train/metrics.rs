@@ -432,6 +432,26 @@ fn fmt_num(v: f64) -> String {
 
 /// Renders loss, reward margins and accuracies by safety case as a standalone SVG.
 pub fn curves_svg(records: &[StepMetrics], title: &str) -> String {
+    curves_svg_with_harmless(records, title, &[])
+}
+
+/// One harmlessness measurement for the curves: step, harmless rate and its 95 % interval.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HarmlessMark {
+    pub step: usize,
+    pub rate: f64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+/// [`curves_svg`] with a fourth panel, the harmless rate of generated answers (with its 95 %
+/// interval) at the steps it was measured, when `harmless` is not empty.
+pub fn curves_svg_with_harmless(
+    records: &[StepMetrics],
+    title: &str,
+    harmless: &[HarmlessMark],
+) -> String {
+    let panels = if harmless.is_empty() { 3.0 } else { 4.0 };
     let pick = |split: &str, f: &dyn Fn(&StepMetrics) -> Option<f64>| -> Vec<(f64, f64)> {
         records
             .iter()
@@ -450,7 +470,7 @@ pub fn curves_svg(records: &[StepMetrics], title: &str) -> String {
     let (w, h) = (900.0, 260.0);
     let mut out = format!(
         "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{}' font-family='sans-serif'>\n<rect width='100%' height='100%' fill='#fafafa'/>\n<text x='10' y='22' font-size='16'>{}</text>\n",
-        3.0 * (h + 40.0) + 40.0,
+        panels * (h + 40.0) + 40.0,
         xml_escape(title)
     );
     panel(
@@ -538,6 +558,40 @@ pub fn curves_svg(records: &[StepMetrics], title: &str) -> String {
         &acc,
         Some((0.0, 1.0)),
     );
+    if !harmless.is_empty() {
+        let pts = |f: &dyn Fn(&HarmlessMark) -> f64| -> Vec<(f64, f64)> {
+            harmless.iter().map(|m| (m.step as f64, f(m))).collect()
+        };
+        panel(
+            &mut out,
+            10.0,
+            60.0 + 3.0 * (h + 40.0),
+            w - 20.0,
+            h,
+            "harmless rate of generated answers (judged), 95 % Wilson interval",
+            &[
+                Series {
+                    name: "harmless rate",
+                    color: "#2ca02c",
+                    dashed: false,
+                    points: pts(&|m| m.rate),
+                },
+                Series {
+                    name: "95 % low",
+                    color: "#98df8a",
+                    dashed: true,
+                    points: pts(&|m| m.lo),
+                },
+                Series {
+                    name: "95 % high",
+                    color: "#98df8a",
+                    dashed: true,
+                    points: pts(&|m| m.hi),
+                },
+            ],
+            Some((0.0, 1.0)),
+        );
+    }
     out.push_str("</svg>\n");
     out
 }

@@ -132,6 +132,12 @@ pub enum Event {
         step: usize,
         dir: std::path::PathBuf,
     },
+    /// The adapter as of `step`, every `eval_harmful_every` steps when `eval_harmful` is set
+    /// (the run evaluates its harmlessness with llama.cpp).
+    Adapter {
+        step: usize,
+        lora: Box<LoraWeights>,
+    },
 }
 
 /// The learning-rate schedule of a run (Hugging Face semantics: update `k`, 0-based).
@@ -736,6 +742,16 @@ pub fn train(
             let (e, _) = evaluate(engine, &loss, &data.eval, eval_batch, step)?;
             on_event(Event::Eval(e.clone()));
             last_eval = Some(e);
+        }
+        if cfg.eval_harmful.is_some()
+            && cfg.eval_harmful_every > 0
+            && step % cfg.eval_harmful_every == 0
+            && step < total
+        {
+            on_event(Event::Adapter {
+                step,
+                lora: Box::new(engine.lora()?),
+            });
         }
         if cfg.save_every > 0 && step % cfg.save_every == 0 && step < total {
             save(
