@@ -216,3 +216,29 @@ pub(super) fn finish(
         origin: origin.clone(),
     })
 }
+
+/// The rest of a row with a text `prompt` and two numbered responses, each with its own safety
+/// flag (PKU-SafeRLHF, the BFPO red-team JSON): `winner` and `loser` are the response numbers,
+/// `text(i)` and `safe(i)` the names of response i's text and safety fields.
+pub(super) fn numbered_pair(
+    o: &Map<String, Value>,
+    origin: &RowOrigin,
+    prompt: String,
+    (winner, loser): (i64, i64),
+    text: impl Fn(i64) -> String,
+    safe: impl Fn(i64) -> String,
+) -> Result<Pair, BadRow> {
+    let (fw, fl) = (text(winner), text(loser));
+    let chosen = get_text(o, &fw)?;
+    let rejected = get_text(o, &fl)?;
+    let sw = get_flag(o, &safe(winner))?;
+    let sl = get_flag(o, &safe(loser))?;
+    finish(
+        Prompt::Text(prompt),
+        (&fw, chosen),
+        (&fl, rejected),
+        sw,
+        sl,
+        origin,
+    )
+}
