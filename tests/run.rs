@@ -4,42 +4,10 @@
 
 mod common;
 
-use bfpo_lite::gguf::GgmlType;
-use bfpo_lite::model::Arch;
 use bfpo_lite::run::{Event, RunError, TuneJob};
-use bfpo_lite::train::config::{EngineKind, TrainConfig};
-use std::path::{Path, PathBuf};
+use bfpo_lite::train::config::TrainConfig;
 
-fn demo_file(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("models/demo")
-        .join(name)
-}
-
-fn config(model: PathBuf, data: PathBuf, out: &Path) -> TrainConfig {
-    TrainConfig {
-        model: Some(model),
-        data: vec![data],
-        out: out.to_path_buf(),
-        engine: EngineKind::Cpu,
-        rank: 2,
-        lora_alpha: 4.0,
-        targets: "ffn_down".into(),
-        pairs_per_step: 2,
-        grad_accum: 1,
-        max_steps: 4,
-        save_every: 0,
-        eval_every: 0,
-        max_length: 96,
-        max_prompt_length: 48,
-        no_ref_cache: true,
-        ..TrainConfig::default()
-    }
-}
-
-fn tiny() -> PathBuf {
-    common::models::tiny_model(Arch::Qwen2, GgmlType::F32, true)
-}
+use common::tune::{config, demo_file, tiny};
 
 /// Events as the CLI's `--json` prints them: one JSON object per event with an "event" tag.
 fn json(e: &Event) -> serde_json::Value {

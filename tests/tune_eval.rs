@@ -4,38 +4,17 @@
 
 mod common;
 
-use bfpo_lite::gguf::GgmlType;
-use bfpo_lite::model::Arch;
 use bfpo_lite::run::{Event, RunError, TuneJob};
-use bfpo_lite::train::config::{EngineKind, TrainConfig};
-use std::path::{Path, PathBuf};
+use bfpo_lite::train::config::TrainConfig;
+use std::path::Path;
 
-fn demo_file(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("models/demo")
-        .join(name)
-}
+use common::tune::{demo_file, tiny};
 
 fn config(out: &Path, prompts: &Path) -> TrainConfig {
     TrainConfig {
-        model: Some(common::models::tiny_model(Arch::Qwen2, GgmlType::F32, true)),
-        data: vec![demo_file("heldout.jsonl")],
-        out: out.to_path_buf(),
-        engine: EngineKind::Cpu,
-        rank: 2,
-        lora_alpha: 4.0,
-        targets: "ffn_down".into(),
-        pairs_per_step: 2,
-        grad_accum: 1,
-        max_steps: 4,
-        save_every: 0,
-        eval_every: 0,
-        max_length: 96,
-        max_prompt_length: 48,
-        no_ref_cache: true,
         eval_harmful: Some(prompts.display().to_string()),
         eval_max_tokens: 8,
-        ..TrainConfig::default()
+        ..common::tune::config(tiny(), demo_file("heldout.jsonl"), out)
     }
 }
 

@@ -4,3 +4,4 @@
 pub mod gpu;
 pub mod models;
 pub mod smollm2;
+pub mod tune;
