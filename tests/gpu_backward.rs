@@ -12,7 +12,8 @@ mod common;
 use bfpo_lite::data::Example;
 use bfpo_lite::gguf::{GgmlType, GgufFile};
 use bfpo_lite::gpu::Gpu;
-use bfpo_lite::gpu::backward::{backward, forward_train};
+use bfpo_lite::gpu::backward::{backward, forward_train, forward_train_keeping, layers_to_keep};
+use bfpo_lite::gpu::ops::dropout::Dropout;
 use bfpo_lite::gpu::forward::GpuModel;
 use bfpo_lite::gpu::ops::lora::GpuLora;
 use bfpo_lite::model::reference::RefModel;
@@ -359,4 +360,64 @@ fn backward_is_deterministic_and_accumulates() {
             .contains("1 sequence weights for a batch of 3 sequences"),
         "{e}"
     );
+}
+
+/// Keeping layers' intermediates instead of recomputing them in the backward (all layers, one
+/// layer, none) gives the same log-probs and gradients bit for bit, with and without LoRA
+/// dropout, on llama, qwen2 and qwen3 (its Q/K head norms have buffers of their own).
+#[test]
+fn kept_activations_give_the_same_bits_as_recompute() {
+    let gpu = common::gpu::gpu();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (arch, ty) in [
+        (Arch::Llama, GgmlType::Q8_0),
+        (Arch::Qwen2, GgmlType::F32),
+        (Arch::Qwen3, GgmlType::F32),
+    ] {
+        let m = load(&gpu, &common::models::tiny_model(arch, ty, false));
+        let lora = lora_for(&m.cfg, 31, 0.3);
+        let gl = GpuLora::upload(&gpu, &lora).unwrap();
+        let exs = examples(m.cfg.n_vocab, 37);
+        let rows = 3 * 14;
+        let per_layer = layers_to_keep(&m.cfg, rows, &gl, u64::MAX);
+        assert_eq!(per_layer, m.cfg.n_layer, "an unlimited budget keeps every layer");
+        let one_layer = bfpo_lite::gpu::forward::Workspace::layer_bytes(&m.cfg, rows, 4, 7);
+        assert_eq!(layers_to_keep(&m.cfg, rows, &gl, one_layer), 1);
+        assert_eq!(layers_to_keep(&m.cfg, rows, &gl, one_layer - 1), 0);
+        for dropout in [
+            None,
+            Some(Dropout {
+                p: 0.25,
+                seed: 9,
+                counter: 2,
+            }),
+        ] {
+            let run = |keep: u64| {
+                let mut rec = gpu.recorder();
+                gl.zero_grads(&mut rec);
+                rec.submit();
+                let (seqs, state) =
+                    forward_train_keeping(&m.gpu_model, &gpu, &exs, &gl, dropout, keep).unwrap();
+                let kept = state.kept_layers();
+                let bytes = state.bytes();
+                backward(&m.gpu_model, &gpu, state, &SEQ_WEIGHTS, &gl).unwrap();
+                let logp: Vec<u64> = seqs.iter().map(|s| s.logp.to_bits()).collect();
+                (logp, bits(&read_grads(&gpu, &gl)), kept, bytes)
+            };
+            let (l0, g0, k0, b0) = run(0);
+            let (l1, g1, k1, b1) = run(one_layer);
+            let (la, ga, ka, ba) = run(u64::MAX);
+            let what = format!("{arch:?} {ty:?} dropout {dropout:?}");
+            assert_eq!((k0, k1, ka), (0, 1, m.cfg.n_layer), "{what}: layers kept");
+            assert!(g0.iter().any(|&b| b != 0), "{what}: gradients are all zero");
+            assert_eq!(l0, l1, "{what}: log-probs, one layer kept");
+            assert_eq!(l0, la, "{what}: log-probs, all layers kept");
+            assert!(g0 == g1, "{what}: gradients differ with one layer kept");
+            assert!(g0 == ga, "{what}: gradients differ with all layers kept");
+            // The state's byte count grows by exactly the kept layers' intermediates.
+            let layer = bfpo_lite::gpu::forward::Workspace::layer_bytes(&m.cfg, rows, 4, 7);
+            assert_eq!(b1 - b0, layer, "{what}: bytes of one kept layer");
+            assert_eq!(ba - b0, layer * m.cfg.n_layer as u64, "{what}: bytes of all");
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! `bfpo-lite plan`: the device-memory plan of a training run, without running it.
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use bfpo_lite::gguf::{GgmlType, GgufFile};
 use bfpo_lite::gpu::memory::{self, PlanInput, PlanLimits, fmt_bytes};
 use bfpo_lite::model::ModelConfig;
@@ -57,25 +57,7 @@ pub struct Args {
 
 /// Parses `1.5GB` (decimal), `8GiB` (binary), `512MiB`, `1000000`.
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let v: f64 = num
-        .parse()
-        .with_context(|| format!("{s:?} is not a size (examples: 8GiB, 1.5GB, 512MiB)"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" | "k" => 1e3,
-        "mb" | "m" => 1e6,
-        "gb" | "g" => 1e9,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        u => bail!("unknown size unit {u:?} in {s:?} (use B, KB, MB, GB, KiB, MiB, GiB)"),
-    };
-    Ok((v * mult).round() as u64)
+    bfpo_lite::util::size::parse_size(s).map_err(anyhow::Error::msg)
 }
 
 /// The model's configuration, its tensors' stored sizes, and how to name it.

@@ -146,6 +146,12 @@ pub struct Args {
     /// GPU adapter index or name (see `bfpo-lite devices`).
     #[arg(long)]
     pub device: Option<String>,
+    /// Device memory for keeping layers' activations between forward and backward: `auto`
+    /// (2 GiB on a GPU, a quarter of free host memory up to 8 GiB on a CPU Vulkan driver), a
+    /// size (`6GiB`), or `0` to recompute every layer (activation checkpointing, TRL's
+    /// gradient_checkpointing). Layers that do not fit are recomputed; results are identical.
+    #[arg(long, value_name = "SIZE")]
+    pub activation_memory: Option<String>,
     /// Adapter tensor type: f32 or f16.
     #[arg(long, default_value = "f32")]
     pub outtype: String,
@@ -215,6 +221,9 @@ fn apply_overrides(cfg: &mut TrainConfig, a: &Args) {
     }
     if a.device.is_some() {
         cfg.device = a.device.clone();
+    }
+    if let Some(m) = &a.activation_memory {
+        cfg.activation_memory = m.clone();
     }
     if a.chat_template.is_some() {
         cfg.chat_template = a.chat_template.clone();
@@ -440,6 +449,25 @@ impl View {
                 largest_binding
             )),
             Event::Engine { description } => self.line(format!("engine: {description}")),
+            Event::Activations {
+                budget_bytes,
+                kept_layers,
+                n_layer,
+                kept_bytes,
+            } => self.line(if kept_layers == n_layer {
+                format!(
+                    "activations: all {n_layer} layers kept for the backward ({} at the longest micro-step; --activation-memory {})",
+                    fmt_bytes(*kept_bytes),
+                    fmt_bytes(*budget_bytes)
+                )
+            } else {
+                format!(
+                    "activations: {kept_layers} of {n_layer} layers kept ({} at the longest micro-step; --activation-memory {}), the other {} recomputed in the backward",
+                    fmt_bytes(*kept_bytes),
+                    fmt_bytes(*budget_bytes),
+                    n_layer - kept_layers
+                )
+            }),
             Event::Reference { done, total, .. } => {
                 let b = match &self.bar {
                     Some(b) if b.prefix() == "reference" => b,

@@ -105,11 +105,17 @@ pub struct TrainState {
 }
 
 impl TrainState {
-    /// Device bytes held (workspace, checkpoints, gradient scratch; not the batch inputs).
+    /// Layers whose intermediates the forward kept (the backward recomputes the others).
+    pub fn kept_layers(&self) -> usize {
+        self.checkpoints.n_kept()
+    }
+
+    /// Device bytes held (workspace, checkpoints and kept intermediates, gradient scratch; not
+    /// the batch inputs).
     pub fn bytes(&self) -> u64 {
         let s = &self.scratch;
         let mut b = self.ws.bytes()
-            + self.checkpoints.bufs.iter().map(|b| b.size).sum::<u64>()
+            + self.checkpoints.bytes()
             + [
                 &s.dx, &s.dn, &s.datt, &s.dq, &s.dk, &s.dv, &s.dact, &s.lsed, &s.du,
             ]
@@ -154,6 +160,36 @@ pub fn forward_train(
     lora: &GpuLora,
     dropout: Option<Dropout>,
 ) -> Result<(Vec<SeqLogp>, TrainState), GpuError> {
+    forward_train_keeping(model, gpu, examples, lora, dropout, 0)
+}
+
+/// Layers whose intermediates fit in `keep_bytes` for a batch of `rows` rows (at most all).
+pub fn layers_to_keep(
+    cfg: &crate::model::ModelConfig,
+    rows: usize,
+    lora: &GpuLora,
+    keep_bytes: u64,
+) -> usize {
+    let mut targets: Vec<Target> = lora.tensors.iter().map(|t| t.target).collect();
+    targets.sort();
+    targets.dedup();
+    let per_layer = Workspace::layer_bytes(cfg, rows, lora.rank, targets.len()).max(1);
+    ((keep_bytes / per_layer) as usize).min(cfg.n_layer)
+}
+
+/// [`forward_train`] that also keeps every intermediate of as many layers as fit in
+/// `keep_bytes` ([`layers_to_keep`]; the first layers), so that [`backward`] uses them instead
+/// of recomputing those layers: the same bits either way, fewer passes over the weights.
+/// `keep_bytes = 0` is plain activation checkpointing (every layer recomputed);
+/// `u64::MAX` keeps every layer.
+pub fn forward_train_keeping(
+    model: &GpuModel,
+    gpu: &Gpu,
+    examples: &[Example],
+    lora: &GpuLora,
+    dropout: Option<Dropout>,
+    keep_bytes: u64,
+) -> Result<(Vec<SeqLogp>, TrainState), GpuError> {
     if examples.is_empty() {
         return Err(GpuError::Validation {
             context: "the training forward pass".into(),
@@ -177,7 +213,9 @@ pub fn forward_train(
         )?;
         ws.lora_dropout = Some((dr, buf));
     }
-    let checkpoints = LayerInputs::new(gpu, cfg, batch.n_rows())?;
+    let mut checkpoints = LayerInputs::new(gpu, cfg, batch.n_rows())?;
+    let n_keep = layers_to_keep(cfg, batch.n_rows(), lora, keep_bytes);
+    checkpoints.keep_layers(gpu, cfg, &ws, n_keep)?;
     let t = batch.n_rows();
     let f = |label: &str, elems: usize| gpu.alloc(label, (elems.max(1) * 4) as u64);
     let (d, q, kv, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
@@ -307,6 +345,7 @@ pub fn backward(
             &batch,
             &ws,
             &checkpoints.bufs[il],
+            checkpoints.kept[il].as_ref(),
             &s,
             lora,
         )?;
@@ -315,8 +354,9 @@ pub fn backward(
     Ok(())
 }
 
-/// Records the recompute of layer `il` from `x_in` and its backward: on entry `s.dx` holds
-/// `∂J/∂x_out`, on exit `∂J/∂x_in`; LoRA gradients of the layer are accumulated.
+/// Records the backward of layer `il`, after recomputing it from `x_in` unless its
+/// intermediates were `kept` by the forward: on entry `s.dx` holds `∂J/∂x_out`, on exit
+/// `∂J/∂x_in`; LoRA gradients of the layer are accumulated.
 #[allow(clippy::too_many_arguments)]
 fn layer_backward(
     model: &GpuModel,
@@ -326,6 +366,7 @@ fn layer_backward(
     batch: &GpuBatch,
     ws: &Workspace,
     x_in: &GpuBuf,
+    kept: Option<&Workspace>,
     s: &BackScratch,
     lora: &GpuLora,
 ) -> Result<(), GpuError> {
@@ -335,13 +376,20 @@ fn layer_backward(
     let (d, hd) = (cfg.n_embd, cfg.head_dim);
     let (rank, scale) = (lora.rank, lora.scale());
 
-    // Recompute: every intermediate of this layer lands in `ws` (x_out goes to the spare
-    // `ping[0]`; the checkpoint of layer il + 1 is not touched).
-    profile::set_phase("recompute");
-    model
-        .layer_forward(gpu, rec, il, batch, ws, x_in, &ws.ping[0], Some(lora))
-        .map_err(gpu_err)?;
-    profile::set_phase("backward");
+    let ws = match kept {
+        // The forward left every intermediate of this layer in its own buffers.
+        Some(k) => k,
+        None => {
+            // Recompute: every intermediate of this layer lands in `ws` (x_out goes to the
+            // spare `ping[0]`; the checkpoint of layer il + 1 is not touched).
+            profile::set_phase("recompute");
+            model
+                .layer_forward(gpu, rec, il, batch, ws, x_in, &ws.ping[0], Some(lora))
+                .map_err(gpu_err)?;
+            profile::set_phase("backward");
+            ws
+        }
+    };
 
     // Input gradient through a frozen projection plus its LoRA branch (if adapted):
     // dx_in (+)= dy·W (+ LoRA: grads and dx_in += du·A).

@@ -185,6 +185,7 @@ impl Gpu {
             gpu: self,
             ops: Vec::new(),
             tags: Vec::new(),
+            params: Vec::new(),
         }
     }
 }
@@ -242,13 +243,27 @@ fn encode_op(enc: &mut wgpu::CommandEncoder, op: &Op, ts: Option<(&wgpu::QuerySe
     }
 }
 
-/// Records dispatches (each with its own small params uniform) and copies; `submit` encodes them
-/// into one command buffer, consecutive dispatches sharing one compute pass.
+/// Bytes of one block of params uniforms (each dispatch's params take one aligned slot).
+const PARAMS_BLOCK_BYTES: u64 = 64 << 10;
+
+/// A block of params uniforms being filled: the device buffer the bind groups point at and
+/// the bytes written to it when the recorder submits.
+struct ParamsBlock {
+    buf: wgpu::Buffer,
+    bytes: Vec<u8>,
+}
+
+/// Records dispatches and copies; `submit` encodes them into one command buffer, consecutive
+/// dispatches sharing one compute pass. Each dispatch's small params struct takes a slot of a
+/// shared uniform block (one buffer per 64 KiB of params, uploaded once at submission), not a
+/// buffer of its own: creating a device buffer per dispatch was most of the host time per
+/// dispatch on a real GPU.
 pub struct Recorder<'g> {
     gpu: &'g Gpu,
     ops: Vec<Op>,
     /// Per op, its (phase, family) while profiling (empty otherwise).
     tags: Vec<Tag>,
+    params: Vec<ParamsBlock>,
 }
 
 impl Recorder<'_> {
@@ -284,17 +299,14 @@ impl Recorder<'_> {
                 }),
             });
         }
-        let ubuf = self
-            .gpu
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("params"),
-                contents: bytemuck::bytes_of(params),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
+        let (ubuf, offset, size) = self.params_slot(bytemuck::bytes_of(params));
         entries.push(wgpu::BindGroupEntry {
             binding: bindings.len() as u32,
-            resource: ubuf.as_entire_binding(),
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &ubuf,
+                offset,
+                size: wgpu::BufferSize::new(size),
+            }),
         });
         let bind_group = self
             .gpu
@@ -313,6 +325,45 @@ impl Recorder<'_> {
             &pipeline.name,
         );
         Ok(())
+    }
+
+    /// Places `bytes` in the current params block (a new block when it is full) and returns
+    /// the block's buffer, the slot's offset and the binding size.
+    fn params_slot(&mut self, bytes: &[u8]) -> (wgpu::Buffer, u64, u64) {
+        let align = (self.gpu.limits.min_uniform_buffer_offset_alignment as u64).max(4);
+        // Bound as before (a buffer of exactly the struct, padded to 4 bytes); at least 16.
+        let size = (bytes.len() as u64).div_ceil(4).max(4) * 4;
+        let slot = size.div_ceil(align) * align;
+        let fits = |b: &ParamsBlock| {
+            (b.bytes.len() as u64).div_ceil(align) * align + slot <= b.buf.size()
+        };
+        if !self.params.last().is_some_and(fits) {
+            let block = PARAMS_BLOCK_BYTES.max(slot);
+            self.params.push(ParamsBlock {
+                buf: self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("params"),
+                    size: block,
+                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }),
+                bytes: Vec::with_capacity(block as usize),
+            });
+        }
+        let b = self.params.last_mut().expect("a params block was just ensured");
+        let offset = (b.bytes.len() as u64).div_ceil(align) * align;
+        b.bytes.resize(offset as usize, 0);
+        b.bytes.extend_from_slice(bytes);
+        b.bytes.resize((offset + size) as usize, 0);
+        (b.buf.clone(), offset, size)
+    }
+
+    /// Uploads the params blocks (before the commands that read them are submitted).
+    fn flush_params(&mut self) {
+        for b in self.params.drain(..) {
+            if !b.bytes.is_empty() {
+                self.gpu.queue.write_buffer(&b.buf, 0, &b.bytes);
+            }
+        }
     }
 
     fn push(&mut self, op: Op, family: &str) {
@@ -363,7 +414,8 @@ impl Recorder<'_> {
     }
 
     /// Encodes and submits everything recorded (does not wait; while profiling, it does).
-    pub fn submit(self) {
+    pub fn submit(mut self) {
+        self.flush_params();
         if profile::enabled() {
             profile::count_submit();
             if self.ops.is_empty() {

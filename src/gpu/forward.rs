@@ -624,8 +624,10 @@ impl GpuModel {
         self.embed(gpu, &mut rec, batch, input(0))?;
         rec.submit();
         for il in 0..n_layer {
+            // A kept layer writes its intermediates to its own buffers (for the backward).
+            let lws = checkpoints.and_then(|c| c.kept[il].as_ref()).unwrap_or(ws);
             let mut rec = gpu.recorder();
-            self.layer_forward(gpu, &mut rec, il, batch, ws, input(il), input(il + 1), lora)?;
+            self.layer_forward(gpu, &mut rec, il, batch, lws, input(il), input(il + 1), lora)?;
             rec.submit();
         }
         let mut rec = gpu.recorder();
@@ -952,7 +954,7 @@ impl WorkspaceSpec {
 }
 
 /// qwen3's per-head Q/K norm buffers.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct QkNormBufs {
     /// `[T, q]` and `[T, kv]`: Q and K before the head norm.
     pub q_pre: GpuBuf,
@@ -964,7 +966,10 @@ pub struct QkNormBufs {
 
 /// Per-layer intermediates of the forward pass (reused by every layer) and the head buffers.
 /// Shapes are in the module documentation.
-#[derive(Debug)]
+///
+/// Cloning shares the buffers (they are reference-counted device buffers);
+/// [`Workspace::layer_set`] makes a workspace with its own per-layer buffers.
+#[derive(Clone, Debug)]
 pub struct Workspace {
     pub spec: WorkspaceSpec,
     /// Two `[T, d]` layer buffers: the residual stream when no checkpoints are kept; the
@@ -1046,6 +1051,93 @@ impl Workspace {
             lm_head: LmHeadScratch::new(gpu, n, cfg.n_vocab, spec.lm_head_budget)?,
             lora_dropout: None,
         })
+    }
+
+    /// Bytes of one layer's intermediates (what [`Workspace::layer_set`] allocates) for `rows`
+    /// rows: `n1, xn, h [rows, d]`, `q, attn [rows, q]`, `k, v [rows, kv]`, `gate, up, act
+    /// [rows, ff]`, both norms' 1/rms, the attention log-sum-exp, one `[rows, rank]` per LoRA
+    /// target, and qwen3's pre-norm Q/K with their per-head 1/rms.
+    pub fn layer_bytes(cfg: &ModelConfig, rows: usize, lora_rank: usize, n_targets: usize) -> u64 {
+        let (d, q, kv, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
+        let mut per_row = 3 * d + 2 * q + 2 * kv + 3 * ff + 2 + cfg.n_head;
+        per_row += n_targets * lora_rank.max(1);
+        if cfg.qk_norm {
+            per_row += q + kv + cfg.n_head + cfg.n_head_kv;
+        }
+        4 * (rows.max(1) * per_row) as u64
+    }
+
+    /// A workspace with its own per-layer intermediates (`n1` … `act`, `lora_u`, qwen3's Q/K
+    /// norm buffers) and this one's `ping`, head and dropout buffers shared: what a training
+    /// forward keeps for one layer so that the backward need not recompute it.
+    pub fn layer_set(&self, gpu: &Gpu, cfg: &ModelConfig) -> Result<Workspace, GpuError> {
+        let t = self.spec.max_rows.max(1);
+        let (d, q, kv, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
+        let f = |label: &str, elems: usize| gpu.alloc(label, (elems * 4) as u64);
+        let qk = if cfg.qk_norm {
+            Some(QkNormBufs {
+                q_pre: f("kept q_pre", t * q)?,
+                k_pre: f("kept k_pre", t * kv)?,
+                q_rstd: f("kept q_rstd", t * cfg.n_head)?,
+                k_rstd: f("kept k_rstd", t * cfg.n_head_kv)?,
+            })
+        } else {
+            None
+        };
+        let lora_u = self
+            .lora_u
+            .iter()
+            .map(|(tg, _)| {
+                Ok((
+                    *tg,
+                    f(&format!("kept lora u {tg:?}"), t * self.spec.lora_rank.max(1))?,
+                ))
+            })
+            .collect::<Result<Vec<_>, GpuError>>()?;
+        Ok(Workspace {
+            n1: f("kept n1", t * d)?,
+            xn: f("kept xn", t * d)?,
+            rstd_attn: f("kept rstd_attn", t)?,
+            rstd_ffn: f("kept rstd_ffn", t)?,
+            q: f("kept q", t * q)?,
+            k: f("kept k", t * kv)?,
+            v: f("kept v", t * kv)?,
+            qk,
+            attn: f("kept attn", t * q)?,
+            attn_lse: f("kept attn_lse", t * cfg.n_head)?,
+            h: f("kept h", t * d)?,
+            gate: f("kept gate", t * ff)?,
+            up: f("kept up", t * ff)?,
+            act: f("kept act", t * ff)?,
+            lora_u,
+            ..self.clone()
+        })
+    }
+
+    /// Device bytes of the per-layer intermediates alone (see [`Workspace::layer_set`]).
+    pub fn layer_set_bytes(&self) -> u64 {
+        let mut b = [
+            &self.n1,
+            &self.xn,
+            &self.rstd_attn,
+            &self.rstd_ffn,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.attn,
+            &self.attn_lse,
+            &self.h,
+            &self.gate,
+            &self.up,
+            &self.act,
+        ]
+        .iter()
+        .map(|b| b.size)
+        .sum::<u64>();
+        if let Some(qk) = &self.qk {
+            b += qk.q_pre.size + qk.k_pre.size + qk.q_rstd.size + qk.k_rstd.size;
+        }
+        b + self.lora_u.iter().map(|(_, u)| u.size).sum::<u64>()
     }
 
     /// Device bytes held.
@@ -1131,10 +1223,15 @@ impl Workspace {
 }
 
 /// Checkpointed layer inputs for a backward pass: `bufs[i]` is the input of layer i
-/// (`bufs[0]` the embeddings, `bufs[n_layer]` the last layer's output), each `[T, d]` f32.
+/// (`bufs[0]` the embeddings, `bufs[n_layer]` the last layer's output), each `[T, d]` f32;
+/// and, for the layers in `kept`, every intermediate of the layer (a [`Workspace::layer_set`]),
+/// so that the backward pass uses them instead of recomputing the layer.
 #[derive(Debug)]
 pub struct LayerInputs {
     pub bufs: Vec<GpuBuf>,
+    /// One entry per layer: `Some` when the forward writes that layer's intermediates to a
+    /// workspace of their own (kept for the backward), `None` when they go to the shared one.
+    pub kept: Vec<Option<Workspace>>,
 }
 
 impl LayerInputs {
@@ -1144,11 +1241,50 @@ impl LayerInputs {
             bufs: (0..=cfg.n_layer)
                 .map(|i| gpu.alloc(&format!("layer input {i}"), bytes))
                 .collect::<Result<_, _>>()?,
+            kept: vec![None; cfg.n_layer],
         })
     }
 
+    /// Keeps the intermediates of the first `n` layers (each a [`Workspace::layer_set`] of
+    /// `ws`); the others are recomputed by the backward pass.
+    pub fn keep_layers(
+        &mut self,
+        gpu: &Gpu,
+        cfg: &ModelConfig,
+        ws: &Workspace,
+        n: usize,
+    ) -> Result<(), GpuError> {
+        for (i, slot) in self.kept.iter_mut().enumerate() {
+            *slot = if i < n {
+                Some(ws.layer_set(gpu, cfg)?)
+            } else {
+                None
+            };
+        }
+        Ok(())
+    }
+
+    /// Layers whose intermediates are kept.
+    pub fn n_kept(&self) -> usize {
+        self.kept.iter().filter(|k| k.is_some()).count()
+    }
+
+    /// Device bytes held: the layer inputs and the kept intermediates.
+    pub fn bytes(&self) -> u64 {
+        self.bufs.iter().map(|b| b.size).sum::<u64>()
+            + self
+                .kept
+                .iter()
+                .flatten()
+                .map(Workspace::layer_set_bytes)
+                .sum::<u64>()
+    }
+
     fn check(&self, n_layer: usize, rows: usize, d: usize) -> Result<(), ForwardError> {
-        if self.bufs.len() != n_layer + 1 || self.bufs.iter().any(|b| b.len_words() < rows * d) {
+        if self.bufs.len() != n_layer + 1
+            || self.kept.len() != n_layer
+            || self.bufs.iter().any(|b| b.len_words() < rows * d)
+        {
             return Err(ForwardError::BadCheckpoints {
                 got: self.bufs.len(),
                 want: n_layer + 1,

@@ -43,8 +43,44 @@ pub fn open_gpu(device: Option<&str>) -> Result<Arc<Gpu>, RunError> {
     })?)
 }
 
+/// What `activation_memory = "auto"` gives: wgpu does not report device memory, so a GPU gets a
+/// budget that any GPU able to hold a small model can spare, and a CPU Vulkan driver
+/// (lavapipe), whose "device memory" is the host's, a quarter of the host's available memory.
+pub const AUTO_ACTIVATION_MEMORY_GPU: u64 = 2 << 30;
+/// The cap of the CPU-driver budget of `auto`.
+pub const AUTO_ACTIVATION_MEMORY_CPU_MAX: u64 = 8 << 30;
+
+/// Bytes the training forward may keep for the backward under the setting `activation_memory`
+/// (`auto`, a size, or `0`) on `gpu` (see [`AUTO_ACTIVATION_MEMORY_GPU`]).
+pub fn activation_budget(setting: &str, gpu: &Gpu) -> Result<u64, RunError> {
+    if setting.trim() != "auto" {
+        return crate::util::size::parse_size(setting).map_err(|detail| {
+            RunError::Config(crate::train::config::ConfigError::Invalid {
+                key: "activation_memory",
+                value: setting.to_string(),
+                detail,
+            })
+        });
+    }
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        let available = host_available_memory().unwrap_or(4 * AUTO_ACTIVATION_MEMORY_GPU);
+        return Ok((available / 4).min(AUTO_ACTIVATION_MEMORY_CPU_MAX));
+    }
+    Ok(AUTO_ACTIVATION_MEMORY_GPU)
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes (Linux; `None` elsewhere).
+fn host_available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Builds the engine `kind` for `model` with a fresh adapter `lora`. The GPU engine first
-/// checks `plan` against the device's reported limits (wgpu does not report device memory).
+/// checks `plan` against the device's reported limits (wgpu does not report device memory) and
+/// may keep layers' intermediates in up to `activation_memory` (see [`activation_budget`]);
+/// the budget in bytes is returned with a GPU engine.
 pub fn build_engine(
     kind: EngineKind,
     model: &OpenModel,
@@ -52,7 +88,8 @@ pub fn build_engine(
     adam: AdamWConfig,
     device: Option<&str>,
     plan: Option<&Plan>,
-) -> Result<Box<dyn Engine>, RunError> {
+    activation_memory: &str,
+) -> Result<(Box<dyn Engine>, Option<u64>), RunError> {
     match kind {
         EngineKind::Cpu => {
             let w =
@@ -63,7 +100,7 @@ pub fn build_engine(
                     }
                 })?;
             let m = RefModel::from_weights(&model.config, &w)?;
-            Ok(Box::new(CpuEngine::new(m, lora, adam)?))
+            Ok((Box::new(CpuEngine::new(m, lora, adam)?), None))
         }
         EngineKind::Gpu => {
             let gpu = open_gpu(device)?;
@@ -74,13 +111,10 @@ pub fn build_engine(
                 };
                 plan.fits(&limits, u64::MAX).map_err(RunError::DoesNotFit)?;
             }
-            Ok(Box::new(GpuEngine::new(
-                gpu,
-                &model.file,
-                &model.config,
-                lora,
-                adam,
-            )?))
+            let budget = activation_budget(activation_memory, &gpu)?;
+            let engine = GpuEngine::new(gpu, &model.file, &model.config, lora, adam)?
+                .with_activation_memory(budget);
+            Ok((Box::new(engine), Some(budget)))
         }
     }
 }

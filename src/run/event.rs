@@ -87,6 +87,15 @@ pub enum Event {
     },
     /// The training engine is ready.
     Engine { description: String },
+    /// How the GPU engine holds activations between forward and backward: the first
+    /// `kept_layers` of `n_layer` layers keep their intermediates (`kept_bytes` at the longest
+    /// micro-step, within `budget_bytes`); the others are recomputed in the backward.
+    Activations {
+        budget_bytes: u64,
+        kept_layers: usize,
+        n_layer: usize,
+        kept_bytes: u64,
+    },
     /// Reference log-probs of a set: `done` of `total` sequences scored.
     Reference {
         set: String,

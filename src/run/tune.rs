@@ -237,17 +237,21 @@ impl TuneJob {
         if self.profile {
             crate::gpu::profile::start();
         }
-        let mut engine = build_engine(
+        let (mut engine, budget) = build_engine(
             cfg.engine,
             &l.model,
             lora,
             adam_config(cfg),
             cfg.device.as_deref(),
             Some(&l.plan),
+            &cfg.activation_memory,
         )?;
         obs.event(&Event::Engine {
             description: engine.describe(),
         });
+        if let Some(budget_bytes) = budget {
+            obs.event(&activations_event(&l.plan, budget_bytes));
+        }
         self.check_cancel()?;
         let mut data = l.data;
         let (ref_sources, model_sha256) = self.fill_reference(engine.as_mut(), &mut data, obs)?;
@@ -331,6 +335,24 @@ impl TuneJob {
             sources.push(src);
         }
         Ok((sources, sha))
+    }
+}
+
+/// How many layers keep their intermediates at the plan's largest micro-step under `budget`
+/// (the engine decides per micro-step with the same rule, so shorter batches may keep more).
+fn activations_event(plan: &Plan, budget_bytes: u64) -> Event {
+    let i = &plan.input;
+    let rows = 2 * i.pairs_per_step * i.max_len;
+    let mut targets = i.targets.clone();
+    targets.sort();
+    targets.dedup();
+    let per_layer = crate::gpu::forward::Workspace::layer_bytes(&i.cfg, rows, i.rank, targets.len());
+    let kept_layers = ((budget_bytes / per_layer.max(1)) as usize).min(i.cfg.n_layer);
+    Event::Activations {
+        budget_bytes,
+        kept_layers,
+        n_layer: i.cfg.n_layer,
+        kept_bytes: kept_layers as u64 * per_layer,
     }
 }
 

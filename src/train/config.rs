@@ -107,6 +107,11 @@ pub struct TrainConfig {
     pub device: Option<String>,
     /// Stop after this many non-finite steps in a row.
     pub max_bad_steps: usize,
+    /// Device memory for keeping layers' intermediates between the forward and the backward
+    /// pass (`auto`, a size such as `4GiB`, or `0`): layers that do not fit are recomputed in
+    /// the backward (activation checkpointing). `0` recomputes every layer, as TRL's
+    /// `gradient_checkpointing=True`; the numbers are the same bits either way.
+    pub activation_memory: String,
     // --- harmlessness evaluation (the generative part of `eval`)
     /// Harmful prompts to answer and judge: a JSONL file of prompts, `harmbench` or
     /// `donotanswer`. The base model (step 0) and the tuned adapter (last step) are evaluated.
@@ -164,6 +169,7 @@ impl Default for TrainConfig {
             engine: EngineKind::Gpu,
             device: None,
             max_bad_steps: 3,
+            activation_memory: "auto".into(),
             eval_harmful: None,
             eval_harmful_every: 0,
             eval_harmful_limit: None,
@@ -185,6 +191,7 @@ pub const RESUME_MAY_CHANGE: &[&str] = &[
     "cache_dir",
     "device",
     "max_bad_steps",
+    "activation_memory",
     "eval_harmful",
     "eval_harmful_every",
     "eval_harmful_limit",
@@ -308,6 +315,15 @@ impl TrainConfig {
         }
         if self.pairs_per_step == 0 {
             return Err(bad("pairs_per_step", 0, "must be at least 1"));
+        }
+        if self.activation_memory != "auto" {
+            crate::util::size::parse_size(&self.activation_memory).map_err(|detail| {
+                ConfigError::Invalid {
+                    key: "activation_memory",
+                    value: self.activation_memory.clone(),
+                    detail,
+                }
+            })?;
         }
         if self.eval_max_tokens == 0 {
             return Err(bad("eval_max_tokens", 0, "must be at least 1"));

@@ -4,7 +4,7 @@
 
 use crate::data::Example;
 use crate::gguf::GgufFile;
-use crate::gpu::backward::{TrainState, backward, forward_train};
+use crate::gpu::backward::{TrainState, backward, forward_train_keeping};
 use crate::gpu::forward::GpuModel;
 use crate::gpu::ops::adamw::GpuAdamW;
 use crate::gpu::ops::dropout::Dropout;
@@ -34,6 +34,11 @@ pub struct GpuEngine {
     opt: GpuAdamW,
     state: Option<TrainState>,
     dropout: Option<Dropout>,
+    /// Device bytes a training forward may spend keeping layers' intermediates (the backward
+    /// recomputes the layers that do not fit).
+    activation_memory: u64,
+    /// Layers kept by the last training forward.
+    kept_layers: usize,
 }
 
 impl GpuEngine {
@@ -58,7 +63,22 @@ impl GpuEngine {
             opt,
             state: None,
             dropout: None,
+            activation_memory: 0,
+            kept_layers: 0,
         })
+    }
+
+    /// Lets a training forward keep layers' intermediates in up to `bytes` of device memory
+    /// instead of recomputing them in the backward (default 0: every layer recomputed).
+    /// Results are the same bits either way.
+    pub fn with_activation_memory(mut self, bytes: u64) -> GpuEngine {
+        self.activation_memory = bytes;
+        self
+    }
+
+    /// Layers whose intermediates the last training forward kept.
+    pub fn kept_layers(&self) -> usize {
+        self.kept_layers
     }
 
     fn sizes(lora: &LoraWeights) -> Vec<usize> {
@@ -126,14 +146,18 @@ impl Engine for GpuEngine {
 
     fn forward_train(&mut self, examples: &[&Example]) -> Result<Vec<SeqScore>, TrainError> {
         profile::set_phase("forward");
-        let (seqs, state) = forward_train(
+        // The previous micro-step's state (if a backward never consumed it) is freed first.
+        self.state = None;
+        let (seqs, state) = forward_train_keeping(
             &self.model,
             &self.gpu,
             &owned(examples),
             &self.lora,
             self.dropout,
+            self.activation_memory,
         )
         .map_err(err)?;
+        self.kept_layers = state.kept_layers();
         self.state = Some(state);
         Ok(seqs
             .into_iter()

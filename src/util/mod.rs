@@ -3,6 +3,7 @@
 pub mod close;
 pub mod rng;
 pub mod runtime_dir;
+pub mod size;
 
 pub use close::{Tol, assert_close};
 pub use rng::Rng;

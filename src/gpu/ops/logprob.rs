@@ -127,7 +127,7 @@ pub fn vocab_chunks(n_vocab: usize, max_cols: usize, weight_chunks: &[usize]) ->
 }
 
 /// Scratch for [`lm_head_logprobs`]: the logits chunk and the running state.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct LmHeadScratch {
     /// `[max_rows, max_cols]` f32.
     pub logits: GpuBuf,
