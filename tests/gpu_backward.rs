@@ -13,8 +13,8 @@ use bfpo_lite::data::Example;
 use bfpo_lite::gguf::{GgmlType, GgufFile};
 use bfpo_lite::gpu::Gpu;
 use bfpo_lite::gpu::backward::{backward, forward_train, forward_train_keeping, layers_to_keep};
-use bfpo_lite::gpu::ops::dropout::Dropout;
 use bfpo_lite::gpu::forward::GpuModel;
+use bfpo_lite::gpu::ops::dropout::Dropout;
 use bfpo_lite::gpu::ops::lora::GpuLora;
 use bfpo_lite::model::reference::RefModel;
 use bfpo_lite::model::{Arch, ModelConfig, Weights};
@@ -380,7 +380,10 @@ fn kept_activations_give_the_same_bits_as_recompute() {
         let exs = examples(m.cfg.n_vocab, 37);
         let rows = 3 * 14;
         let per_layer = layers_to_keep(&m.cfg, rows, &gl, u64::MAX);
-        assert_eq!(per_layer, m.cfg.n_layer, "an unlimited budget keeps every layer");
+        assert_eq!(
+            per_layer, m.cfg.n_layer,
+            "an unlimited budget keeps every layer"
+        );
         let one_layer = bfpo_lite::gpu::forward::Workspace::layer_bytes(&m.cfg, rows, 4, 7);
         assert_eq!(layers_to_keep(&m.cfg, rows, &gl, one_layer), 1);
         assert_eq!(layers_to_keep(&m.cfg, rows, &gl, one_layer - 1), 0);
@@ -398,7 +401,7 @@ fn kept_activations_give_the_same_bits_as_recompute() {
                 rec.submit();
                 let (seqs, state) =
                     forward_train_keeping(&m.gpu_model, &gpu, &exs, &gl, dropout, keep).unwrap();
-                let kept = state.kept_layers();
+                let kept = (state.kept_layers(), state.kept_logits());
                 let bytes = state.bytes();
                 backward(&m.gpu_model, &gpu, state, &SEQ_WEIGHTS, &gl).unwrap();
                 let logp: Vec<u64> = seqs.iter().map(|s| s.logp.to_bits()).collect();
@@ -408,16 +411,27 @@ fn kept_activations_give_the_same_bits_as_recompute() {
             let (l1, g1, k1, b1) = run(one_layer);
             let (la, ga, ka, ba) = run(u64::MAX);
             let what = format!("{arch:?} {ty:?} dropout {dropout:?}");
-            assert_eq!((k0, k1, ka), (0, 1, m.cfg.n_layer), "{what}: layers kept");
+            assert_eq!(
+                (k0, k1, ka),
+                ((0, false), (1, false), (m.cfg.n_layer, true)),
+                "{what}: layers and LM-head logits kept"
+            );
             assert!(g0.iter().any(|&b| b != 0), "{what}: gradients are all zero");
             assert_eq!(l0, l1, "{what}: log-probs, one layer kept");
             assert_eq!(l0, la, "{what}: log-probs, all layers kept");
             assert!(g0 == g1, "{what}: gradients differ with one layer kept");
             assert!(g0 == ga, "{what}: gradients differ with all layers kept");
-            // The state's byte count grows by exactly the kept layers' intermediates.
+            // The state's byte count grows by exactly the kept layers' intermediates (and the
+            // logits [N, V] of the LM head when everything is kept).
             let layer = bfpo_lite::gpu::forward::Workspace::layer_bytes(&m.cfg, rows, 4, 7);
+            let n_scored: usize = exs.iter().map(|e| e.ids.len() - e.response_start).sum();
+            let logits = (n_scored * m.cfg.n_vocab * 4) as u64;
             assert_eq!(b1 - b0, layer, "{what}: bytes of one kept layer");
-            assert_eq!(ba - b0, layer * m.cfg.n_layer as u64, "{what}: bytes of all");
+            assert_eq!(
+                ba - b0,
+                layer * m.cfg.n_layer as u64 + logits,
+                "{what}: bytes of all layers and the logits"
+            );
         }
     }
 }

@@ -110,6 +110,11 @@ impl TrainState {
         self.checkpoints.n_kept()
     }
 
+    /// Whether the forward kept the LM head's logits (the backward then does not recompute them).
+    pub fn kept_logits(&self) -> bool {
+        !self.ws.lm_head.kept.is_empty()
+    }
+
     /// Device bytes held (workspace, checkpoints and kept intermediates, gradient scratch; not
     /// the batch inputs).
     pub fn bytes(&self) -> u64 {
@@ -170,16 +175,22 @@ pub fn layers_to_keep(
     lora: &GpuLora,
     keep_bytes: u64,
 ) -> usize {
-    let mut targets: Vec<Target> = lora.tensors.iter().map(|t| t.target).collect();
-    targets.sort();
-    targets.dedup();
-    let per_layer = Workspace::layer_bytes(cfg, rows, lora.rank, targets.len()).max(1);
+    let per_layer = Workspace::layer_bytes(cfg, rows, lora.rank, n_targets(lora)).max(1);
     ((keep_bytes / per_layer) as usize).min(cfg.n_layer)
 }
 
+/// Distinct adapted targets (one LoRA `u` buffer each per layer workspace).
+fn n_targets(lora: &GpuLora) -> usize {
+    let mut targets: Vec<Target> = lora.tensors.iter().map(|t| t.target).collect();
+    targets.sort();
+    targets.dedup();
+    targets.len()
+}
+
 /// [`forward_train`] that also keeps every intermediate of as many layers as fit in
-/// `keep_bytes` ([`layers_to_keep`]; the first layers), so that [`backward`] uses them instead
-/// of recomputing those layers: the same bits either way, fewer passes over the weights.
+/// `keep_bytes` ([`layers_to_keep`]; the first layers), then, if what is left holds them, the
+/// LM head's logits (every vocabulary chunk), so that [`backward`] uses them instead of
+/// recomputing: the same bits either way, fewer passes over the weights.
 /// `keep_bytes = 0` is plain activation checkpointing (every layer recomputed);
 /// `u64::MAX` keeps every layer.
 pub fn forward_train_keeping(
@@ -215,6 +226,17 @@ pub fn forward_train_keeping(
     }
     let mut checkpoints = LayerInputs::new(gpu, cfg, batch.n_rows())?;
     let n_keep = layers_to_keep(cfg, batch.n_rows(), lora, keep_bytes);
+    // What the layers leave of the budget keeps the LM head's logits (not with a LoRA on the
+    // LM head: its backward recomputes logits without it).
+    let left = keep_bytes.saturating_sub(
+        n_keep as u64 * Workspace::layer_bytes(cfg, batch.n_rows(), lora.rank, n_targets(lora)),
+    );
+    if lora.get(0, Target::Output).is_none()
+        && batch.n_scored() > 0
+        && ws.lm_head.kept_logits_bytes(model.lm_head()) <= left
+    {
+        ws.lm_head.keep_logits(gpu, model.lm_head())?;
+    }
     checkpoints.keep_layers(gpu, cfg, &ws, n_keep)?;
     let t = batch.n_rows();
     let f = |label: &str, elems: usize| gpu.alloc(label, (elems.max(1) * 4) as u64);

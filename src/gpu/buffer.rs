@@ -334,9 +334,8 @@ impl Recorder<'_> {
         // Bound as before (a buffer of exactly the struct, padded to 4 bytes); at least 16.
         let size = (bytes.len() as u64).div_ceil(4).max(4) * 4;
         let slot = size.div_ceil(align) * align;
-        let fits = |b: &ParamsBlock| {
-            (b.bytes.len() as u64).div_ceil(align) * align + slot <= b.buf.size()
-        };
+        let fits =
+            |b: &ParamsBlock| (b.bytes.len() as u64).div_ceil(align) * align + slot <= b.buf.size();
         if !self.params.last().is_some_and(fits) {
             let block = PARAMS_BLOCK_BYTES.max(slot);
             self.params.push(ParamsBlock {
@@ -349,7 +348,10 @@ impl Recorder<'_> {
                 bytes: Vec::with_capacity(block as usize),
             });
         }
-        let b = self.params.last_mut().expect("a params block was just ensured");
+        let b = self
+            .params
+            .last_mut()
+            .expect("a params block was just ensured");
         let offset = (b.bytes.len() as u64).div_ceil(align) * align;
         b.bytes.resize(offset as usize, 0);
         b.bytes.extend_from_slice(bytes);

@@ -627,7 +627,16 @@ impl GpuModel {
             // A kept layer writes its intermediates to its own buffers (for the backward).
             let lws = checkpoints.and_then(|c| c.kept[il].as_ref()).unwrap_or(ws);
             let mut rec = gpu.recorder();
-            self.layer_forward(gpu, &mut rec, il, batch, lws, input(il), input(il + 1), lora)?;
+            self.layer_forward(
+                gpu,
+                &mut rec,
+                il,
+                batch,
+                lws,
+                input(il),
+                input(il + 1),
+                lora,
+            )?;
             rec.submit();
         }
         let mut rec = gpu.recorder();
@@ -1090,7 +1099,10 @@ impl Workspace {
             .map(|(tg, _)| {
                 Ok((
                     *tg,
-                    f(&format!("kept lora u {tg:?}"), t * self.spec.lora_rank.max(1))?,
+                    f(
+                        &format!("kept lora u {tg:?}"),
+                        t * self.spec.lora_rank.max(1),
+                    )?,
                 ))
             })
             .collect::<Result<Vec<_>, GpuError>>()?;

@@ -346,7 +346,8 @@ fn activations_event(plan: &Plan, budget_bytes: u64) -> Event {
     let mut targets = i.targets.clone();
     targets.sort();
     targets.dedup();
-    let per_layer = crate::gpu::forward::Workspace::layer_bytes(&i.cfg, rows, i.rank, targets.len());
+    let per_layer =
+        crate::gpu::forward::Workspace::layer_bytes(&i.cfg, rows, i.rank, targets.len());
     let kept_layers = ((budget_bytes / per_layer.max(1)) as usize).min(i.cfg.n_layer);
     Event::Activations {
         budget_bytes,

@@ -131,6 +131,10 @@ pub fn vocab_chunks(n_vocab: usize, max_cols: usize, weight_chunks: &[usize]) ->
 pub struct LmHeadScratch {
     /// `[max_rows, max_cols]` f32.
     pub logits: GpuBuf,
+    /// When not empty, one `[max_rows, cols]` buffer per vocabulary chunk ([`Self::chunks`]):
+    /// the forward writes each chunk's logits to its own buffer and keeps them, so the backward
+    /// ([`super::logprob_back::lm_head_backward`]) need not recompute them.
+    pub kept: Vec<GpuBuf>,
     /// `[max_rows, 4]` f32.
     pub state: GpuBuf,
     pub max_rows: usize,
@@ -169,15 +173,40 @@ impl LmHeadScratch {
         let max_cols = (cap as usize).clamp(1, n_vocab.max(1));
         Ok(LmHeadScratch {
             logits: gpu.alloc("lm-head logits chunk", (max_rows * max_cols * 4) as u64)?,
+            kept: Vec::new(),
             state: gpu.alloc("lm-head state", (max_rows * 16) as u64)?,
             max_rows,
             max_cols,
         })
     }
 
+    /// Bytes of keeping every chunk's logits for `w` ([`Self::keep_logits`]).
+    pub fn kept_logits_bytes(&self, w: &GpuWeight) -> u64 {
+        self.chunks(w)
+            .iter()
+            .map(|c| (self.max_rows * c.len() * 4) as u64)
+            .sum()
+    }
+
+    /// Allocates one buffer per vocabulary chunk of `w` so that the forward keeps the logits
+    /// for the backward (see [`Self::kept`]).
+    pub fn keep_logits(&mut self, gpu: &Gpu, w: &GpuWeight) -> Result<(), GpuError> {
+        self.kept = self
+            .chunks(w)
+            .iter()
+            .map(|c| gpu.alloc("kept lm-head logits", (self.max_rows * c.len() * 4) as u64))
+            .collect::<Result<_, _>>()?;
+        Ok(())
+    }
+
+    /// The buffer chunk `i`'s logits go to: its kept buffer, else the shared chunk buffer.
+    pub fn chunk_logits(&self, i: usize) -> &GpuBuf {
+        self.kept.get(i).unwrap_or(&self.logits)
+    }
+
     /// Device bytes held.
     pub fn bytes(&self) -> u64 {
-        self.logits.size + self.state.size
+        self.logits.size + self.state.size + self.kept.iter().map(|b| b.size).sum::<u64>()
     }
 }
 
@@ -239,8 +268,15 @@ pub fn lm_head_logprobs_lora<'g>(
     }
     let chunks = scratch.chunks(w);
     let n = chunks.len();
+    if lora.is_some() && !scratch.kept.is_empty() {
+        return Err(crate::gpu::ops::check::bad_shape(
+            "lm head",
+            "kept logits with a LoRA on the LM head (the backward has no LM-head LoRA)".into(),
+        ));
+    }
     for (i, cols) in chunks.into_iter().enumerate() {
-        matmul_rows(gpu, rec, x, w, cols.clone(), &scratch.logits, n_rows)?;
+        let logits = scratch.chunk_logits(i);
+        matmul_rows(gpu, rec, x, w, cols.clone(), logits, n_rows)?;
         if let Some(l) = &lora {
             lora_head_up(
                 gpu,
@@ -249,7 +285,7 @@ pub fn lm_head_logprobs_lora<'g>(
                 l.rank,
                 l.scale,
                 l.u,
-                &scratch.logits,
+                logits,
                 n_rows,
                 cols.clone(),
             )?;
@@ -257,7 +293,7 @@ pub fn lm_head_logprobs_lora<'g>(
         logprob_update(
             gpu,
             rec,
-            &scratch.logits,
+            logits,
             bias,
             targets,
             &scratch.state,

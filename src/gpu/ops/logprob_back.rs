@@ -3,7 +3,8 @@
 //! `[T, d]` residual stream (`kernels/scatter_rows.wgsl`).
 //!
 //! [`lm_head_backward`] walks the same vocabulary chunks as the forward: it recomputes the
-//! logits chunk `x·W[chunk]ᵀ`, turns it in place into `dlogits = w_n·(onehot − exp(z − lse))`
+//! logits chunk `x·W[chunk]ᵀ` (unless the forward kept every chunk, `LmHeadScratch::kept`),
+//! turns it in place into `dlogits = w_n·(onehot − exp(z − lse))`
 //! from the forward's log-sum-exp, and adds `dlogits·W[chunk]` into `dx`. Memory: the forward's
 //! `[N, chunk]` scratch; never `[N × V]`. Deterministic: fixed chunk order, no atomics.
 
@@ -164,7 +165,11 @@ pub fn lm_head_backward<'g>(
     let chunks = scratch.chunks(w);
     let n = chunks.len();
     for (i, cols) in chunks.into_iter().enumerate() {
-        matmul_rows(gpu, rec, x, w, cols.clone(), &scratch.logits, n_rows)?;
+        // Kept by the forward (same kernel, same inputs: the same bits), else recomputed.
+        let logits = scratch.chunk_logits(i);
+        if scratch.kept.is_empty() {
+            matmul_rows(gpu, rec, x, w, cols.clone(), logits, n_rows)?;
+        }
         logprob_backward_chunk(
             gpu,
             rec,
@@ -172,11 +177,11 @@ pub fn lm_head_backward<'g>(
             targets,
             lse,
             roww,
-            &scratch.logits,
+            logits,
             n_rows,
             cols.clone(),
         )?;
-        matmul_rows_back_input(gpu, rec, &scratch.logits, w, cols, dx, n_rows, i > 0)?;
+        matmul_rows_back_input(gpu, rec, logits, w, cols, dx, n_rows, i > 0)?;
         if i + 1 < n {
             std::mem::replace(rec, gpu.recorder()).submit();
         }
