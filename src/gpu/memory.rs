@@ -13,6 +13,10 @@
 //! * **Checkpoints** (activation checkpointing on, the default): the residual stream at the input
 //!   of every layer plus the final output, `(n_layer + 1)` buffers of `[R, d]`. The backward pass
 //!   recomputes one layer at a time from its checkpoint.
+//!   The GPU engine also keeps whole layers' values (below) for as many layers as its activation
+//!   budget holds (`--activation-memory`, reported as `Event::Activations` once the device is
+//!   known), then the LM head's logits `[N, V]` if the rest of the budget holds them; those
+//!   layers are not recomputed. That budget is on top of this plan.
 //! * **Layer workspace, values** (one layer; with checkpointing off, one set per layer), as
 //!   `gpu::forward::Workspace` and `gpu::backward` allocate them: two layer-I/O buffers, the
 //!   norm outputs `n1` (attention) and `xn` (FFN) and the residual `h` `[R, d]`

@@ -400,6 +400,7 @@ mod tests {
             lora_dropout: 0.1,
             save_every: 7,
             out: "elsewhere".into(),
+            activation_memory: "0".into(),
             ..a.clone()
         };
         let c: Vec<String> = b.resume_changes(&a).iter().map(|c| c.to_string()).collect();
@@ -423,6 +424,19 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("loss = ppo"));
+        for (m, ok) in [("auto", true), ("0", true), ("6GiB", true), ("lots", false)] {
+            let c = TrainConfig {
+                activation_memory: m.into(),
+                ..Default::default()
+            };
+            match c.validate() {
+                Ok(()) => assert!(ok, "activation_memory = {m} accepted"),
+                Err(e) => {
+                    assert!(!ok, "activation_memory = {m}: {e}");
+                    assert!(e.to_string().contains("activation_memory = lots"), "{e}");
+                }
+            }
+        }
         for p in [0.0f32, 0.1, 0.999] {
             let c = TrainConfig {
                 lora_dropout: p,
