@@ -313,9 +313,17 @@ pub fn split_k_groups(n_in: usize, n_out: usize, target: usize) -> usize {
     n_groups.div_ceil(chunks)
 }
 
+/// Tests set this (K-chunk length in elements, 0 = off) to make [`SplitK::Auto`] split every
+/// weight, so whole-model forwards run the split-K path on a device whose rule never splits.
+#[doc(hidden)]
+pub static TEST_SPLIT_K_CHUNK: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
 fn k_groups_for(gpu: &Gpu, w: &GpuWeight, split: SplitK) -> usize {
     let n_groups = w.n_in / 8;
+    let forced = TEST_SPLIT_K_CHUNK.load(Ordering::Relaxed);
     match split {
+        SplitK::Auto if forced > 0 => forced.div_ceil(8).clamp(1, n_groups),
         SplitK::Auto => split_k_groups(w.n_in, w.n_out, split_k_target(gpu)),
         SplitK::Never => n_groups,
         SplitK::Chunk(e) => e.div_ceil(8).clamp(1, n_groups),
