@@ -7,6 +7,13 @@
 //! order (no atomics); long jobs are split into several dispatches (over rows, tokens and columns)
 //! so none runs long enough to trip a desktop GPU watchdog, and the split depends only on the
 //! shapes, so results are bit-for-bit reproducible.
+//!
+//! Split-K (forward only): a weight with few rows for the device (ffn_down on a big GPU: n_in
+//! large, n_out small) leaves most of a GPU idle when each invocation walks all of n_in, so the
+//! forward then sums K chunks of n_in in separate workgroups into a scratch buffer and
+//! `kernels/matmul_reduce.wgsl` adds the chunks in a fixed order ([`split_k_groups`]). The chunking
+//! depends on the weight's shape and the device type, never on the number of tokens: a token's
+//! outputs are the same bits whatever else is in the batch. CPU adapters (lavapipe) never split.
 
 use crate::gguf::GgmlType;
 use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder};
