@@ -466,7 +466,8 @@ fn forward(
     let pipe = gpu.pipeline(&kernel, "main", &type_define(w.ty))?;
     let row_bytes = w.row_bytes();
     let n_groups = w.n_in / 8;
-    let k_groups = k_groups_for(gpu, w, split);
+    // K chunks are workgroup z: at most 65,535 of them.
+    let k_groups = k_groups_for(gpu, w, split).max(n_groups.div_ceil(65_535));
     let n_parts = n_groups.div_ceil(k_groups);
     let flops_per_row_token = 2 * w.n_in as u64;
     // Rows per dispatch with all tokens; if even one workgroup of rows is too much, split tokens
