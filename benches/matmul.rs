@@ -7,10 +7,12 @@
 //! (measurement seconds, default 5). Filter with criterion, e.g.
 //! `cargo bench --bench matmul -- 'fwd/Q8_0'`. `BFPO_BENCH_ITERS=N` (with `BFPO_BENCH_FILTER`)
 //! skips criterion and prints GFLOP/s per wall second and per CPU second (see `manual`).
+//! `BFPO_BENCH_SPLITK` picks the forward's split over n_in: `auto` (default, what `matmul`
+//! does on this device), `off` (one pass), or a K-chunk length in elements (e.g. `256`).
 
 use bfpo_lite::gguf::GgmlType;
 use bfpo_lite::gpu::ops::matmul::{
-    GpuWeight, matmul, matmul_back_input, matmul_rows, matmul_rows_back_input,
+    GpuWeight, SplitK, matmul_back_input, matmul_rows, matmul_rows_back_input, matmul_split,
 };
 use bfpo_lite::gpu::{Gpu, GpuBuf, test_device};
 use bfpo_lite::util::Rng;
@@ -80,6 +82,15 @@ struct Case {
     dx: GpuBuf,
 }
 
+/// `BFPO_BENCH_SPLITK`: `auto` (default), `off`, or a K-chunk length in elements.
+fn split_k() -> SplitK {
+    match std::env::var("BFPO_BENCH_SPLITK").as_deref() {
+        Err(_) | Ok("auto") | Ok("") => SplitK::Auto,
+        Ok("off") => SplitK::Never,
+        Ok(v) => SplitK::Chunk(v.parse().expect("BFPO_BENCH_SPLITK: auto, off or a number")),
+    }
+}
+
 fn forward(gpu: &Gpu, c: &Case, t: usize, lm_head: bool) {
     let mut rec = gpu.recorder();
     if lm_head {
@@ -88,7 +99,7 @@ fn forward(gpu: &Gpu, c: &Case, t: usize, lm_head: bool) {
             matmul_rows(gpu, &mut rec, &c.x, &c.w, rows, &c.y, t).unwrap();
         }
     } else {
-        matmul(gpu, &mut rec, &c.x, &c.w, None, &c.y, t, false).unwrap();
+        matmul_split(gpu, &mut rec, &c.x, &c.w, None, &c.y, t, false, split_k()).unwrap();
     }
     rec.run("bench forward").unwrap();
 }

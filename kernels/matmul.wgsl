@@ -12,6 +12,11 @@
 // subgroup and broadcasts it with subgroupBroadcast). There is no early return: out-of-range rows and
 // tokens are clamped to the last valid one (the same control flow everywhere) and not written.
 // Each output is summed over i in increasing 8-element groups: results are deterministic.
+//
+// Split-K (matmul_common.wgsl): when a weight has few rows for the device (ffn_down shapes on a
+// big GPU), the launcher adds a third grid dimension over chunks of n_in: workgroup z walks only
+// its chunk and writes a partial sum to a scratch buffer, and matmul_reduce.wgsl adds the chunks
+// in increasing order. The chunking depends on the weight's shape and the device, never on T.
 #include "matmul_common.wgsl"
 
 @group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;  // x: [T, n_in] f32

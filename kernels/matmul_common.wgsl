@@ -1,6 +1,11 @@
 // Shared body of matmul.wgsl and matmul_sg.wgsl (see their headers). The including kernel
 // declares binding 0 (x), `x_row_len()` (x's row length in its own element type) and
 // `load_x4(r0, r1, r2, r3, g, k) -> X4` (elements 8g..8g+7 of four x rows at offsets r0..r3).
+//
+// Split-K: workgroup z sums only the 8-element groups [z·k_groups, (z + 1)·k_groups) of each row
+// and writes its outputs z·z_stride elements further into y. Unsplit dispatches have one z and
+// k_groups = n_in / 8. Split ones write per-chunk partial sums into a scratch buffer (flags 0)
+// that matmul_reduce.wgsl then adds up in increasing z, so every output is still a fixed-order sum.
 #include "dequant.wgsl"
 
 struct Params {
@@ -14,8 +19,8 @@ struct Params {
     y_col0: u32,    // y column of row0
     bias0: u32,     // bias index of row0
     flags: u32,     // bit 0: accumulate into y; bit 1: add bias
-    _pad0: u32,
-    _pad1: u32,
+    k_groups: u32,  // 8-element groups per K chunk (workgroup z: groups z·k_groups ..)
+    z_stride: u32,  // elements of y between the outputs of consecutive K chunks
 }
 
 @group(0) @binding(1) var<storage, read> wq: array<u32>;       // W chunk: raw GGUF rows
@@ -35,14 +40,14 @@ fn dot4(w: W8, v: X4) -> vec4<f32> {
                      dot(w.lo, v.l2) + dot(w.hi, v.h2), dot(w.lo, v.l3) + dot(w.hi, v.h3));
 }
 
-fn store(r: u32, t_first: u32, acc: vec4<f32>) {
+fn store(z0: u32, r: u32, t_first: u32, acc: vec4<f32>) {
     if (r >= p.n_rows) {
         return;
     }
     for (var k = 0u; k < 4u; k++) {
         let t = t_first + k;
         if (t < p.n_tokens) {
-            let o = (p.t0 + t) * p.y_stride + p.y_col0 + r;
+            let o = z0 + (p.t0 + t) * p.y_stride + p.y_col0 + r;
             var v = acc[k];
             if ((p.flags & 2u) != 0u) {
                 v += bias[p.bias0 + r];
@@ -87,8 +92,9 @@ fn matmul_body(wg: vec3<u32>, lid: vec3<u32>, k: u32) {
     var a5 = vec4<f32>(0.0); var c5 = vec4<f32>(0.0);
     var a6 = vec4<f32>(0.0); var c6 = vec4<f32>(0.0);
     var a7 = vec4<f32>(0.0); var c7 = vec4<f32>(0.0);
-    let n_groups = p.n_in / 8u;
-    for (var g = 0u; g < n_groups; g++) {
+    let g_first = wg.z * p.k_groups;
+    let g_end = min(g_first + p.k_groups, p.n_in / 8u);
+    for (var g = g_first; g < g_end; g++) {
         let u = load_x4(x0, x1, x2, x3, g, k);
         let v = load_x4(x4, x5, x6, x7, g, k);
         var w = dq8_${WTYPE}(b0, g); a0 += dot4(w, u); c0 += dot4(w, v);
@@ -100,12 +106,13 @@ fn matmul_body(wg: vec3<u32>, lid: vec3<u32>, k: u32) {
         w = dq8_${WTYPE}(b6, g); a6 += dot4(w, u); c6 += dot4(w, v);
         w = dq8_${WTYPE}(b7, g); a7 += dot4(w, u); c7 += dot4(w, v);
     }
-    store(r, t, a0); store(r, t + 4u, c0);
-    store(r + 32u, t, a1); store(r + 32u, t + 4u, c1);
-    store(r + 64u, t, a2); store(r + 64u, t + 4u, c2);
-    store(r + 96u, t, a3); store(r + 96u, t + 4u, c3);
-    store(r + 128u, t, a4); store(r + 128u, t + 4u, c4);
-    store(r + 160u, t, a5); store(r + 160u, t + 4u, c5);
-    store(r + 192u, t, a6); store(r + 192u, t + 4u, c6);
-    store(r + 224u, t, a7); store(r + 224u, t + 4u, c7);
+    let z0 = wg.z * p.z_stride;
+    store(z0, r, t, a0); store(z0, r, t + 4u, c0);
+    store(z0, r + 32u, t, a1); store(z0, r + 32u, t + 4u, c1);
+    store(z0, r + 64u, t, a2); store(z0, r + 64u, t + 4u, c2);
+    store(z0, r + 96u, t, a3); store(z0, r + 96u, t + 4u, c3);
+    store(z0, r + 128u, t, a4); store(z0, r + 128u, t + 4u, c4);
+    store(z0, r + 160u, t, a5); store(z0, r + 160u, t + 4u, c5);
+    store(z0, r + 192u, t, a6); store(z0, r + 192u, t + 4u, c6);
+    store(z0, r + 224u, t, a7); store(z0, r + 224u, t + 4u, c7);
 }

@@ -2,7 +2,8 @@
 // every subgroup (k < 8) loads element 8g + k (one load, neighbouring lanes reading neighbouring
 // words) and subgroupBroadcast hands all 8 to every lane, instead of every lane loading all 8.
 // Needs the SUBGROUP feature and subgroups of at least 8 lanes (the launcher checks both and
-// falls back to matmul.wgsl). Same sums in the same order as matmul.wgsl: identical results.
+// falls back to matmul.wgsl). Same sums in the same order as matmul.wgsl: identical results,
+// split over K chunks (workgroup z) exactly as matmul.wgsl is (see its header).
 #include "matmul_common.wgsl"
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;  // x: [T, n_in] f32

@@ -1,13 +1,14 @@
 //! GPU matmul family (`bfpo_lite::gpu::ops::matmul`) against f64 CPU references, for every weight
-//! type, at awkward sizes; plus hand-checkable fixed cases built byte by byte.
+//! type, at awkward sizes, with the forward both in one pass and split over n_in (split-K); plus
+//! hand-checkable fixed cases built byte by byte.
 
 #[path = "common/gpu.rs"]
 mod common;
 
 use bfpo_lite::gguf::GgmlType;
 use bfpo_lite::gpu::ops::matmul::{
-    GpuWeight, matmul, matmul_back_input, matmul_back_input_ref, matmul_ref, matmul_rows,
-    matmul_rows_back_input,
+    GpuWeight, SplitK, matmul, matmul_back_input, matmul_back_input_ref, matmul_ref, matmul_rows,
+    matmul_rows_back_input, matmul_split,
 };
 use bfpo_lite::gpu::{Gpu, GpuBuf};
 use bfpo_lite::model::TensorRef;
@@ -117,6 +118,39 @@ fn check_type(
     assert_close(
         &what("matmul+bias+acc"),
         &read(&gpu, &y_acc, n_tokens * n_out),
+        &add(&y0, &want_b),
+        tol,
+    );
+
+    // Forward split over n_in in 3-group (24-element) K chunks, the last one shorter when the
+    // groups do not divide evenly: same references, same tolerances.
+    let ys = gpu.upload("ys", &y0).unwrap();
+    let ys_acc = gpu.upload("ys_acc", &y0).unwrap();
+    let split = SplitK::Chunk(24);
+    let mut rec = gpu.recorder();
+    matmul_split(&gpu, &mut rec, &x, &w, None, &ys, n_tokens, false, split).unwrap();
+    matmul_split(
+        &gpu,
+        &mut rec,
+        &x,
+        &w,
+        Some(&bias),
+        &ys_acc,
+        n_tokens,
+        true,
+        split,
+    )
+    .unwrap();
+    rec.run("split-K matmul test").unwrap();
+    assert_close(
+        &what("split-K matmul"),
+        &read(&gpu, &ys, n_tokens * n_out),
+        &want,
+        tol,
+    );
+    assert_close(
+        &what("split-K matmul+bias+acc"),
+        &read(&gpu, &ys_acc, n_tokens * n_out),
         &add(&y0, &want_b),
         tol,
     );
@@ -242,6 +276,68 @@ fn matmul_q5_k() {
 #[test]
 fn matmul_q6_k() {
     check_all_shapes(GgmlType::Q6_K, &[256, 512]);
+}
+
+/// The shape split-K is for (n_in large, n_out small: ffn_down), every weight type: one pass,
+/// split in 256-element chunks and the device's own choice all match the f64 reference (odd T,
+/// bias and accumulate), and a token's outputs do not depend on the other tokens in the batch:
+/// the first 5 tokens alone give the same bits as inside the batch of 13.
+#[test]
+fn split_k_large_n_in_small_n_out_every_type() {
+    let gpu = common::gpu();
+    let (n_in, n_out, n_tokens) = (1280, 70, 13);
+    for (i, ty) in [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (bytes, wf) = random_weight(ty, n_in, n_out, 900 + i as u64);
+        let w = GpuWeight::upload_raw(&gpu, "w", ty, n_in, n_out, &bytes).unwrap();
+        let mut rng = Rng::new(77 + i as u64);
+        let x0 = rng.normal_vec(n_tokens * n_in, 1.0);
+        let y0 = rng.normal_vec(n_tokens * n_out, 1.0);
+        let b0 = rng.normal_vec(n_out, 1.0);
+        let x = gpu.upload("x", &x0).unwrap();
+        let bias = gpu.upload("bias", &b0).unwrap();
+        let want = add(&y0, &matmul_ref(&x0, &wf, Some(&b0), n_tokens, n_in, n_out));
+        for split in [SplitK::Never, SplitK::Chunk(256), SplitK::Auto] {
+            let what = format!("{ty} [{n_out}x{n_in}] T={n_tokens} {split:?}");
+            let y = gpu.upload("y", &y0).unwrap();
+            let y5 = gpu.upload("y5", &y0[..5 * n_out]).unwrap();
+            let mut rec = gpu.recorder();
+            matmul_split(
+                &gpu,
+                &mut rec,
+                &x,
+                &w,
+                Some(&bias),
+                &y,
+                n_tokens,
+                true,
+                split,
+            )
+            .unwrap();
+            matmul_split(&gpu, &mut rec, &x, &w, Some(&bias), &y5, 5, true, split).unwrap();
+            rec.run("split-K every type").unwrap();
+            let got = read(&gpu, &y, n_tokens * n_out);
+            assert_close(&what, &got, &want, tol(ty));
+            assert!(
+                read(&gpu, &y5, 5 * n_out) == got[..5 * n_out],
+                "{what}: the first 5 tokens alone differ from the same tokens in the batch"
+            );
+        }
+    }
 }
 
 /// Hand-checkable: W = [[1..8], [1,-1,1,-1,...]] (F32 and F16), x = ones and x = e_3, bias.

@@ -2,14 +2,16 @@
 //! through subgroup broadcasts, used when the device has subgroups of ≥ 8 lanes, as lavapipe
 //! does) and `matmul.wgsl` / `matmul_back.wgsl` (the fallbacks). They must give bit-identical
 //! results (same sums in the same order), and the fallbacks must match the f64 reference like
-//! the subgroup paths do in gpu_matmul.rs.
+//! the subgroup paths do in gpu_matmul.rs. The forward is checked both in one pass and split over
+//! n_in (split-K: the same kernels with K chunks, then `matmul_reduce.wgsl`).
 
 #[path = "common/gpu.rs"]
 mod common;
 
 use bfpo_lite::gguf::GgmlType;
 use bfpo_lite::gpu::ops::matmul::{
-    GpuWeight, TEST_NO_SUBGROUPS, matmul, matmul_back_input, matmul_back_input_ref, matmul_ref,
+    GpuWeight, SplitK, TEST_NO_SUBGROUPS, matmul, matmul_back_input, matmul_back_input_ref,
+    matmul_ref, matmul_split,
 };
 use bfpo_lite::util::{Rng, Tol, assert_close};
 use std::sync::atomic::Ordering;
@@ -49,17 +51,36 @@ fn subgroup_and_fallback_kernels_agree_bit_for_bit() {
         let x = gpu.upload("x", &x0).unwrap();
         let dy0 = rng.normal_vec(n_tokens * n_out, 1.0);
         let dy = gpu.upload("dy", &dy0).unwrap();
-        let (mut out, mut back) = (Vec::new(), Vec::new());
+        let y0 = rng.normal_vec(n_tokens * n_out, 1.0);
+        let b0 = rng.normal_vec(n_out, 1.0);
+        let bias = gpu.upload("bias", &b0).unwrap();
+        let (mut out, mut back, mut split) = (Vec::new(), Vec::new(), Vec::new());
         for plain in [false, true] {
             TEST_NO_SUBGROUPS.store(plain, Ordering::SeqCst);
             let y = gpu.alloc("y", (n_tokens * n_out * 4) as u64).unwrap();
+            let ys = gpu.upload("ys", &y0).unwrap();
             let dx = gpu.alloc("dx", (n_tokens * n_in * 4) as u64).unwrap();
             let mut rec = gpu.recorder();
             matmul(&gpu, &mut rec, &x, &w, None, &y, n_tokens, false).unwrap();
             matmul_back_input(&gpu, &mut rec, &dy, &w, &dx, n_tokens, false).unwrap();
+            // Split-K in 72-element chunks (4 chunks, the last one 40), bias, accumulate.
+            let chunk = SplitK::Chunk(72);
+            matmul_split(
+                &gpu,
+                &mut rec,
+                &x,
+                &w,
+                Some(&bias),
+                &ys,
+                n_tokens,
+                true,
+                chunk,
+            )
+            .unwrap();
             rec.run("matmul paths").unwrap();
             out.push(gpu.read::<f32>(&y).unwrap());
             back.push(gpu.read::<f32>(&dx).unwrap());
+            split.push(gpu.read::<f32>(&ys).unwrap());
         }
         TEST_NO_SUBGROUPS.store(false, Ordering::SeqCst);
         // gpu_matmul.rs's tolerances: half types 2e-5, quantized 5e-5.
@@ -73,6 +94,16 @@ fn subgroup_and_fallback_kernels_agree_bit_for_bit() {
         assert!(
             out[0] == out[1],
             "{ty}: subgroup and fallback forward kernels differ"
+        );
+        let want_s: Vec<f32> = matmul_ref(&x0, &wf, Some(&b0), n_tokens, n_in, n_out)
+            .iter()
+            .zip(&y0)
+            .map(|(a, b)| a + b)
+            .collect();
+        assert_close(&format!("fallback split-K {ty}"), &split[1], &want_s, tol);
+        assert!(
+            split[0] == split[1],
+            "{ty}: subgroup and fallback split-K forward kernels differ"
         );
         let want_dx = matmul_back_input_ref(&dy0, &wf, n_tokens, n_in, n_out);
         assert_close(

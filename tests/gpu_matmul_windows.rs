@@ -11,8 +11,8 @@ use bfpo_lite::gpu::ops::lora::{
     GpuLora, LoraShape, lora_backward, lora_backward_ref, lora_forward, lora_forward_ref,
 };
 use bfpo_lite::gpu::ops::matmul::{
-    GpuWeight, TEST_BINDING_LIMIT, matmul, matmul_back_input, matmul_back_input_ref, matmul_ref,
-    matmul_rows_back_input,
+    GpuWeight, SplitK, TEST_BINDING_LIMIT, matmul, matmul_back_input, matmul_back_input_ref,
+    matmul_ref, matmul_rows_back_input, matmul_split,
 };
 use bfpo_lite::train::lora::{LoraTensor, LoraWeights, Target};
 use bfpo_lite::util::{Rng, Tol, assert_close};
@@ -94,6 +94,60 @@ fn token_windows_match_reference() {
     let e = matmul(&gpu, &mut rec, &x, &w, None, &y, 100, false).unwrap_err();
     assert!(e.to_string().contains("over this device's limit"), "{e}");
     TEST_BINDING_LIMIT.store(0, Ordering::Relaxed);
+}
+
+/// Split-K with the scratch for partial sums over the (lowered) binding limit: the forward
+/// works in token windows and gives the same bits as without windows, within the f64
+/// reference's tolerance.
+#[test]
+fn split_k_scratch_token_windows() {
+    let _guard = LIMIT.lock().unwrap_or_else(|e| e.into_inner());
+    let gpu = common::gpu();
+    // 4 K chunks × 24 rows × 4 B = 384 B of partial sums per token (x rows: 256 B): the limit
+    // holds 64 tokens of them → windows of 64, 64, 22 tokens.
+    let (n_tokens, n_in, n_out) = (150, 64, 24);
+    let split = SplitK::Chunk(16);
+    let mut rng = Rng::new(9);
+    let vals = rng.normal_vec(n_in * n_out, 0.2);
+    let b = quantize(GgmlType::Q8_0, &vals).unwrap();
+    let wf = dequantize_vec(GgmlType::Q8_0, &b, vals.len()).unwrap();
+    let w = GpuWeight::upload_raw(&gpu, "w", GgmlType::Q8_0, n_in, n_out, &b).unwrap();
+    let x0 = rng.normal_vec(n_tokens * n_in, 1.0);
+    let y0 = rng.normal_vec(n_tokens * n_out, 1.0);
+    let b0 = rng.normal_vec(n_out, 1.0);
+    let x = gpu.upload("x", &x0).unwrap();
+    let bias = gpu.upload("b", &b0).unwrap();
+    let mut got = Vec::new();
+    for limit in [0, 64 * 384 + 100] {
+        TEST_BINDING_LIMIT.store(limit, Ordering::Relaxed);
+        let y = gpu.upload("y", &y0).unwrap();
+        let mut rec = gpu.recorder();
+        matmul_split(
+            &gpu,
+            &mut rec,
+            &x,
+            &w,
+            Some(&bias),
+            &y,
+            n_tokens,
+            true,
+            split,
+        )
+        .unwrap();
+        rec.run("split-K windows").unwrap();
+        got.push(gpu.read::<f32>(&y).unwrap());
+    }
+    TEST_BINDING_LIMIT.store(0, Ordering::Relaxed);
+    let want: Vec<f32> = matmul_ref(&x0, &wf, Some(&b0), n_tokens, n_in, n_out)
+        .iter()
+        .zip(&y0)
+        .map(|(a, b)| a + b)
+        .collect();
+    assert_close("windowed split-K matmul", &got[1], &want, TOL_WINDOWS);
+    assert!(
+        got[0] == got[1],
+        "split-K with token windows differs from one window"
+    );
 }
 
 #[test]

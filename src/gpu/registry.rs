@@ -140,6 +140,27 @@ pub struct Pipeline {
 #[derive(Default)]
 pub(crate) struct Registry {
     cache: Mutex<HashMap<String, Arc<Pipeline>>>,
+    /// Scratch buffers by name ([`Gpu::scratch`]).
+    scratch: Mutex<HashMap<&'static str, super::GpuBuf>>,
+}
+
+impl Gpu {
+    /// A device buffer of at least `bytes` bytes kept under `name` for reuse by later calls (for
+    /// intermediates that live only between two dispatches of one op, such as the split-K
+    /// matmul's partial sums); it grows on demand and is never shrunk. Its contents are
+    /// unspecified: the op must write before it reads. Reusing it across recorders is safe
+    /// because wgpu orders dispatches that touch the same buffer.
+    pub fn scratch(&self, name: &'static str, bytes: u64) -> Result<super::GpuBuf, GpuError> {
+        let mut map = self.registry.scratch.lock().expect("scratch lock");
+        if let Some(b) = map.get(name)
+            && b.size >= bytes
+        {
+            return Ok(b.clone());
+        }
+        let b = self.alloc(name, bytes)?;
+        map.insert(name, b.clone());
+        Ok(b)
+    }
 }
 
 impl Gpu {

@@ -7,6 +7,13 @@
 //! order (no atomics); long jobs are split into several dispatches (over rows, tokens and columns)
 //! so none runs long enough to trip a desktop GPU watchdog, and the split depends only on the
 //! shapes, so results are bit-for-bit reproducible.
+//!
+//! Split-K (forward only): a weight with few rows for the device (ffn_down on a big GPU: n_in
+//! large, n_out small) leaves most of a GPU idle when each invocation walks all of n_in, so the
+//! forward then sums K chunks of n_in in separate workgroups into a scratch buffer and
+//! `kernels/matmul_reduce.wgsl` adds the chunks in a fixed order ([`split_k_groups`]). The chunking
+//! depends on the weight's shape and the device type, never on the number of tokens: a token's
+//! outputs are the same bits whatever else is in the batch. CPU adapters (lavapipe) never split.
 
 use crate::gguf::GgmlType;
 use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder};
@@ -23,6 +30,18 @@ pub const MAX_DISPATCH_FLOPS: u64 = 1 << 31;
 const FWD_ROWS_PER_WG: usize = 256;
 /// Tokens per workgroup in `matmul.wgsl`.
 const FWD_TOKENS_PER_WG: usize = 8;
+/// Rows per workgroup in `matmul_reduce.wgsl` (one token per workgroup).
+const REDUCE_ROWS_PER_WG: usize = 64;
+/// Split-K target on GPUs: K chunks are added until (rows / 8) × chunks, the forward kernel's
+/// invocations per 8 tokens, reaches this. An H200 holds ≈ 270,000 resident invocations; at
+/// T = 512 (64 token groups) 2048 gives ≈ 131,000, at T = 2048 four times that. A weight with
+/// ≥ 16,384 rows (an LM head) is never split.
+pub const SPLIT_K_TARGET: usize = 2048;
+/// Shortest K chunk (elements of n_in): each partial sum written and read back costs about as
+/// much memory traffic as 8 of the invocation's weight groups, so chunks stay ≥ 32 groups.
+pub const SPLIT_K_MIN_CHUNK: usize = 256;
+/// Largest scratch for split-K partial sums; longer token ranges are done in token windows.
+const SPLIT_K_SCRATCH_BYTES: u64 = 32 << 20;
 /// Tokens per workgroup in `matmul_back.wgsl`.
 const BACK_TOKENS_PER_WG: usize = 16;
 /// 8-element groups per workgroup in `matmul_back.wgsl` (one per invocation).
@@ -236,7 +255,86 @@ pub struct MatmulParams {
     pub bias0: u32,
     /// Bit 0: accumulate into y; bit 1: add bias.
     pub flags: u32,
-    pub _pad: [u32; 2],
+    /// 8-element groups per K chunk (workgroup z sums groups `z·k_groups ..`); n_in / 8 unsplit.
+    pub k_groups: u32,
+    /// Elements of y between the outputs of consecutive K chunks (0 unsplit).
+    pub z_stride: u32,
+}
+
+/// Params of `kernels/matmul_reduce.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct MatmulReduceParams {
+    /// Rows (outputs per token) in the dispatch.
+    pub n_rows: u32,
+    /// Tokens in the dispatch.
+    pub n_tokens: u32,
+    /// K chunks to add.
+    pub n_parts: u32,
+    /// Elements between consecutive chunks of the partial sums.
+    pub part_stride: u32,
+    /// Elements per row of y.
+    pub y_stride: u32,
+    /// Column of y that row 0 writes.
+    pub y_col0: u32,
+    /// Bias index of row 0.
+    pub bias0: u32,
+    /// Bit 0: accumulate into y; bit 1: add bias.
+    pub flags: u32,
+}
+
+/// How the forward matmul splits its sum over n_in (split-K, see `kernels/matmul.wgsl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitK {
+    /// The device rule: [`split_k_groups`] with [`split_k_target`].
+    Auto,
+    /// One pass over the whole of n_in (the single-dispatch kernel).
+    Never,
+    /// K chunks of this many elements (rounded up to a multiple of 8; ≥ n_in means unsplit).
+    Chunk(usize),
+}
+
+/// The split-K target of this device: [`SPLIT_K_TARGET`] on GPUs, 0 (never split) on CPU
+/// adapters (lavapipe, SwiftShader), whose few cores are kept busy by any real shape and which
+/// only pay for the extra pass. It depends on the device alone.
+pub fn split_k_target(gpu: &Gpu) -> usize {
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        0
+    } else {
+        SPLIT_K_TARGET
+    }
+}
+
+/// 8-element groups per K chunk for a weight of `n_out` rows of `n_in` elements: `n_in / 8` (no
+/// split) when `target` is 0 or `n_out / 8` already reaches it, else the fewest chunks (each at
+/// least [`SPLIT_K_MIN_CHUNK`] elements) that bring `(n_out / 8) × chunks` to `target`. It
+/// depends on the weight's shape and the target only, never on the number of tokens, so a
+/// token's outputs do not depend on what else is in the batch.
+pub fn split_k_groups(n_in: usize, n_out: usize, target: usize) -> usize {
+    let n_groups = n_in / 8;
+    let octets = n_out.div_ceil(8);
+    if target == 0 || octets >= target {
+        return n_groups;
+    }
+    let chunks = target.div_ceil(octets).min(n_in / SPLIT_K_MIN_CHUNK).max(1);
+    n_groups.div_ceil(chunks)
+}
+
+/// Tests set this (K-chunk length in elements, 0 = off) to make [`SplitK::Auto`] split every
+/// weight, so whole-model forwards run the split-K path on a device whose rule never splits.
+#[doc(hidden)]
+pub static TEST_SPLIT_K_CHUNK: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+fn k_groups_for(gpu: &Gpu, w: &GpuWeight, split: SplitK) -> usize {
+    let n_groups = w.n_in / 8;
+    let forced = TEST_SPLIT_K_CHUNK.load(Ordering::Relaxed);
+    match split {
+        SplitK::Auto if forced > 0 => forced.div_ceil(8).clamp(1, n_groups),
+        SplitK::Auto => split_k_groups(w.n_in, w.n_out, split_k_target(gpu)),
+        SplitK::Never => n_groups,
+        SplitK::Chunk(e) => e.div_ceil(8).clamp(1, n_groups),
+    }
 }
 
 /// Params of `kernels/matmul_back.wgsl`.
@@ -345,6 +443,7 @@ fn forward(
     y_col0: usize,
     n_tokens: usize,
     accumulate: bool,
+    split: SplitK,
 ) -> Result<(), GpuError> {
     let what = format!("matmul with {}", w.name);
     if n_tokens == 0 || rows.is_empty() {
@@ -366,26 +465,72 @@ fn forward(
     };
     let pipe = gpu.pipeline(&kernel, "main", &type_define(w.ty))?;
     let row_bytes = w.row_bytes();
+    let n_groups = w.n_in / 8;
+    // K chunks are workgroup z: at most 65,535 of them.
+    let k_groups = k_groups_for(gpu, w, split).max(n_groups.div_ceil(65_535));
+    let n_parts = n_groups.div_ceil(k_groups);
     let flops_per_row_token = 2 * w.n_in as u64;
     // Rows per dispatch with all tokens; if even one workgroup of rows is too much, split tokens
     // (in multiples of 64, so window offsets stay aligned).
     let budget = (MAX_DISPATCH_FLOPS / flops_per_row_token) as usize; // row·tokens per dispatch
     let row_step = round_down(budget / n_tokens, FWD_ROWS_PER_WG);
-    let tok_step = round_down(budget / row_step, 64).min(token_window(
+    let mut tok_step = round_down(budget / row_step, 64).min(token_window(
         gpu,
         &what,
         n_tokens,
         &[w.n_in, y_stride],
     )?);
+    // Split-K: the partial sums of a dispatch, [n_parts, tokens, rows] f32, go to a scratch
+    // buffer of at most SPLIT_K_SCRATCH_BYTES (and the binding limit); fewer tokens per dispatch
+    // when needed. Token windows change no result: every output is summed the same way.
+    let scratch = if n_parts > 1 {
+        let per_token = (n_parts * row_step.min(rows.len()) * 4) as u64;
+        let cap = SPLIT_K_SCRATCH_BYTES.min(binding_limit(gpu));
+        if (tok_step as u64) * per_token > cap {
+            let unit = (gpu.offset_alignment() as usize / 4).max(64);
+            let tw = (cap / per_token) as usize / unit * unit;
+            if tw == 0 {
+                return Err(GpuError::BindingTooLarge {
+                    what: format!("split-K partial sums of {unit} tokens of {what}"),
+                    bytes: unit as u64 * per_token,
+                    limit: cap,
+                });
+            }
+            tok_step = tw;
+        }
+        // The reduce kernel has one workgroup row per token (at most 65,535).
+        tok_step = tok_step.min(65_472);
+        let bytes = per_token * tok_step.min(n_tokens) as u64;
+        Some(gpu.scratch("matmul split-K partial sums", bytes)?)
+    } else {
+        None
+    };
+    let reduce = match scratch {
+        Some(_) => Some(gpu.pipeline(&kernel_source!("matmul_reduce"), "main", &[])?),
+        None => None,
+    };
     let bias_bind = match bias {
         Some(b) => Bind::Range(b, 0, (rows.end * 4) as u64),
         None => Bind::Range(x, 0, 4),
     };
+    let flags = accumulate as u32 | (bias.is_some() as u32) << 1;
     for (chunk, grows) in w.chunks_in(&rows) {
         let local = grows.start - chunk.row_start..grows.end - chunk.row_start;
         for rp in pieces(local.len(), row_step) {
             for tp in pieces(n_tokens, tok_step) {
-                let params = MatmulParams {
+                let groups = [
+                    rp.len().div_ceil(FWD_ROWS_PER_WG) as u32,
+                    tp.len().div_ceil(FWD_TOKENS_PER_WG) as u32,
+                    n_parts as u32,
+                ];
+                let xw = (w.n_in * 4) as u64;
+                let yw = (y_stride * 4) as u64;
+                let (t0, nt) = (tp.start as u64, tp.len() as u64);
+                let x_bind = Bind::Range(x, t0 * xw, nt * xw);
+                let y_bind = Bind::Range(y, t0 * yw, nt * yw);
+                let y_col = y_col0 + grows.start - rows.start + rp.start;
+                let bias0 = grows.start + rp.start;
+                let mut params = MatmulParams {
                     n_in: w.n_in as u32,
                     row_bytes: row_bytes as u32,
                     row0: (local.start + rp.start) as u32,
@@ -393,30 +538,43 @@ fn forward(
                     t0: 0,
                     n_tokens: tp.len() as u32,
                     y_stride: y_stride as u32,
-                    y_col0: (y_col0 + grows.start - rows.start + rp.start) as u32,
-                    bias0: (grows.start + rp.start) as u32,
-                    flags: accumulate as u32 | (bias.is_some() as u32) << 1,
-                    _pad: [0; 2],
+                    y_col0: y_col as u32,
+                    bias0: bias0 as u32,
+                    flags,
+                    k_groups: k_groups as u32,
+                    z_stride: 0,
                 };
-                let groups = [
-                    rp.len().div_ceil(FWD_ROWS_PER_WG) as u32,
-                    tp.len().div_ceil(FWD_TOKENS_PER_WG) as u32,
+                let (Some(part), Some(reduce)) = (&scratch, &reduce) else {
+                    let binds = [x_bind, Bind::Whole(&chunk.buf), bias_bind, y_bind];
+                    rec.dispatch(&pipe, &binds, &params, groups)?;
+                    continue;
+                };
+                // Pass 1: chunk z's partial sums to part[z, t, r] (no bias, no accumulate).
+                let stride = tp.len() * rp.len();
+                let part_bind = Bind::Range(part, 0, (n_parts * stride * 4) as u64);
+                params.y_stride = rp.len() as u32;
+                params.y_col0 = 0;
+                params.flags = 0;
+                params.z_stride = stride as u32;
+                let binds = [x_bind, Bind::Whole(&chunk.buf), bias_bind, part_bind];
+                rec.dispatch(&pipe, &binds, &params, groups)?;
+                // Pass 2: y (+)= Σ_z part[z] in increasing z (+ bias).
+                let rparams = MatmulReduceParams {
+                    n_rows: rp.len() as u32,
+                    n_tokens: tp.len() as u32,
+                    n_parts: n_parts as u32,
+                    part_stride: stride as u32,
+                    y_stride: y_stride as u32,
+                    y_col0: y_col as u32,
+                    bias0: bias0 as u32,
+                    flags,
+                };
+                let rgroups = [
+                    rp.len().div_ceil(REDUCE_ROWS_PER_WG) as u32,
+                    tp.len() as u32,
                     1,
                 ];
-                let xw = (w.n_in * 4) as u64;
-                let yw = (y_stride * 4) as u64;
-                let (t0, nt) = (tp.start as u64, tp.len() as u64);
-                rec.dispatch(
-                    &pipe,
-                    &[
-                        Bind::Range(x, t0 * xw, nt * xw),
-                        Bind::Whole(&chunk.buf),
-                        bias_bind,
-                        Bind::Range(y, t0 * yw, nt * yw),
-                    ],
-                    &params,
-                    groups,
-                )?;
+                rec.dispatch(reduce, &[part_bind, bias_bind, y_bind], &rparams, rgroups)?;
             }
         }
     }
@@ -539,6 +697,23 @@ pub fn matmul(
     n_tokens: usize,
     accumulate: bool,
 ) -> Result<(), GpuError> {
+    matmul_split(gpu, rec, x, w, bias, y, n_tokens, accumulate, SplitK::Auto)
+}
+
+/// [`matmul`] with the split over n_in chosen by the caller (tests and benches compare the
+/// paths; [`SplitK::Auto`] is what [`matmul`] uses).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_split(
+    gpu: &Gpu,
+    rec: &mut Recorder<'_>,
+    x: &GpuBuf,
+    w: &GpuWeight,
+    bias: Option<&GpuBuf>,
+    y: &GpuBuf,
+    n_tokens: usize,
+    accumulate: bool,
+    split: SplitK,
+) -> Result<(), GpuError> {
     forward(
         gpu,
         rec,
@@ -551,6 +726,7 @@ pub fn matmul(
         0,
         n_tokens,
         accumulate,
+        split,
     )
 }
 
@@ -580,7 +756,20 @@ pub fn matmul_rows(
 ) -> Result<(), GpuError> {
     check_rows(w, &rows)?;
     let stride = rows.len();
-    forward(gpu, rec, x, w, rows, None, y, stride, 0, n_tokens, false)
+    forward(
+        gpu,
+        rec,
+        x,
+        w,
+        rows,
+        None,
+        y,
+        stride,
+        0,
+        n_tokens,
+        false,
+        SplitK::Auto,
+    )
 }
 
 /// Records `dx[t, :] (+)= dy[t, :]·W` (the weight used transposed). dy: `[n_tokens, n_out]`.
@@ -684,6 +873,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<MatmulParams>(), 48);
         assert_eq!(std::mem::align_of::<MatmulParams>(), 4);
         assert_eq!(std::mem::size_of::<MatmulBackParams>(), 48);
+        assert_eq!(std::mem::size_of::<MatmulReduceParams>(), 32);
         assert_eq!(std::mem::align_of::<MatmulBackParams>(), 4);
     }
 
@@ -699,6 +889,26 @@ mod tests {
         assert_eq!((per, 151_936usize.div_ceil(per)), (74_898, 3));
         assert_eq!(rows_per_chunk(100, 1 << 40, 7), Some(7));
         assert_eq!(rows_per_chunk(100, 64, usize::MAX), None);
+    }
+
+    #[test]
+    fn split_k_rule() {
+        // (n_in, n_out) -> K chunk in elements with the GPU target.
+        let chunk = |n_in, n_out| 8 * split_k_groups(n_in, n_out, SPLIT_K_TARGET);
+        assert_eq!(chunk(1536, 576), 256); // SmolLM2 ffn_down: 6 chunks
+        assert_eq!(chunk(4864, 896), 256); // Qwen2.5-0.5B ffn_down: 19 chunks
+        assert_eq!(chunk(8192, 2048), 1024); // Llama-3.2-1B ffn_down: 8 chunks
+        assert_eq!(chunk(576, 1536), 288); // SmolLM2 ffn_up: 2 chunks
+        assert_eq!(chunk(896, 151_936), 896); // an LM head: unsplit
+        assert_eq!(chunk(128, 64), 128); // n_in under two minimum chunks: unsplit
+        // CPU adapters: never split.
+        assert_eq!(split_k_groups(4864, 896, 0), 4864 / 8);
+        // Chunks cover n_in: the last one may be shorter, none is empty.
+        for (n_in, n_out) in [(1544, 8), (4864, 896), (2048, 100)] {
+            let g = split_k_groups(n_in, n_out, SPLIT_K_TARGET);
+            let parts = (n_in / 8).div_ceil(g);
+            assert!((parts - 1) * g < n_in / 8 && parts * g >= n_in / 8);
+        }
     }
 
     #[test]
