@@ -1,11 +1,22 @@
 // Small f32 products for LoRA, y = W·x + s·B·(A·x) with A [rank, n_in], B [n_out, rank]:
-//   forward   u = x·Aᵀ             (u: [T, rank], kept for backward)
-//             y += s·u·Bᵀ
-//   backward  du = s·dy·B, dx += du·A   (the input-gradient half; weight gradients: lora_back.wgsl)
-// all as one strided product
+//   forward   u = x·Aᵀ             (u: [T, rank], kept for backward)        entry `down`
+//             y += s·u·Bᵀ                                                    entry `up`
+//   backward  du = s·dy·B                                                    entry `down`
+//             dx (+)= du·A   (the input-gradient half; weight gradients: lora_back.wgsl) `up`
+// both entries compute the strided product
 //   C[i, j] = (accumulate ? C[i, j] : 0) + alpha·Σ_{k < K} X[i·sxi + k·sxk]·Y[y_off + k·syk + j·syj]
-// with C[i, j] at i·c_stride + j, for i < M, j < N. Each invocation owns a 4×4 block of C and sums
-// over k in increasing order: deterministic (no atomics).
+// with C[i, j] at i·c_stride + j, for i < M (tokens), j < N.
+//
+// `down` (K long: n_in or n_out; N = rank): a workgroup owns 16 tokens and every column; its 16
+// k-lanes split the reduction (lane kl sums k = kl, kl + 16, … in increasing order, so
+// neighbouring lanes read neighbouring words of X and of A), then the 16 partial sums of each
+// C[i, j] are added in lane order through workgroup memory (one barrier pair per 16 columns:
+// barriers are what a CPU device pays for).
+// `up` (K = rank, short; N long: n_out or n_in): a workgroup owns 32 tokens × 128 columns, each
+// invocation 4 tokens × 4 columns (32 apart, so neighbouring invocations read and write
+// neighbouring words), summing over k in increasing order.
+// Both are deterministic (no atomics, fixed order), and a token's C row depends only on that
+// token's X row: never on the other tokens of the batch.
 
 struct Params {
     m: u32,        // rows of C
@@ -27,48 +38,127 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> c: array<f32>;  // C: [M, c_stride] f32
 @group(0) @binding(3) var<uniform> p: Params;
 
-@compute @workgroup_size(8, 8)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let j0 = gid.x * 4u;
-    let i0 = gid.y * 4u;
-    if (i0 >= p.m || j0 >= p.n) {
-        return;
+// ---- down: long reduction, 16 columns at a time --------------------------------------------
+
+const KL: u32 = 16u; // k-lanes
+const TL: u32 = 8u;  // token lanes; lane tl owns tokens tl and tl + 8 of the workgroup's 16
+
+// red[(kl·16 + token)·4 + q]: columns 4q..4q + 3 of one lane's partial sums; 1024 vec4 = 16 KiB
+var<workgroup> red: array<vec4<f32>, 1024>;
+
+fn store(i: u32, j: u32, acc: f32) {
+    if (i < p.m && j < p.n) {
+        let o = i * p.c_stride + j;
+        var v = p.alpha * acc;
+        if ((p.flags & 1u) != 0u) {
+            v += c[o];
+        }
+        c[o] = v;
     }
-    // Out-of-range rows/columns re-read the last valid one and are not written.
-    var xi: array<u32, 4>;
+}
+
+@compute @workgroup_size(128)
+fn down(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let kl = lid % KL;
+    let tl = lid / KL;
+    let i0 = wg.x * 2u * TL;
+    // Out-of-range tokens and columns re-read the last valid one and are not written.
+    let xa = min(i0 + tl, p.m - 1u) * p.sxi;
+    let xb = min(i0 + tl + TL, p.m - 1u) * p.sxi;
+    for (var j0 = 0u; j0 < p.n; j0 += 16u) {
+        var yj: array<u32, 16>;
+        for (var e = 0u; e < 16u; e++) {
+            yj[e] = p.y_off + min(j0 + e, p.n - 1u) * p.syj;
+        }
+        var acc_a: array<vec4<f32>, 4>; // acc_a[q][e]: token tl, column j0 + 4q + e
+        var acc_b: array<vec4<f32>, 4>; // token tl + 8
+        for (var q = 0u; q < 4u; q++) {
+            acc_a[q] = vec4<f32>(0.0);
+            acc_b[q] = vec4<f32>(0.0);
+        }
+        for (var k = kl; k < p.k; k += KL) {
+            let va = xm[xa + k * p.sxk];
+            let vb = xm[xb + k * p.sxk];
+            let yk = k * p.syk;
+            for (var q = 0u; q < 4u; q++) {
+                let w = vec4<f32>(
+                    ym[yk + yj[4u * q]],
+                    ym[yk + yj[4u * q + 1u]],
+                    ym[yk + yj[4u * q + 2u]],
+                    ym[yk + yj[4u * q + 3u]]
+                );
+                acc_a[q] += va * w;
+                acc_b[q] += vb * w;
+            }
+        }
+        // Sum the 16 k-lanes' partials in lane order: one invocation per (token, 4 columns).
+        for (var q = 0u; q < 4u; q++) {
+            red[(kl * 16u + tl) * 4u + q] = acc_a[q];
+            red[(kl * 16u + tl + TL) * 4u + q] = acc_b[q];
+        }
+        workgroupBarrier();
+        if (lid < 64u) {
+            var s = vec4<f32>(0.0);
+            for (var l = 0u; l < KL; l++) {
+                s += red[l * 64u + lid];
+            }
+            let tok = lid / 4u;
+            let j = j0 + 4u * (lid % 4u);
+            for (var e = 0u; e < 4u; e++) {
+                store(i0 + tok, j + e, s[e]);
+            }
+        }
+        workgroupBarrier();
+    }
+}
+
+// ---- up: short reduction, many columns -----------------------------------------------------
+
+const UC: u32 = 32u; // column lanes (x); lane owns columns j + 32c, c < 4, of the workgroup's 128
+const UT: u32 = 8u;  // token lanes (y); lane owns tokens i + 8a, a < 4, of the workgroup's 32
+
+@compute @workgroup_size(32, 8)
+fn up(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let j0 = wg.x * 4u * UC + lid.x;
+    let i0 = wg.y * 4u * UT + lid.y;
     var yj: array<u32, 4>;
+    var xi: array<u32, 4>;
     for (var a = 0u; a < 4u; a++) {
-        xi[a] = min(i0 + a, p.m - 1u) * p.sxi;
-        yj[a] = p.y_off + min(j0 + a, p.n - 1u) * p.syj;
+        yj[a] = p.y_off + min(j0 + a * UC, p.n - 1u) * p.syj;
+        xi[a] = min(i0 + a * UT, p.m - 1u) * p.sxi;
     }
-    var acc: array<vec4<f32>, 4>; // acc[a][b] = C[i0 + a, j0 + b]
+    var acc: array<vec4<f32>, 4>; // acc[a][c]: token i0 + 8a, column j0 + 32c
     for (var a = 0u; a < 4u; a++) {
         acc[a] = vec4<f32>(0.0);
     }
-    for (var k = 0u; k < p.k; k++) {
-        let yk = k * p.syk;
-        let yv = vec4<f32>(ym[yk + yj[0]], ym[yk + yj[1]], ym[yk + yj[2]], ym[yk + yj[3]]);
-        let xk = k * p.sxk;
+    // k in increasing order: blocks of 4 with Y in registers, then the tail.
+    let k4 = p.k - p.k % 4u;
+    for (var k0 = 0u; k0 < k4; k0 += 4u) {
+        var w: array<vec4<f32>, 4>; // w[e][c] = Y[k0 + e, column c]
+        for (var e = 0u; e < 4u; e++) {
+            let yk = (k0 + e) * p.syk;
+            w[e] = vec4<f32>(ym[yk + yj[0]], ym[yk + yj[1]], ym[yk + yj[2]], ym[yk + yj[3]]);
+        }
         for (var a = 0u; a < 4u; a++) {
-            acc[a] += xm[xi[a] + xk] * yv;
+            let xo = xi[a] + k0 * p.sxk;
+            var s = acc[a];
+            s += xm[xo] * w[0];
+            s += xm[xo + p.sxk] * w[1];
+            s += xm[xo + 2u * p.sxk] * w[2];
+            s += xm[xo + 3u * p.sxk] * w[3];
+            acc[a] = s;
+        }
+    }
+    for (var k = k4; k < p.k; k++) {
+        let yk = k * p.syk;
+        let w = vec4<f32>(ym[yk + yj[0]], ym[yk + yj[1]], ym[yk + yj[2]], ym[yk + yj[3]]);
+        for (var a = 0u; a < 4u; a++) {
+            acc[a] += xm[xi[a] + k * p.sxk] * w;
         }
     }
     for (var a = 0u; a < 4u; a++) {
-        let i = i0 + a;
-        if (i >= p.m) {
-            break;
-        }
-        for (var b = 0u; b < 4u; b++) {
-            let j = j0 + b;
-            if (j >= p.n) {
-                break;
-            }
-            let o = i * p.c_stride + j;
-            var v = p.alpha * acc[a][b];
-            if ((p.flags & 1u) != 0u) {
-                v += c[o];
-            }
-            c[o] = v;
+        for (var c = 0u; c < 4u; c++) {
+            store(i0 + a * UT, j0 + c * UC, acc[a][c]);
         }
     }
 }
