@@ -35,9 +35,27 @@ struct Params {
 }
 
 @group(0) @binding(0) var<storage, read> big: array<f32>;       // [T, s_big] f32
-@group(0) @binding(1) var<storage, read> small: array<f32>;     // [T, s_small] f32
+// [T, s_small] f32, as vec4<f32> (SMALL_W = 4) when s_small and rank are multiples of 4
+@group(0) @binding(1) var<storage, read> small: array<${SMALL_T}>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>; // G, or the partials
 @group(0) @binding(3) var<uniform> p: Params;
+
+const SMALL_W: u32 = ${SMALL_W}; // f32 words per element of small
+
+// small[so + r .. so + r + 4] (so a token row's first word), ranks past the last clamped to it.
+// Both branches type-check for either element type; the constant picks one.
+fn small4(so: u32, r: u32) -> vec4<f32> {
+    if (SMALL_W == 4u) {
+        return vec4<f32>(small[(so + min(r, p.rank - 4u)) / 4u]);
+    }
+    let m = p.rank - 1u;
+    return vec4<f32>(
+        vec4<f32>(small[so + min(r, m)]).x,
+        vec4<f32>(small[so + min(r + 1u, m)]).x,
+        vec4<f32>(small[so + min(r + 2u, m)]).x,
+        vec4<f32>(small[so + min(r + 3u, m)]).x
+    );
+}
 
 fn put(c: u32, b: u32, r: u32, s: f32) {
     if (b < p.n_big && r < p.rank) {
@@ -60,10 +78,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     let t0 = wg.y * p.chunk;
     let t1 = min(t0 + p.chunk, p.t);
     for (var r0 = 0u; r0 < p.rank; r0 += 16u) {
-        var rr: array<u32, 16>;
-        for (var e = 0u; e < 16u; e++) {
-            rr[e] = min(r0 + e, p.rank - 1u);
-        }
         var acc_a: array<vec4<f32>, 4>; // acc_a[q][e]: column ba, rank r0 + 4q + e
         var acc_b: array<vec4<f32>, 4>; // column bb
         for (var q = 0u; q < 4u; q++) {
@@ -76,12 +90,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
             let vb = big[bo + cb];
             let so = t * p.s_small;
             for (var q = 0u; q < 4u; q++) {
-                let w = vec4<f32>(
-                    small[so + rr[4u * q]],
-                    small[so + rr[4u * q + 1u]],
-                    small[so + rr[4u * q + 2u]],
-                    small[so + rr[4u * q + 3u]]
-                );
+                let w = small4(so, r0 + 4u * q);
                 acc_a[q] += va * w;
                 acc_b[q] += vb * w;
             }

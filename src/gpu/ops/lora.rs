@@ -16,7 +16,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 /// Token chunks of the weight-gradient reductions: at most this many partials…
-const MAX_CHUNKS: usize = 16;
+const MAX_CHUNKS: usize = 64;
 /// …of at least this many tokens each.
 const MIN_CHUNK: usize = 64;
 /// Upper bound of the shared gradient scratch (bytes); fewer chunks fit larger tensors.
@@ -318,7 +318,16 @@ fn grad(
     }
     let words = n_big * rank;
     let (chunk, n_chunks) = chunking(t, words, (scratch.size / 4) as usize);
-    let pipe = gpu.pipeline(&kernel_source!("lora_back"), "main", &[])?;
+    // Token rows of `small` as vec4 when they hold whole vec4s (ranks 8, 16, 32, 64, …).
+    let vec4 = rank % 4 == 0 && s_small % 4 == 0;
+    let defines = [
+        (
+            "SMALL_T",
+            if vec4 { "vec4<f32>" } else { "f32" }.to_string(),
+        ),
+        ("SMALL_W", if vec4 { "4u" } else { "1u" }.to_string()),
+    ];
+    let pipe = gpu.pipeline(&kernel_source!("lora_back"), "main", &defines)?;
     let params = LoraGradParams {
         n_big: n_big as u32,
         rank: rank as u32,
@@ -784,6 +793,8 @@ mod tests {
     fn chunking_is_fixed_and_covers_every_token() {
         // SmolLM2 ffn_down's grad_a (rank 16 × 1536) at T = 1024: 16 chunks of 64 tokens.
         assert_eq!(chunking(1024, 16 * 1536, 16 * 16 * 1536), (64, 16));
+        // T = 4096: 64 chunks of 64 tokens.
+        assert_eq!(chunking(4096, 16 * 1536, 64 * 16 * 1536), (64, 64));
         // Few tokens: one chunk, accumulated directly.
         assert_eq!(chunking(64, 100, 1600), (64, 1));
         assert_eq!(chunking(1, 100, 1600), (1, 1));
