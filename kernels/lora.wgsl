@@ -1,21 +1,19 @@
 // Small f32 products for LoRA, y = W·x + s·B·(A·x) with A [rank, n_in], B [n_out, rank]:
-//   forward   u = x·Aᵀ             (u: [T, rank], kept for backward)        entry `down`
-//             y += s·u·Bᵀ                                                    entry `up`
-//   backward  du = s·dy·B                                                    entry `down`
-//             dx (+)= du·A   (the input-gradient half; weight gradients: lora_back.wgsl) `up`
-// both entries compute the strided product
+//   forward   u = x·Aᵀ             (u: [T, rank], kept for backward)        this file
+//             y += s·u·Bᵀ                                                    lora_up.wgsl
+//   backward  du = s·dy·B                                                    this file
+//             dx (+)= du·A   (the input-gradient half; weight gradients: lora_back.wgsl)
+//                                                                            lora_up.wgsl
+// both compute the strided product
 //   C[i, j] = (accumulate ? C[i, j] : 0) + alpha·Σ_{k < K} X[i·sxi + k·sxk]·Y[y_off + k·syk + j·syj]
 // with C[i, j] at i·c_stride + j, for i < M (tokens), j < N.
 //
-// `down` (K long: n_in or n_out; N = rank): a workgroup owns 16 tokens and every column; its 16
+// Here (K long: n_in or n_out; N = rank): a workgroup owns 16 tokens and every column; its 16
 // k-lanes split the reduction (lane kl sums k = kl, kl + 16, … in increasing order, so
 // neighbouring lanes read neighbouring words of X and of A), then the 16 partial sums of each
 // C[i, j] are added in lane order through workgroup memory (one barrier pair per 16 columns:
 // barriers are what a CPU device pays for).
-// `up` (K = rank, short; N long: n_out or n_in): a workgroup owns 32 tokens × 128 columns, each
-// invocation 4 tokens × 4 columns (32 apart, so neighbouring invocations read and write
-// neighbouring words), summing over k in increasing order.
-// Both are deterministic (no atomics, fixed order), and a token's C row depends only on that
+// Deterministic (no atomics, fixed order), and a token's C row depends only on that
 // token's X row: never on the other tokens of the batch.
 
 struct Params {
@@ -109,56 +107,5 @@ fn down(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             }
         }
         workgroupBarrier();
-    }
-}
-
-// ---- up: short reduction, many columns -----------------------------------------------------
-
-const UC: u32 = 32u; // column lanes (x); lane owns columns j + 32c, c < 4, of the workgroup's 128
-const UT: u32 = 8u;  // token lanes (y); lane owns tokens i + 8a, a < 4, of the workgroup's 32
-
-@compute @workgroup_size(32, 8)
-fn up(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let j0 = wg.x * 4u * UC + lid.x;
-    let i0 = wg.y * 4u * UT + lid.y;
-    var yj: array<u32, 4>;
-    var xi: array<u32, 4>;
-    for (var a = 0u; a < 4u; a++) {
-        yj[a] = p.y_off + min(j0 + a * UC, p.n - 1u) * p.syj;
-        xi[a] = min(i0 + a * UT, p.m - 1u) * p.sxi;
-    }
-    var acc: array<vec4<f32>, 4>; // acc[a][c]: token i0 + 8a, column j0 + 32c
-    for (var a = 0u; a < 4u; a++) {
-        acc[a] = vec4<f32>(0.0);
-    }
-    // k in increasing order: blocks of 4 with Y in registers, then the tail.
-    let k4 = p.k - p.k % 4u;
-    for (var k0 = 0u; k0 < k4; k0 += 4u) {
-        var w: array<vec4<f32>, 4>; // w[e][c] = Y[k0 + e, column c]
-        for (var e = 0u; e < 4u; e++) {
-            let yk = (k0 + e) * p.syk;
-            w[e] = vec4<f32>(ym[yk + yj[0]], ym[yk + yj[1]], ym[yk + yj[2]], ym[yk + yj[3]]);
-        }
-        for (var a = 0u; a < 4u; a++) {
-            let xo = xi[a] + k0 * p.sxk;
-            var s = acc[a];
-            s += xm[xo] * w[0];
-            s += xm[xo + p.sxk] * w[1];
-            s += xm[xo + 2u * p.sxk] * w[2];
-            s += xm[xo + 3u * p.sxk] * w[3];
-            acc[a] = s;
-        }
-    }
-    for (var k = k4; k < p.k; k++) {
-        let yk = k * p.syk;
-        let w = vec4<f32>(ym[yk + yj[0]], ym[yk + yj[1]], ym[yk + yj[2]], ym[yk + yj[3]]);
-        for (var a = 0u; a < 4u; a++) {
-            acc[a] += xm[xi[a] + k * p.sxk] * w;
-        }
-    }
-    for (var a = 0u; a < 4u; a++) {
-        for (var c = 0u; c < 4u; c++) {
-            store(i0 + a * UT, j0 + c * UC, acc[a][c]);
-        }
     }
 }

@@ -1,13 +1,14 @@
 //! LoRA on the GPU: forward `y += s·B(A·x)`, backward `dA`, `dB` and the input gradient.
 //!
-//! Kernels: `kernels/lora.wgsl`, a strided f32 product with two entry points: `down` for the
-//! long reductions `u = x·Aᵀ` and `du = s·dy·B` (a workgroup's 32 k-lanes split the reduction,
-//! then add their partials in lane order) and `up` for `y += s·u·Bᵀ` and `dx += du·A` (rank-long
-//! sums, many columns); `kernels/lora_back.wgsl` for the weight gradients, reductions over tokens
+//! Kernels: a strided f32 product, `kernels/lora.wgsl` for the long reductions `u = x·Aᵀ` and
+//! `du = s·dy·B` (a workgroup's 16 k-lanes split the reduction, then add their partials in lane
+//! order) and `kernels/lora_up.wgsl` for `y += s·u·Bᵀ` and `dx += du·A` (rank-long sums, many
+//! columns); `kernels/lora_back.wgsl` for the weight gradients, reductions over tokens
 //! split into fixed chunks (partials in a scratch buffer shared by the adapter's tensors), added
 //! in chunk order by `kernels/lora_sum.wgsl`. The derivatives are written at the top of
 //! `lora_back.wgsl`. Every sum runs in a fixed order (no atomics), so results are deterministic,
 //! and a token's forward output depends only on that token's input row.
+
 use crate::gpu::ops::matmul::{pieces, token_window};
 use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder};
 use crate::kernel_source;
@@ -221,8 +222,8 @@ pub struct LoraSumParams {
     pub _pad: u32,
 }
 
-/// Which entry of `kernels/lora.wgsl`: `Down` for long reductions into `rank` columns, `Up` for
-/// rank-long reductions into many columns.
+/// Which product: `Down` (`kernels/lora.wgsl`) for long reductions into `rank` columns, `Up`
+/// (`kernels/lora_up.wgsl`) for rank-long reductions into many columns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Entry {
     Down,
@@ -264,13 +265,29 @@ fn gemm_at(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let (entry, groups) = match entry {
-        // 16 tokens per workgroup, all columns.
-        Entry::Down => ("down", [m.div_ceil(16) as u32, 1, 1]),
-        // 128 columns × 32 tokens per workgroup.
-        Entry::Up => ("up", [n.div_ceil(128) as u32, m.div_ceil(32) as u32, 1]),
+    let pipe = match entry {
+        Entry::Down => gpu.pipeline(&kernel_source!("lora"), "down", &[])?,
+        Entry::Up => {
+            // vec4 loads where the rows hold whole vec4s (ranks 8, 16, 32, 64, …).
+            let xv = sxk == 1 && sxi % 4 == 0 && k % 4 == 0;
+            let yv = syk == 1 && syj % 4 == 0 && y_off % 4 == 0 && k % 4 == 0;
+            let ty = |v: bool| if v { "vec4<f32>" } else { "f32" }.to_string();
+            let w = |v: bool| if v { "4u" } else { "1u" }.to_string();
+            let defines = [
+                ("X_T", ty(xv)),
+                ("X_W", w(xv)),
+                ("Y_T", ty(yv)),
+                ("Y_W", w(yv)),
+            ];
+            gpu.pipeline(&kernel_source!("lora_up"), "main", &defines)?
+        }
     };
-    let pipe = gpu.pipeline(&kernel_source!("lora"), entry, &[])?;
+    let groups = match entry {
+        // 16 tokens per workgroup, all columns.
+        Entry::Down => [m.div_ceil(16) as u32, 1, 1],
+        // 128 columns × 32 tokens per workgroup.
+        Entry::Up => [n.div_ceil(128) as u32, m.div_ceil(32) as u32, 1],
+    };
     let params = LoraGemmParams {
         m: m as u32,
         n: n as u32,
