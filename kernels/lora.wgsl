@@ -9,8 +9,8 @@
 // with C[i, j] at i·c_stride + j, for i < M (tokens), j < N.
 //
 // Here (K long: n_in or n_out; N = rank): a workgroup owns 16 tokens and every column; its 16
-// k-lanes split the reduction (lane kl sums k = kl, kl + 16, … in increasing order, so
-// neighbouring lanes read neighbouring words of X and of A), then the 16 partial sums of each
+// k-lanes split the reduction (lane kl sums the k-quads kl, kl + 16, … in increasing order, so
+// neighbouring lanes read neighbouring vec4s of X and of A), then the 16 partial sums of each
 // C[i, j] are added in lane order through workgroup memory (one barrier pair per 16 columns:
 // barriers are what a CPU device pays for).
 // Deterministic (no atomics, fixed order), and a token's C row depends only on that
@@ -31,18 +31,45 @@ struct Params {
     _pad1: u32,
 }
 
-@group(0) @binding(0) var<storage, read> xm: array<f32>;       // X (see strides)
-@group(0) @binding(1) var<storage, read> ym: array<f32>;       // Y (see strides)
+@group(0) @binding(0) var<storage, read> xm: array<${X_T}>;    // X (see strides)
+@group(0) @binding(1) var<storage, read> ym: array<${Y_T}>;    // Y (see strides)
 @group(0) @binding(2) var<storage, read_write> c: array<f32>;  // C: [M, c_stride] f32
 @group(0) @binding(3) var<uniform> p: Params;
 
-// ---- down: long reduction, 16 columns at a time --------------------------------------------
+// Defines: X_W = 4 reads X as vec4<f32> (X_T; rows of whole vec4s along k: sxk = 1, sxi and K
+// multiples of 4), else 1 (f32). Y_MODE = 1 reads Y as vec4<f32> along k (A: syk = 1; syj, y_off
+// and K multiples of 4), 2 as vec4<f32> along j (B: syj = 1; syk, y_off and N multiples of 4),
+// 0 as f32. Every load type-checks for either element type; the constants pick one.
+const X_W: u32 = ${X_W};
+const Y_MODE: u32 = ${Y_MODE};
 
-const KL: u32 = 16u; // k-lanes
+const KL: u32 = 16u; // k-lanes; lane kl owns k = 4kl .. 4kl + 3, then 64 further on, …
 const TL: u32 = 8u;  // token lanes; lane tl owns tokens tl and tl + 8 of the workgroup's 16
 
 // red[(kl·16 + token)·4 + q]: columns 4q..4q + 3 of one lane's partial sums; 1024 vec4 = 16 KiB
 var<workgroup> red: array<vec4<f32>, 1024>;
+
+// X[o + (k .. k + 4)·sxk], zero past K (X_W = 4: o and k multiples of 4, sxk = 1).
+fn xq(o: u32, k: u32) -> vec4<f32> {
+    if (X_W == 4u) {
+        return vec4<f32>(xm[(o + k) / 4u]);
+    }
+    var v = vec4<f32>(0.0);
+    for (var e = 0u; e < 4u; e++) {
+        let kk = k + e;
+        v[e] = select(0.0, vec4<f32>(xm[o + min(kk, p.k - 1u) * p.sxk]).x, kk < p.k);
+    }
+    return v;
+}
+
+fn y1(o: u32) -> f32 {
+    return vec4<f32>(ym[o]).x;
+}
+
+// Y[o .. o + 4] (o a multiple of 4; Y_MODE 1 or 2).
+fn y4(o: u32) -> vec4<f32> {
+    return vec4<f32>(ym[o / 4u]);
+}
 
 fn store(i: u32, j: u32, acc: f32) {
     if (i < p.m && j < p.n) {
@@ -64,9 +91,13 @@ fn down(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let xa = min(i0 + tl, p.m - 1u) * p.sxi;
     let xb = min(i0 + tl + TL, p.m - 1u) * p.sxi;
     for (var j0 = 0u; j0 < p.n; j0 += 16u) {
-        var yj: array<u32, 16>;
+        var yj: array<u32, 16>; // Y offset of column j0 + e (Y_MODE 0, 1)
         for (var e = 0u; e < 16u; e++) {
             yj[e] = p.y_off + min(j0 + e, p.n - 1u) * p.syj;
+        }
+        var yq: array<u32, 4>; // Y offset of columns j0 + 4q .. + 3 (Y_MODE 2)
+        for (var q = 0u; q < 4u; q++) {
+            yq[q] = p.y_off + min(j0 + 4u * q, p.n - 4u);
         }
         var acc_a: array<vec4<f32>, 4>; // acc_a[q][e]: token tl, column j0 + 4q + e
         var acc_b: array<vec4<f32>, 4>; // token tl + 8
@@ -74,19 +105,39 @@ fn down(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             acc_a[q] = vec4<f32>(0.0);
             acc_b[q] = vec4<f32>(0.0);
         }
-        for (var k = kl; k < p.k; k += KL) {
-            let va = xm[xa + k * p.sxk];
-            let vb = xm[xb + k * p.sxk];
-            let yk = k * p.syk;
-            for (var q = 0u; q < 4u; q++) {
-                let w = vec4<f32>(
-                    ym[yk + yj[4u * q]],
-                    ym[yk + yj[4u * q + 1u]],
-                    ym[yk + yj[4u * q + 2u]],
-                    ym[yk + yj[4u * q + 3u]]
-                );
-                acc_a[q] += va * w;
-                acc_b[q] += vb * w;
+        for (var k = 4u * kl; k < p.k; k += 4u * KL) {
+            let va = xq(xa, k);
+            let vb = xq(xb, k);
+            if (Y_MODE == 1u) {
+                // A rows: four k of one column per load; one dot product per column.
+                for (var q = 0u; q < 4u; q++) {
+                    let w0 = y4(yj[4u * q] + k);
+                    let w1 = y4(yj[4u * q + 1u] + k);
+                    let w2 = y4(yj[4u * q + 2u] + k);
+                    let w3 = y4(yj[4u * q + 3u] + k);
+                    acc_a[q] += vec4<f32>(dot(va, w0), dot(va, w1), dot(va, w2), dot(va, w3));
+                    acc_b[q] += vec4<f32>(dot(vb, w0), dot(vb, w1), dot(vb, w2), dot(vb, w3));
+                }
+            } else {
+                for (var e = 0u; e < 4u; e++) {
+                    let yk = min(k + e, p.k - 1u) * p.syk;
+                    for (var q = 0u; q < 4u; q++) {
+                        var w: vec4<f32>;
+                        if (Y_MODE == 2u) {
+                            // B rows: four columns of one k per load.
+                            w = y4(yq[q] + yk);
+                        } else {
+                            w = vec4<f32>(
+                                y1(yk + yj[4u * q]),
+                                y1(yk + yj[4u * q + 1u]),
+                                y1(yk + yj[4u * q + 2u]),
+                                y1(yk + yj[4u * q + 3u])
+                            );
+                        }
+                        acc_a[q] += va[e] * w;
+                        acc_b[q] += vb[e] * w;
+                    }
+                }
             }
         }
         // Sum the 16 k-lanes' partials in lane order: one invocation per (token, 4 columns).

@@ -266,7 +266,28 @@ fn gemm_at(
         return Ok(());
     }
     let pipe = match entry {
-        Entry::Down => gpu.pipeline(&kernel_source!("lora"), "down", &[])?,
+        Entry::Down => {
+            // vec4 loads where rows hold whole vec4s: x/dy rows along k, A rows along k (u) or B
+            // rows along the rank (du).
+            let xv = sxk == 1 && sxi % 4 == 0 && k % 4 == 0;
+            let y_mode = if syk == 1 && syj % 4 == 0 && y_off % 4 == 0 && k % 4 == 0 {
+                1
+            } else if syj == 1 && syk % 4 == 0 && y_off % 4 == 0 && n % 4 == 0 {
+                2
+            } else {
+                0
+            };
+            let defines = [
+                ("X_T", if xv { "vec4<f32>" } else { "f32" }.to_string()),
+                ("X_W", if xv { "4u" } else { "1u" }.to_string()),
+                (
+                    "Y_T",
+                    if y_mode > 0 { "vec4<f32>" } else { "f32" }.to_string(),
+                ),
+                ("Y_MODE", format!("{y_mode}u")),
+            ];
+            gpu.pipeline(&kernel_source!("lora"), "down", &defines)?
+        }
         Entry::Up => {
             // vec4 loads where the rows hold whole vec4s (ranks 8, 16, 32, 64, …).
             let xv = sxk == 1 && sxi % 4 == 0 && k % 4 == 0;
