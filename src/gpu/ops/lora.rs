@@ -291,14 +291,19 @@ fn gemm_at(
         Entry::Up => {
             // vec4 loads where the rows hold whole vec4s (ranks 8, 16, 32, 64, …).
             let xv = sxk == 1 && sxi % 4 == 0 && k % 4 == 0;
-            let yv = syk == 1 && syj % 4 == 0 && y_off % 4 == 0 && k % 4 == 0;
+            let y_mode = if syk == 1 && syj % 4 == 0 && y_off % 4 == 0 && k % 4 == 0 {
+                1 // B rows along the rank (y += s·u·Bᵀ)
+            } else if syj == 1 && syk % 4 == 0 && y_off % 4 == 0 && n % 4 == 0 {
+                2 // A rows along the columns (dx += du·A)
+            } else {
+                0
+            };
             let ty = |v: bool| if v { "vec4<f32>" } else { "f32" }.to_string();
-            let w = |v: bool| if v { "4u" } else { "1u" }.to_string();
             let defines = [
                 ("X_T", ty(xv)),
-                ("X_W", w(xv)),
-                ("Y_T", ty(yv)),
-                ("Y_W", w(yv)),
+                ("X_W", if xv { "4u" } else { "1u" }.to_string()),
+                ("Y_T", ty(y_mode > 0)),
+                ("Y_MODE", format!("{y_mode}u")),
             ];
             gpu.pipeline(&kernel_source!("lora_up"), "main", &defines)?
         }
