@@ -269,10 +269,18 @@ fn gemm_at(
         Entry::Down => {
             // vec4 loads where rows hold whole vec4s: x/dy rows along k, A rows along k (u) or B
             // rows along the rank (du).
-            let xv = sxk == 1 && sxi % 4 == 0 && k % 4 == 0;
-            let y_mode = if syk == 1 && syj % 4 == 0 && y_off % 4 == 0 && k % 4 == 0 {
+            let xv = sxk == 1 && sxi.is_multiple_of(4) && k.is_multiple_of(4);
+            let y_mode = if syk == 1
+                && syj.is_multiple_of(4)
+                && y_off.is_multiple_of(4)
+                && k.is_multiple_of(4)
+            {
                 1
-            } else if syj == 1 && syk % 4 == 0 && y_off % 4 == 0 && n % 4 == 0 {
+            } else if syj == 1
+                && syk.is_multiple_of(4)
+                && y_off.is_multiple_of(4)
+                && n.is_multiple_of(4)
+            {
                 2
             } else {
                 0
@@ -290,10 +298,18 @@ fn gemm_at(
         }
         Entry::Up => {
             // vec4 loads where the rows hold whole vec4s (ranks 8, 16, 32, 64, …).
-            let xv = sxk == 1 && sxi % 4 == 0 && k % 4 == 0;
-            let y_mode = if syk == 1 && syj % 4 == 0 && y_off % 4 == 0 && k % 4 == 0 {
+            let xv = sxk == 1 && sxi.is_multiple_of(4) && k.is_multiple_of(4);
+            let y_mode = if syk == 1
+                && syj.is_multiple_of(4)
+                && y_off.is_multiple_of(4)
+                && k.is_multiple_of(4)
+            {
                 1 // B rows along the rank (y += s·u·Bᵀ)
-            } else if syj == 1 && syk % 4 == 0 && y_off % 4 == 0 && n % 4 == 0 {
+            } else if syj == 1
+                && syk.is_multiple_of(4)
+                && y_off.is_multiple_of(4)
+                && n.is_multiple_of(4)
+            {
                 2 // A rows along the columns (dx += du·A)
             } else {
                 0
@@ -362,7 +378,7 @@ fn grad(
     let words = n_big * rank;
     let (chunk, n_chunks) = chunking(t, words, (scratch.size / 4) as usize);
     // Token rows of `small` as vec4 when they hold whole vec4s (ranks 8, 16, 32, 64, …).
-    let vec4 = rank % 4 == 0 && s_small % 4 == 0;
+    let vec4 = rank.is_multiple_of(4) && s_small.is_multiple_of(4);
     let defines = [
         (
             "SMALL_T",
