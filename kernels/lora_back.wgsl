@@ -77,10 +77,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     let cb = min(bb, p.n_big - 1u);
     let t0 = wg.y * p.chunk;
     let t1 = min(t0 + p.chunk, p.t);
-    for (var r0 = 0u; r0 < p.rank; r0 += 16u) {
-        var acc_a: array<vec4<f32>, 4>; // acc_a[q][e]: column ba, rank r0 + 4q + e
-        var acc_b: array<vec4<f32>, 4>; // column bb
-        for (var q = 0u; q < 4u; q++) {
+    // Ranks in blocks of 8 (16 accumulators: few enough for a CPU device's registers).
+    for (var r0 = 0u; r0 < p.rank; r0 += 8u) {
+        var acc_a: array<vec4<f32>, 2>; // acc_a[q][e]: column ba, rank r0 + 4q + e
+        var acc_b: array<vec4<f32>, 2>; // column bb
+        for (var q = 0u; q < 2u; q++) {
             acc_a[q] = vec4<f32>(0.0);
             acc_b[q] = vec4<f32>(0.0);
         }
@@ -89,13 +90,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
             let va = big[bo + ca];
             let vb = big[bo + cb];
             let so = t * p.s_small;
-            for (var q = 0u; q < 4u; q++) {
+            for (var q = 0u; q < 2u; q++) {
                 let w = small4(so, r0 + 4u * q);
                 acc_a[q] += va * w;
                 acc_b[q] += vb * w;
             }
         }
-        for (var q = 0u; q < 4u; q++) {
+        for (var q = 0u; q < 2u; q++) {
             for (var e = 0u; e < 4u; e++) {
                 put(wg.y, ba, r0 + 4u * q + e, acc_a[q][e]);
                 put(wg.y, bb, r0 + 4u * q + e, acc_b[q][e]);
