@@ -12,12 +12,14 @@ use bfpo_lite::gpu::ops::attention::AttnShape;
 use bfpo_lite::gpu::ops::attention_back::attention_backward;
 use bfpo_lite::gpu::ops::logprob::LmHeadScratch;
 use bfpo_lite::gpu::ops::logprob_back::lm_head_backward;
+use bfpo_lite::gpu::ops::lora::{GpuLora, lora_backward, lora_forward};
 use bfpo_lite::gpu::ops::matmul::GpuWeight;
 use bfpo_lite::gpu::ops::rmsnorm_back::rmsnorm_backward;
 use bfpo_lite::gpu::ops::rope::RopeConfig;
 use bfpo_lite::gpu::ops::rope_back::rope_backward_inplace;
 use bfpo_lite::gpu::ops::swiglu_back::swiglu_backward_inplace;
 use bfpo_lite::gpu::test_device;
+use bfpo_lite::train::lora::{LoraTensor, LoraWeights, Target};
 use bfpo_lite::util::Rng;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
@@ -196,8 +198,77 @@ fn bench_lm_head_back(c: &mut Criterion) {
     }
 }
 
+/// LoRA forward (`u = A·x`, `y += s·u·Bᵀ`) and backward (`grad_b`, `du`, `grad_a`, `dx`) on
+/// one adapted projection. Always SmolLM2-135M's ffn_down (T = 1024 = 8 sequences of 128 tokens,
+/// 1536 → 576, rank 16; T = 128 with `BFPO_BENCH_QUICK`); `BFPO_BENCH_LORA_LARGE=1` adds
+/// GPU-sized shapes (T = 4096, rank 16 and 64, up to Llama-3.2-1B's 8192 → 2048). Throughput is
+/// FLOPs (forward 2·T·r·(n_in + n_out), backward twice that) as "elements".
+/// Run: `cargo bench --bench backward -- lora`.
+fn bench_lora(c: &mut Criterion) {
+    let gpu = test_device();
+    let mut shapes = vec![(
+        "smollm2-135m ffn_down",
+        if quick() { 128 } else { 1024 },
+        1536,
+        576,
+        16,
+    )];
+    if std::env::var_os("BFPO_BENCH_LORA_LARGE").is_some_and(|v| v != "0") {
+        shapes.extend([
+            ("smollm2-135m ffn_down", 4096, 1536, 576, 16),
+            ("smollm2-135m ffn_down", 4096, 1536, 576, 64),
+            ("llama-3.2-1b ffn_down", 4096, 8192, 2048, 16),
+            ("llama-3.2-1b ffn_up", 4096, 2048, 8192, 16),
+        ]);
+    }
+    let mut g = configure(c, "lora");
+    for (name, t, n_in, n_out, rank) in shapes {
+        let mut rng = Rng::new(21);
+        let lw = LoraWeights {
+            rank,
+            alpha: rank as f32,
+            tensors: vec![LoraTensor {
+                layer: 0,
+                target: Target::FfnDown,
+                n_in,
+                n_out,
+                a: rng.normal_vec(rank * n_in, 1.0 / (n_in as f32).sqrt()),
+                b: rng.normal_vec(n_out * rank, 1.0 / (rank as f32).sqrt()),
+            }],
+        };
+        let gl = GpuLora::upload(&gpu, &lw).unwrap();
+        let lt = &gl.tensors[0];
+        let s = gl.scale();
+        let x = random(&gpu, "x", t * n_in, 22);
+        let y = random(&gpu, "y", t * n_out, 23);
+        let dy = random(&gpu, "dy", t * n_out, 24);
+        let dx = random(&gpu, "dx", t * n_in, 25);
+        let u = gpu.alloc("u", (t * rank * 4) as u64).unwrap();
+        let du = gpu.alloc("du", (t * rank * 4) as u64).unwrap();
+        let flops = (2 * t * rank * (n_in + n_out)) as u64;
+        let id = format!("T{t} {n_in}x{n_out} r{rank}");
+        g.throughput(Throughput::Elements(flops));
+        g.bench_function(BenchmarkId::new(format!("{name} fwd"), &id), |b| {
+            b.iter(|| {
+                run(&gpu, |rec| {
+                    lora_forward(&gpu, rec, lt, rank, s, &x, &u, &y, t).unwrap()
+                })
+            })
+        });
+        g.throughput(Throughput::Elements(2 * flops));
+        g.bench_function(BenchmarkId::new(format!("{name} bwd"), &id), |b| {
+            b.iter(|| {
+                run(&gpu, |rec| {
+                    lora_backward(&gpu, rec, lt, rank, s, &x, &u, &dy, &du, &dx, t).unwrap()
+                })
+            })
+        });
+    }
+}
+
 criterion_group!(
     benches,
+    bench_lora,
     bench_rmsnorm_back,
     bench_rope_back,
     bench_attention_back,

@@ -4,6 +4,7 @@
 #[path = "common/gpu.rs"]
 mod common;
 
+use bfpo_lite::gpu::GpuBuf;
 use bfpo_lite::gpu::ops::lora::{
     GpuLora, LoraShape, lora_backward, lora_backward_ref, lora_forward, lora_forward_ref,
 };
@@ -21,7 +22,13 @@ fn f32s(v: &[f64]) -> Vec<f32> {
     v.iter().map(|&x| x as f32).collect()
 }
 
+/// `dy_std`: the spread of dy, small enough at larger shapes that the gradients' f32 sums stay
+/// O(1) (what [`TOL_LORA`] is for).
 fn check(n_tokens: usize, n_in: usize, n_out: usize, rank: usize, seed: u64) {
+    check_with(n_tokens, n_in, n_out, rank, seed, 1.0)
+}
+
+fn check_with(n_tokens: usize, n_in: usize, n_out: usize, rank: usize, seed: u64, dy_std: f32) {
     let gpu = common::gpu();
     let mut rng = Rng::new(seed);
     let alpha = 2.0 * rank as f32 + 1.0;
@@ -57,7 +64,7 @@ fn check(n_tokens: usize, n_in: usize, n_out: usize, rank: usize, seed: u64) {
 
     let x0 = rng.normal_vec(n_tokens * n_in, 1.0);
     let y0 = rng.normal_vec(n_tokens * n_out, 1.0);
-    let dy0 = rng.normal_vec(n_tokens * n_out, 1.0);
+    let dy0 = rng.normal_vec(n_tokens * n_out, dy_std);
     let dx0 = rng.normal_vec(n_tokens * n_in, 1.0);
     let x = gpu.upload("x", &x0).unwrap();
     let y = gpu.upload("y", &y0).unwrap();
@@ -149,6 +156,87 @@ fn lora_matches_reference_at_awkward_sizes() {
     check(3, 40, 67, 4, 2);
     check(17, 72, 35, 8, 3);
     check(37, 33, 9, 3, 4);
+}
+
+/// Several workgroups of every kernel, ranks past one 16-column block and not a multiple of 8,
+/// and enough tokens for the weight gradients to go through chunked partials (chunks of ≥ 64
+/// tokens) and the chunk-order sum.
+#[test]
+fn lora_matches_reference_across_workgroups_and_chunks() {
+    check_with(200, 100, 150, 20, 5, 0.02);
+    check_with(130, 264, 40, 16, 6, 0.02);
+    check_with(70, 40, 129, 33, 7, 0.02);
+}
+
+/// A token's forward output (u and y) is bit for bit the same whether it is alone or in a batch
+/// at another row; backward results are bit for bit the same from run to run.
+#[test]
+fn lora_is_batch_invariant_and_deterministic() {
+    let gpu = common::gpu();
+    let (n_tokens, n_in, n_out, rank) = (150, 96, 72, 12);
+    let mut rng = Rng::new(9);
+    let lw = LoraWeights {
+        rank,
+        alpha: 8.0,
+        tensors: vec![LoraTensor {
+            layer: 0,
+            target: Target::FfnUp,
+            n_in,
+            n_out,
+            a: rng.normal_vec(rank * n_in, 0.1),
+            b: rng.normal_vec(n_out * rank, 0.3),
+        }],
+    };
+    let gl = GpuLora::upload(&gpu, &lw).unwrap();
+    let t = &gl.tensors[0];
+    let s = gl.scale();
+    let x0 = rng.normal_vec(n_tokens * n_in, 1.0);
+    let y0 = rng.normal_vec(n_tokens * n_out, 1.0);
+    let dy0 = rng.normal_vec(n_tokens * n_out, 1.0);
+    let rd = |buf: &GpuBuf, n: usize| -> Vec<u32> {
+        let v: Vec<f32> = gpu.read_range(buf, 0, (n * 4) as u64).unwrap();
+        v.iter().map(|f| f.to_bits()).collect()
+    };
+    // The whole batch.
+    let x = gpu.upload("x", &x0).unwrap();
+    let y = gpu.upload("y", &y0).unwrap();
+    let u = gpu.alloc("u", (n_tokens * rank * 4) as u64).unwrap();
+    let mut rec = gpu.recorder();
+    lora_forward(&gpu, &mut rec, t, rank, s, &x, &u, &y, n_tokens).unwrap();
+    rec.run("batch").unwrap();
+    let (ub, yb) = (rd(&u, n_tokens * rank), rd(&y, n_tokens * n_out));
+    // Token 101 alone.
+    let tok = 101;
+    let x1 = gpu.upload("x1", &x0[tok * n_in..(tok + 1) * n_in]).unwrap();
+    let y1 = gpu
+        .upload("y1", &y0[tok * n_out..(tok + 1) * n_out])
+        .unwrap();
+    let u1 = gpu.alloc("u1", (rank * 4) as u64).unwrap();
+    let mut rec = gpu.recorder();
+    lora_forward(&gpu, &mut rec, t, rank, s, &x1, &u1, &y1, 1).unwrap();
+    rec.run("alone").unwrap();
+    assert_eq!(rd(&u1, rank), ub[tok * rank..(tok + 1) * rank], "u bits");
+    assert_eq!(rd(&y1, n_out), yb[tok * n_out..(tok + 1) * n_out], "y bits");
+
+    // Backward twice from zero: identical bits.
+    let dy = gpu.upload("dy", &dy0).unwrap();
+    let du = gpu.alloc("du", (n_tokens * rank * 4) as u64).unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let dx = gpu.alloc("dx", (n_tokens * n_in * 4) as u64).unwrap();
+        let mut rec = gpu.recorder();
+        gl.zero_grads(&mut rec);
+        lora_backward(&gpu, &mut rec, t, rank, s, &x, &u, &dy, &du, &dx, n_tokens).unwrap();
+        rec.run("backward").unwrap();
+        runs.push((
+            rd(&t.grad_a, rank * n_in),
+            rd(&t.grad_b, n_out * rank),
+            rd(&du, n_tokens * rank),
+            rd(&dx, n_tokens * n_in),
+        ));
+    }
+    assert!(runs[0] == runs[1], "backward bits differ between runs");
+    assert!(runs[0].0.iter().any(|&b| b != 0), "grad_a is all zero");
 }
 
 /// Hand-checkable: rank 1, A = [1, 2], B = [[3], [−1]], scale 0.5, x = [1, 1]:

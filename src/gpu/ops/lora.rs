@@ -1,15 +1,27 @@
 //! LoRA on the GPU: forward `y += s·B(A·x)`, backward `dA`, `dB` and the input gradient.
 //!
-//! Kernels: `kernels/lora.wgsl` (a strided f32 product used for `u = x·Aᵀ`, `y += s·u·Bᵀ`,
-//! `du = s·dy·B` and `dx += du·A`) and `kernels/lora_back.wgsl` (the weight gradients, reductions
-//! over tokens; the derivatives are written at its top). Every output element is summed by one
-//! invocation in a fixed order, so results are deterministic.
+//! Kernels: a strided f32 product, `kernels/lora.wgsl` for the long reductions `u = x·Aᵀ` and
+//! `du = s·dy·B` (a workgroup's 16 k-lanes split the reduction, then add their partials in lane
+//! order) and `kernels/lora_up.wgsl` for `y += s·u·Bᵀ` and `dx += du·A` (rank-long sums, many
+//! columns); `kernels/lora_back.wgsl` for the weight gradients, reductions over tokens
+//! split into fixed chunks (partials in a scratch buffer shared by the adapter's tensors), added
+//! in chunk order by `kernels/lora_sum.wgsl`. The derivatives are written at the top of
+//! `lora_back.wgsl`. Every sum runs in a fixed order (no atomics), so results are deterministic,
+//! and a token's forward output depends only on that token's input row.
 
 use crate::gpu::ops::matmul::{pieces, token_window};
 use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder};
 use crate::kernel_source;
 use crate::model::lora::{LoraTensor, LoraWeights, Target};
 use std::ops::Range;
+use std::sync::Arc;
+
+/// Token chunks of the weight-gradient reductions: at most this many partials…
+const MAX_CHUNKS: usize = 64;
+/// …of at least this many tokens each.
+const MIN_CHUNK: usize = 64;
+/// Upper bound of the shared gradient scratch (bytes); fewer chunks fit larger tensors.
+const MAX_SCRATCH: u64 = 16 << 20;
 
 /// One adapted projection on the device: A `[rank, n_in]`, B `[n_out, rank]`, their gradient
 /// accumulators (same shapes), all f32.
@@ -23,6 +35,9 @@ pub struct GpuLoraTensor {
     pub b: GpuBuf,
     pub grad_a: GpuBuf,
     pub grad_b: GpuBuf,
+    /// Partial sums of the weight gradients, shared by all tensors of the adapter (dispatches
+    /// run in recording order, so one at a time uses it).
+    scratch: Arc<GpuBuf>,
 }
 
 /// A whole adapter on the device.
@@ -45,6 +60,18 @@ impl GpuLora {
         if w.rank == 0 {
             return Err(bad("uploading the LoRA adapter", "rank is 0"));
         }
+        // The LM head's tensor (scored, never trained) needs none.
+        let widest = w
+            .tensors
+            .iter()
+            .filter(|t| t.target != Target::Output)
+            .map(|t| w.rank * t.n_in.max(t.n_out))
+            .max()
+            .unwrap_or(1) as u64;
+        let scratch_bytes = (MAX_CHUNKS as u64 * widest * 4)
+            .min(MAX_SCRATCH.max(widest * 4))
+            .min(gpu.max_binding());
+        let scratch = Arc::new(gpu.alloc("lora.grad_scratch", scratch_bytes)?);
         let mut tensors = Vec::with_capacity(w.tensors.len());
         for t in &w.tensors {
             let name = format!("lora.blk.{}.{}", t.layer, t.target.gguf_name());
@@ -72,6 +99,7 @@ impl GpuLora {
                 b: gpu.upload(&format!("{name}.b"), &t.b)?,
                 grad_a: gpu.alloc(&format!("{name}.grad_a"), (na * 4) as u64)?,
                 grad_b: gpu.alloc(&format!("{name}.grad_b"), (nb * 4) as u64)?,
+                scratch: scratch.clone(),
             });
         }
         Ok(GpuLora {
@@ -156,19 +184,50 @@ pub struct LoraGemmParams {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct LoraGradParams {
-    /// Rows of G.
-    pub m: u32,
-    /// Columns of G.
-    pub n: u32,
+    /// Columns of the token-major `big` input (`dy` or `x`).
+    pub n_big: u32,
+    /// Columns of the token-major `small` input (`u` or `du`): the rank.
+    pub rank: u32,
     /// Tokens (reduction length).
     pub t: u32,
-    /// Elements per token row of P.
-    pub sp: u32,
-    /// Elements per token row of Q.
-    pub sq: u32,
-    /// Scale of the product.
+    /// Elements per token row of `big`.
+    pub s_big: u32,
+    /// Elements per token row of `small`.
+    pub s_small: u32,
+    /// G element stride along the big dimension.
+    pub g_b: u32,
+    /// G element stride along the rank.
+    pub g_r: u32,
+    /// Tokens per chunk.
+    pub chunk: u32,
+    /// Scale of the product (direct accumulation only).
     pub alpha: f32,
-    pub _pad: [u32; 2],
+    /// Bit 0: accumulate `alpha·S` into G (one chunk) instead of writing partials.
+    pub flags: u32,
+    /// Elements per partial in the scratch buffer.
+    pub part_stride: u32,
+    pub _pad: u32,
+}
+
+/// Params of `kernels/lora_sum.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct LoraSumParams {
+    /// Elements of G.
+    pub size: u32,
+    /// Partials.
+    pub n: u32,
+    /// Scale of the sum.
+    pub alpha: f32,
+    pub _pad: u32,
+}
+
+/// Which product: `Down` (`kernels/lora.wgsl`) for long reductions into `rank` columns, `Up`
+/// (`kernels/lora_up.wgsl`) for rank-long reductions into many columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Entry {
+    Down,
+    Up,
 }
 
 /// `C[i, j] (+)= alpha·Σ_k X[i·sxi + k·sxk]·Y[k·syk + j·syj]`, C `[m, n]` row-major.
@@ -176,6 +235,7 @@ pub struct LoraGradParams {
 fn gemm(
     gpu: &Gpu,
     rec: &mut Recorder<'_>,
+    entry: Entry,
     x: Bind<'_>,
     y: Bind<'_>,
     c: Bind<'_>,
@@ -184,7 +244,7 @@ fn gemm(
     alpha: f32,
     accumulate: bool,
 ) -> Result<(), GpuError> {
-    gemm_at(gpu, rec, x, y, 0, c, mnk, strides, alpha, accumulate)
+    gemm_at(gpu, rec, entry, x, y, 0, c, mnk, strides, alpha, accumulate)
 }
 
 /// [`gemm`] reading Y from element `y_off` on: `Y[y_off + k·syk + j·syj]`.
@@ -192,6 +252,7 @@ fn gemm(
 fn gemm_at(
     gpu: &Gpu,
     rec: &mut Recorder<'_>,
+    entry: Entry,
     x: Bind<'_>,
     y: Bind<'_>,
     y_off: usize,
@@ -204,7 +265,71 @@ fn gemm_at(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let pipe = gpu.pipeline(&kernel_source!("lora"), "main", &[])?;
+    let pipe = match entry {
+        Entry::Down => {
+            // vec4 loads where rows hold whole vec4s: x/dy rows along k, A rows along k (u) or B
+            // rows along the rank (du).
+            let xv = sxk == 1 && sxi.is_multiple_of(4) && k.is_multiple_of(4);
+            let y_mode = if syk == 1
+                && syj.is_multiple_of(4)
+                && y_off.is_multiple_of(4)
+                && k.is_multiple_of(4)
+            {
+                1
+            } else if syj == 1
+                && syk.is_multiple_of(4)
+                && y_off.is_multiple_of(4)
+                && n.is_multiple_of(4)
+            {
+                2
+            } else {
+                0
+            };
+            let defines = [
+                ("X_T", if xv { "vec4<f32>" } else { "f32" }.to_string()),
+                ("X_W", if xv { "4u" } else { "1u" }.to_string()),
+                (
+                    "Y_T",
+                    if y_mode > 0 { "vec4<f32>" } else { "f32" }.to_string(),
+                ),
+                ("Y_MODE", format!("{y_mode}u")),
+            ];
+            gpu.pipeline(&kernel_source!("lora"), "down", &defines)?
+        }
+        Entry::Up => {
+            // vec4 loads where the rows hold whole vec4s (ranks 8, 16, 32, 64, …).
+            let xv = sxk == 1 && sxi.is_multiple_of(4) && k.is_multiple_of(4);
+            let y_mode = if syk == 1
+                && syj.is_multiple_of(4)
+                && y_off.is_multiple_of(4)
+                && k.is_multiple_of(4)
+            {
+                1 // B rows along the rank (y += s·u·Bᵀ)
+            } else if syj == 1
+                && syk.is_multiple_of(4)
+                && y_off.is_multiple_of(4)
+                && n.is_multiple_of(4)
+            {
+                2 // A rows along the columns (dx += du·A)
+            } else {
+                0
+            };
+            let ty = |v: bool| if v { "vec4<f32>" } else { "f32" }.to_string();
+            let defines = [
+                ("X_T", ty(xv)),
+                ("X_W", if xv { "4u" } else { "1u" }.to_string()),
+                ("Y_T", ty(y_mode > 0)),
+                ("Y_MODE", format!("{y_mode}u")),
+            ];
+            gpu.pipeline(&kernel_source!("lora_up"), "main", &defines)?
+        }
+    };
+    let groups = match entry {
+        // 16 tokens per workgroup, all columns.
+        Entry::Down => [m.div_ceil(16) as u32, 1, 1],
+        // 128 columns × 32 tokens per workgroup.
+        Entry::Up => [n.div_ceil(128) as u32, m.div_ceil(32) as u32, 1],
+    };
     let params = LoraGemmParams {
         m: m as u32,
         n: n as u32,
@@ -219,44 +344,81 @@ fn gemm_at(
         y_off: y_off as u32,
         _pad: 0,
     };
-    rec.dispatch(
-        &pipe,
-        &[x, y, c],
-        &params,
-        [n.div_ceil(32) as u32, m.div_ceil(32) as u32, 1],
-    )
+    rec.dispatch(&pipe, &[x, y, c], &params, groups)
 }
 
-/// `G[i, j] += alpha·Σ_t P[t·sp + i]·Q[t·sq + j]`, G `[m, n]` row-major.
+/// Chunks of the token reduction for a gradient of `words` elements over `t` tokens, with room
+/// for `scratch_words` of partials: `(tokens per chunk, chunks)`. Depends only on these numbers,
+/// so the summation order is fixed.
+fn chunking(t: usize, words: usize, scratch_words: usize) -> (usize, usize) {
+    let fit = (scratch_words / words.max(1)).max(1);
+    let want = t.div_ceil(MIN_CHUNK).clamp(1, MAX_CHUNKS).min(fit);
+    let chunk = t.div_ceil(want).max(1);
+    (chunk, t.div_ceil(chunk).max(1))
+}
+
+/// `G[b·g_b + r·g_r] += alpha·Σ_t big[t·s_big + b]·small[t·s_small + r]` for `b < n_big`,
+/// `r < rank`: per token chunk into `scratch`, then summed in chunk order (one chunk: directly).
 #[allow(clippy::too_many_arguments)]
 fn grad(
     gpu: &Gpu,
     rec: &mut Recorder<'_>,
-    p: Bind<'_>,
-    q: Bind<'_>,
+    big: Bind<'_>,
+    small: Bind<'_>,
     g: Bind<'_>,
-    (m, n, t): (usize, usize, usize),
-    (sp, sq): (usize, usize),
+    scratch: &GpuBuf,
+    (n_big, rank, t): (usize, usize, usize),
+    (s_big, s_small): (usize, usize),
+    (g_b, g_r): (usize, usize),
     alpha: f32,
 ) -> Result<(), GpuError> {
-    if m == 0 || n == 0 || t == 0 {
+    if n_big == 0 || rank == 0 || t == 0 {
         return Ok(());
     }
-    let pipe = gpu.pipeline(&kernel_source!("lora_back"), "main", &[])?;
+    let words = n_big * rank;
+    let (chunk, n_chunks) = chunking(t, words, (scratch.size / 4) as usize);
+    // Token rows of `small` as vec4 when they hold whole vec4s (ranks 8, 16, 32, 64, …).
+    let vec4 = rank.is_multiple_of(4) && s_small.is_multiple_of(4);
+    let defines = [
+        (
+            "SMALL_T",
+            if vec4 { "vec4<f32>" } else { "f32" }.to_string(),
+        ),
+        ("SMALL_W", if vec4 { "4u" } else { "1u" }.to_string()),
+    ];
+    let pipe = gpu.pipeline(&kernel_source!("lora_back"), "main", &defines)?;
     let params = LoraGradParams {
-        m: m as u32,
-        n: n as u32,
+        n_big: n_big as u32,
+        rank: rank as u32,
         t: t as u32,
-        sp: sp as u32,
-        sq: sq as u32,
+        s_big: s_big as u32,
+        s_small: s_small as u32,
+        g_b: g_b as u32,
+        g_r: g_r as u32,
+        chunk: chunk as u32,
         alpha,
-        _pad: [0; 2],
+        flags: (n_chunks == 1) as u32,
+        part_stride: words as u32,
+        _pad: 0,
+    };
+    let groups = [n_big.div_ceil(128) as u32, n_chunks as u32, 1];
+    if n_chunks == 1 {
+        return rec.dispatch(&pipe, &[big, small, g], &params, groups);
+    }
+    let part = Bind::Range(scratch, 0, (n_chunks * words * 4) as u64);
+    rec.dispatch(&pipe, &[big, small, part], &params, groups)?;
+    let sum = gpu.pipeline(&kernel_source!("lora_sum"), "main", &[])?;
+    let sp = LoraSumParams {
+        size: words as u32,
+        n: n_chunks as u32,
+        alpha,
+        _pad: 0,
     };
     rec.dispatch(
-        &pipe,
-        &[p, q, g],
-        &params,
-        [n.div_ceil(32) as u32, m.div_ceil(32) as u32, 1],
+        &sum,
+        &[Bind::Range(scratch, 0, (n_chunks * words * 4) as u64), g],
+        &sp,
+        [words.div_ceil(256) as u32, 1, 1],
     )
 }
 
@@ -322,6 +484,7 @@ pub fn lora_forward(
         gemm(
             gpu,
             rec,
+            Entry::Down,
             xw,
             a,
             uw,
@@ -334,6 +497,7 @@ pub fn lora_forward(
         gemm(
             gpu,
             rec,
+            Entry::Up,
             uw,
             b,
             win(y, &w, t.n_out),
@@ -372,6 +536,7 @@ pub fn lora_head_down(
     gemm(
         gpu,
         rec,
+        Entry::Down,
         Bind::Range(x, 0, (n_rows * t.n_in * 4) as u64),
         Bind::Range(&t.a, 0, (rank * t.n_in * 4) as u64),
         Bind::Range(u, 0, (n_rows * rank * 4) as u64),
@@ -417,6 +582,7 @@ pub fn lora_head_up(
     gemm_at(
         gpu,
         rec,
+        Entry::Up,
         Bind::Range(u, 0, (n_rows * rank * 4) as u64),
         Bind::Range(&t.b, 0, (t.n_out * rank * 4) as u64),
         cols.start * rank,
@@ -506,14 +672,17 @@ pub fn lora_backward_into(
             dyw,
             uw,
             gb,
+            &t.scratch,
             (n_out, rank, n),
             (n_out, rank),
+            (rank, 1),
             scale,
         )?;
         // du[t, r] = s·Σ_o dy[t, o]·B[o, r]
         gemm(
             gpu,
             rec,
+            Entry::Down,
             dyw,
             b,
             duw,
@@ -523,11 +692,23 @@ pub fn lora_backward_into(
             false,
         )?;
         // grad_a[r, i] += Σ_t du[t, r]·x[t, i]
-        grad(gpu, rec, duw, xw, ga, (rank, n_in, n), (rank, n_in), 1.0)?;
+        grad(
+            gpu,
+            rec,
+            xw,
+            duw,
+            ga,
+            &t.scratch,
+            (n_in, rank, n),
+            (n_in, rank),
+            (1, n_in),
+            1.0,
+        )?;
         // dx[t, i] += Σ_r du[t, r]·A[r, i]
         gemm(
             gpu,
             rec,
+            Entry::Up,
             duw,
             a,
             win(dx, &w, n_in),
@@ -662,8 +843,31 @@ mod tests {
     fn params_layout() {
         assert_eq!(std::mem::size_of::<LoraGemmParams>(), 48);
         assert_eq!(std::mem::align_of::<LoraGemmParams>(), 4);
-        assert_eq!(std::mem::size_of::<LoraGradParams>(), 32);
+        assert_eq!(std::mem::size_of::<LoraGradParams>(), 48);
+        assert_eq!(std::mem::size_of::<LoraSumParams>(), 16);
         assert_eq!(std::mem::align_of::<LoraGradParams>(), 4);
+    }
+
+    #[test]
+    fn chunking_is_fixed_and_covers_every_token() {
+        // SmolLM2 ffn_down's grad_a (rank 16 × 1536) at T = 1024: 16 chunks of 64 tokens.
+        assert_eq!(chunking(1024, 16 * 1536, 16 * 16 * 1536), (64, 16));
+        // T = 4096: 64 chunks of 64 tokens.
+        assert_eq!(chunking(4096, 16 * 1536, 64 * 16 * 1536), (64, 64));
+        // Few tokens: one chunk, accumulated directly.
+        assert_eq!(chunking(64, 100, 1600), (64, 1));
+        assert_eq!(chunking(1, 100, 1600), (1, 1));
+        // Scratch for 4 partials only.
+        assert_eq!(chunking(4096, 1000, 4999), (1024, 4));
+        // No room for partials: one chunk.
+        assert_eq!(chunking(4096, 1000, 10), (4096, 1));
+        for t in [1, 63, 65, 200, 1000, 4097] {
+            let (chunk, n) = chunking(t, 10, 160);
+            assert!(
+                n <= MAX_CHUNKS && chunk * n >= t && chunk * (n - 1) < t,
+                "T = {t}"
+            );
+        }
     }
 
     /// The CPU backward against central finite differences of `L = Σ dy ⊙ y_lora` in f64.
