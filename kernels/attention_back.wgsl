@@ -42,10 +42,13 @@ const HD4: u32 = ${HD4}u;   // head_dim / 4
 const PASS: u32 = ${PASS}u; // 0: dq; 1: dk, dv
 const NA: u32 = ${NA}u;     // own rows per workgroup
 const NB: u32 = ${NB}u;     // streamed rows per tile
-const WG: u32 = 64u;        // invocations per workgroup
+const PA: u32 = ${PA}u;     // own rows per invocation in the pair step
+const PB: u32 = ${PB}u;     // streamed rows per invocation in the pair step
+const GA: u32 = NA / PA;    // groups of own rows (invocation li < GA·GB takes li / GB)
+const GB: u32 = NB / PB;    // groups of streamed rows (li % GB)
+const WG: u32 = 32u;        // invocations per workgroup
 const RS: u32 = HD4 + 1u;   // padded tile row stride, in vec4
 const NOUT: u32 = (NA * HD4 + WG - 1u) / WG;  // own output vec4s per invocation
-const NPAIR: u32 = (NA * NB + WG - 1u) / WG;  // (own, streamed) pairs per invocation
 
 @group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;          // q: [T, n_head, head_dim] f32 (after rope)
 @group(0) @binding(1) var<storage, read> k: array<vec4<f32>>;          // k: [T, n_head_kv, head_dim] f32 (after rope)
@@ -69,47 +72,98 @@ var<workgroup> ld: array<vec2<f32>, ${LD_LEN}>;
 var<workgroup> pt: array<f32, ${P_LEN}>;
 var<workgroup> dst: array<f32, ${P_LEN}>;
 
-// Computes P and dS for the tile's pairs (own row a, streamed row bb); query index qi and key
-// index kj of each pair come from the pass; masked pairs get 0.
+// Computes P and dS for the tile's pairs (own row a, streamed row bb), each invocation a PA × PB
+// block of them (own rows ag + m·GA, streamed rows bg + n·GB), so every row read from workgroup
+// memory serves PB (or PA) dot products. Query index qi and key index kj come from the pass;
+// masked pairs get 0.
 fn tile_pairs(li: u32, r0: u32, sb0: u32, len: u32) {
-    for (var n = 0u; n < NPAIR; n++) {
-        let pi = li + n * WG;
-        if (pi < NA * NB) {
-            let a = pi / NB;
-            let bb = pi % NB;
-            var qi: u32;
-            var kj: u32;
-            var l: vec2<f32>;
-            if (PASS == 0u) {
-                qi = r0 + a;
-                kj = sb0 + bb;
-                l = ld[a];
-            } else {
-                qi = sb0 + bb;
-                kj = r0 + a;
-                l = ld[bb];
+    if (li < GA * GB) {
+        let ag = li / GB;
+        let bg = li % GB;
+        var s4: array<vec4<f32>, ${PP}>;
+        var dp4: array<vec4<f32>, ${PP}>;
+        for (var c = 0u; c < PA * PB; c++) {
+            s4[c] = vec4<f32>(0.0);
+            dp4[c] = vec4<f32>(0.0);
+        }
+        for (var d = 0u; d < HD4; d++) {
+            var x0: array<vec4<f32>, PA>;
+            var x1: array<vec4<f32>, PA>;
+            for (var m = 0u; m < PA; m++) {
+                x0[m] = a0[(ag + m * GA) * RS + d];
+                x1[m] = a1[(ag + m * GA) * RS + d];
             }
-            var pr = 0.0;
-            var ds = 0.0;
-            if (qi < len && kj <= qi) {
-                var s4 = vec4<f32>(0.0);
-                var dp4 = vec4<f32>(0.0);
-                for (var d = 0u; d < HD4; d++) {
-                    s4 += a0[a * RS + d] * b0[bb * RS + d];
-                    dp4 += a1[a * RS + d] * b1[bb * RS + d];
+            for (var n = 0u; n < PB; n++) {
+                let y0 = b0[(bg + n * GB) * RS + d];
+                let y1 = b1[(bg + n * GB) * RS + d];
+                for (var m = 0u; m < PA; m++) {
+                    s4[m * PB + n] += x0[m] * y0;
+                    dp4[m * PB + n] += x1[m] * y1;
                 }
-                let s = (s4.x + s4.y) + (s4.z + s4.w);
-                let dp = (dp4.x + dp4.y) + (dp4.z + dp4.w);
-                pr = exp(s - l.x);
-                ds = pr * (dp - l.y);
             }
-            pt[pi] = pr;
-            dst[pi] = ds;
+        }
+        for (var m = 0u; m < PA; m++) {
+            for (var n = 0u; n < PB; n++) {
+                let a = ag + m * GA;
+                let bb = bg + n * GB;
+                var qi: u32;
+                var kj: u32;
+                var l: vec2<f32>;
+                if (PASS == 0u) {
+                    qi = r0 + a;
+                    kj = sb0 + bb;
+                    l = ld[a];
+                } else {
+                    qi = sb0 + bb;
+                    kj = r0 + a;
+                    l = ld[bb];
+                }
+                let c = m * PB + n;
+                let s = (s4[c].x + s4[c].y) + (s4[c].z + s4[c].w);
+                let dp = (dp4[c].x + dp4[c].y) + (dp4[c].z + dp4[c].w);
+                let pr = exp(s - l.x);
+                let ok = qi < len && kj <= qi;
+                pt[a * NB + bb] = select(0.0, pr, ok);
+                dst[a * NB + bb] = select(0.0, pr * (dp - l.y), ok);
+            }
         }
     }
 }
 
-@compute @workgroup_size(64)
+// Own output vec4 n of invocation li: (row, vec4 column) = (e / HD4, e % HD4), e = li + n·WG.
+// When WG is a multiple of HD4 the column is li % HD4 for every n, so each streamed row is read
+// once per invocation.
+// `which` 0: dS and streamed tile b0; 1: P and b1.
+fn acc_step(li: u32, n: u32, bb: u32, y: vec4<f32>, which: u32) -> vec4<f32> {
+    var a: u32;
+    var d: u32;
+    if (WG % HD4 == 0u) {
+        a = li / HD4 + n * (WG / HD4);
+        d = li % HD4;
+    } else {
+        let e = li + n * WG;
+        a = e / HD4;
+        d = e % HD4;
+    }
+    if (a >= NA) {
+        return vec4<f32>(0.0);
+    }
+    var w: f32;
+    var x: vec4<f32>;
+    if (which == 0u) {
+        w = dst[a * NB + bb];
+        x = b0[bb * RS + d];
+    } else {
+        w = pt[a * NB + bb];
+        x = b1[bb * RS + d];
+    }
+    if (WG % HD4 == 0u) {
+        x = y;
+    }
+    return w * x;
+}
+
+@compute @workgroup_size(32)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
     let g = linear_id(wg, nwg);
@@ -192,14 +246,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             workgroupBarrier();
             tile_pairs(li, r0, j0, len);
             workgroupBarrier();
-            for (var n = 0u; n < NOUT; n++) {
-                let e = li + n * WG;
-                if (e < NA * HD4) {
-                    let a = e / HD4;
-                    let d = e % HD4;
-                    for (var bb = 0u; bb < NB; bb++) {
-                        acc0[n] += dst[a * NB + bb] * b0[bb * RS + d];
-                    }
+            for (var bb = 0u; bb < NB; bb++) {
+                let y0 = b0[bb * RS + li % HD4];
+                for (var n = 0u; n < NOUT; n++) {
+                    acc0[n] += acc_step(li, n, bb, y0, 0u);
                 }
             }
         }
@@ -235,15 +285,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
                 workgroupBarrier();
                 tile_pairs(li, r0, i0, len);
                 workgroupBarrier();
-                for (var n = 0u; n < NOUT; n++) {
-                    let e = li + n * WG;
-                    if (e < NA * HD4) {
-                        let a = e / HD4;
-                        let d = e % HD4;
-                        for (var bb = 0u; bb < NB; bb++) {
-                            acc0[n] += dst[a * NB + bb] * b0[bb * RS + d];
-                            acc1[n] += pt[a * NB + bb] * b1[bb * RS + d];
-                        }
+                for (var bb = 0u; bb < NB; bb++) {
+                    let y0 = b0[bb * RS + li % HD4];
+                    let y1 = b1[bb * RS + li % HD4];
+                    for (var n = 0u; n < NOUT; n++) {
+                        acc0[n] += acc_step(li, n, bb, y0, 0u);
+                        acc1[n] += acc_step(li, n, bb, y1, 1u);
                     }
                 }
             }

@@ -8,7 +8,8 @@ use bfpo_lite::gguf::GgmlType;
 use bfpo_lite::gpu::Gpu;
 use bfpo_lite::gpu::ops::attention::{AttnShape, attention};
 use bfpo_lite::gpu::ops::attention_back::{
-    ATTENTION_BACK_TOL, AttnBackParams, AttnDeltaParams, attention_backward_ref,
+    ATTENTION_BACK_TOL, ATTENTION_BACK_WG_BYTES, AttnBackParams, AttnDeltaParams,
+    attention_back_tiles, attention_back_wg_bytes, attention_backward_ref,
     attention_backward_split,
 };
 use bfpo_lite::gpu::ops::logprob::{LmHeadScratch, lm_head_logprobs};
@@ -326,6 +327,108 @@ fn attention_backward_matches_reference_padded_gqa() {
         &dout,
     );
     assert!(a == b, "attention backward is not bit-reproducible");
+}
+
+/// The tiled kernel at the shapes its blocking makes awkward: lengths that are not multiples of
+/// the tiles (odd, below, between), padding (lens < L, an empty sequence), GQA groups of 1 and
+/// 3, head_dim 64 (SmolLM2's 9 / 3 heads), small (4, 12: odd vec4 counts) and large (128, 512:
+/// the smaller tiles), several sequences, and several dispatch splits.
+#[test]
+fn attention_backward_tiled_shapes_match_reference() {
+    let gpu = common::gpu::gpu();
+    let mut rng = Rng::new(107);
+    let cases = [
+        AttnCase {
+            shape: AttnShape::new(3, 37, 9, 3, 64),
+            lens: vec![37, 20, 1],
+            split: usize::MAX,
+        },
+        AttnCase {
+            shape: AttnShape::new(2, 33, 4, 4, 64),
+            lens: vec![17, 33],
+            split: 16,
+        },
+        AttnCase {
+            shape: AttnShape::new(2, 19, 6, 2, 12),
+            lens: vec![19, 7],
+            split: 1,
+        },
+        AttnCase {
+            shape: AttnShape::new(5, 8, 2, 1, 4),
+            lens: vec![8, 0, 3, 8, 1],
+            split: usize::MAX,
+        },
+        AttnCase {
+            shape: AttnShape::new(1, 21, 2, 1, 128),
+            lens: vec![21],
+            split: 8,
+        },
+        AttnCase {
+            shape: AttnShape::new(2, 5, 2, 1, 512),
+            lens: vec![5, 3],
+            split: usize::MAX,
+        },
+    ];
+    for c in &cases {
+        let s = &c.shape;
+        let t = s.n_rows();
+        let q = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
+        let k = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
+        let v = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
+        let dout = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
+        let (dq, dk, dv) = attention_back_gpu(&gpu, c, &q, &k, &v, &dout);
+        let (wq, wk, wv) = attention_backward_ref(s, &q, &k, &v, &dout, &c.lens);
+        let what = format!(
+            "tiled attention back B {} L {} lens {:?} heads {}/{} hd {} split {}",
+            s.n_seq, s.seq_len, c.lens, s.n_head, s.n_head_kv, s.head_dim, c.split
+        );
+        assert_close(&format!("{what} dq"), &dq, &wq, ATTENTION_BACK_TOL);
+        assert_close(&format!("{what} dk"), &dk, &wk, ATTENTION_BACK_TOL);
+        assert_close(&format!("{what} dv"), &dv, &wv, ATTENTION_BACK_TOL);
+    }
+    // The SmolLM2-shaped case gives the same bits however the blocks are split into dispatches.
+    let c = &cases[0];
+    let s = &c.shape;
+    let t = s.n_rows();
+    let q = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
+    let k = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
+    let v = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
+    let dout = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
+    let a = attention_back_gpu(&gpu, c, &q, &k, &v, &dout);
+    for split in [1, 16, 40] {
+        let b = attention_back_gpu(
+            &gpu,
+            &AttnCase {
+                shape: *s,
+                lens: c.lens.clone(),
+                split,
+            },
+            &q,
+            &k,
+            &v,
+            &dout,
+        );
+        assert!(a == b, "split {split}: attention backward is not bit-reproducible");
+    }
+}
+
+#[test]
+fn attention_backward_tiles_fit_workgroup_memory() {
+    // Every supported head_dim gets tiles within WebGPU's default 16 KiB of workgroup memory.
+    assert_eq!(ATTENTION_BACK_WG_BYTES, 16384);
+    for hd in (4..=512).step_by(4) {
+        let (na, nb) = attention_back_tiles(hd);
+        assert!(na >= 1 && nb >= 1, "head_dim {hd}: tiles {na} × {nb}");
+        let bytes = attention_back_wg_bytes(hd, na, nb);
+        assert!(
+            bytes <= ATTENTION_BACK_WG_BYTES,
+            "head_dim {hd}: tiles {na} × {nb} need {bytes} bytes"
+        );
+    }
+    // The shapes the tiles were sized for: SmolLM2 / Qwen / Llama (64), and the largest.
+    assert_eq!(attention_back_tiles(64), (16, 8));
+    assert_eq!(attention_back_wg_bytes(64, 16, 8), 2 * 24 * 17 * 16 + 8 * 16 + 8 * 128);
+    assert_eq!(attention_back_tiles(512), (2, 1));
 }
 
 #[test]

@@ -11,7 +11,7 @@
 //!
 //! Passes 2 and 3 are tiled (FlashAttention-2-style backward): the block's own rows and each
 //! streamed tile sit in workgroup memory (≤ 16 KiB, [`attention_back_tiles`]), shared by the
-//! workgroup's 64 invocations; each output element is still summed by one invocation in a fixed
+//! workgroup's 32 invocations; each output element is still summed by one invocation in a fixed
 //! order.
 
 use super::attention::AttnShape;
@@ -92,6 +92,20 @@ pub fn attention_back_tiles(head_dim: usize) -> (usize, usize) {
         .into_iter()
         .find(|&(na, nb)| attention_back_wg_bytes(head_dim, na, nb) <= ATTENTION_BACK_WG_BYTES)
         .unwrap_or((1, 1))
+}
+
+/// Invocations per workgroup of `kernels/attention_back.wgsl`.
+const WORKGROUP: usize = 32;
+
+/// Pairs `(own rows, streamed rows)` each invocation computes in the pair step, so the
+/// `WORKGROUP` invocations cover the `na × nb` tile (all four are powers of two).
+fn pair_blocking(na: usize, nb: usize) -> (usize, usize) {
+    match (na * nb).div_ceil(WORKGROUP) {
+        0 | 1 => (1, 1),
+        2 => (2, 1),
+        4 => (2, 2),
+        _ => (4, 2),
+    }
 }
 
 /// Records the attention backward. Inputs: q `[T, n_head, hd]` and k, v `[T, n_head_kv, hd]`
@@ -199,6 +213,7 @@ pub fn attention_backward_split(
     )?;
 
     let (na, nb) = attention_back_tiles(hd);
+    let (pa, pb) = pair_blocking(na, nb);
     let hd4 = hd / 4;
     let l = shape.seq_len;
     let nblk = l.div_ceil(na);
@@ -211,6 +226,9 @@ pub fn attention_backward_split(
         ("B_LEN", (nb * (hd4 + 1)).to_string()),
         ("LD_LEN", na.max(nb).to_string()),
         ("P_LEN", (na * nb).to_string()),
+        ("PA", pa.to_string()),
+        ("PB", pb.to_string()),
+        ("PP", (pa * pb).to_string()),
     ];
     for pass in 0..2u32 {
         let mut c = subs.to_vec();
