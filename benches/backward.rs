@@ -10,7 +10,9 @@
 
 use bfpo_lite::gguf::GgmlType;
 use bfpo_lite::gpu::ops::attention::AttnShape;
-use bfpo_lite::gpu::ops::attention_back::attention_backward;
+use bfpo_lite::gpu::ops::attention_back::{
+    AttnBackKernel, attention_backward, attention_backward_with,
+};
 use bfpo_lite::gpu::ops::logprob::LmHeadScratch;
 use bfpo_lite::gpu::ops::logprob_back::lm_head_backward;
 use bfpo_lite::gpu::ops::matmul::GpuWeight;
@@ -124,7 +126,8 @@ fn bench_attention_back(c: &mut Criterion) {
 }
 
 /// The attention backward at SmolLM2-135M's shape in a training batch: 8 sequences × 256 tokens,
-/// 9 query heads / 3 KV heads of 64 (the same with or without `BFPO_BENCH_QUICK`).
+/// 9 query heads / 3 KV heads of 64 (the same with or without `BFPO_BENCH_QUICK`), in both
+/// forms of the kernel.
 fn bench_attention_back_smollm2(c: &mut Criterion) {
     let gpu = test_device();
     let (n_seq, l, nh, nkv, hd) = (8, 256, 9, 3, 64);
@@ -146,20 +149,40 @@ fn bench_attention_back_smollm2(c: &mut Criterion) {
     // As in `bench_attention_back`: 14·hd FLOPs per causal pair and head.
     let flops = (n_seq * l * (l + 1) / 2 * nh * hd * 14) as u64;
     g.throughput(Throughput::Elements(flops));
-    g.bench_function(
-        BenchmarkId::new("smollm2-135m", format!("causal B{n_seq}xL{l} {nh}/{nkv} heads")),
-        |b| {
-            b.iter(|| {
-                run(&gpu, |rec| {
-                    attention_backward(
-                        &gpu, rec, &shape, &q, &k, &v, &o, &lse, &dout, &lens, &lsed, &dq, &dk,
-                        &dv,
-                    )
-                    .unwrap()
+    // Both forms, whichever the adapter picks by default (`AttnBackKernel::for_gpu`).
+    for kernel in [AttnBackKernel::Rows, AttnBackKernel::Tiled] {
+        g.bench_function(
+            BenchmarkId::new(
+                "smollm2-135m",
+                format!("{kernel:?} causal B{n_seq}xL{l} {nh}/{nkv} heads"),
+            ),
+            |b| {
+                b.iter(|| {
+                    run(&gpu, |rec| {
+                        attention_backward_with(
+                            &gpu,
+                            rec,
+                            &shape,
+                            &q,
+                            &k,
+                            &v,
+                            &o,
+                            &lse,
+                            &dout,
+                            &lens,
+                            &lsed,
+                            &dq,
+                            &dk,
+                            &dv,
+                            kernel,
+                            usize::MAX,
+                        )
+                        .unwrap()
+                    })
                 })
-            })
-        },
-    );
+            },
+        );
+    }
 }
 
 fn bench_swiglu_back(c: &mut Criterion) {
