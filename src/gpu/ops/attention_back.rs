@@ -124,10 +124,16 @@ pub enum AttnBackKernel {
 }
 
 impl AttnBackKernel {
-    /// The faster form on `gpu`: [`AttnBackKernel::Rows`] on CPU adapters (lavapipe,
-    /// measured 1.24 s vs 2.04 s tiled at SmolLM2's 8 × 256 tokens), else
-    /// [`AttnBackKernel::Tiled`].
+    /// The faster form on `gpu`: [`AttnBackKernel::Rows`] on CPU adapters (lavapipe: 1.2–1.9 s
+    /// vs 2.0–2.5 s tiled at SmolLM2's 8 × 256 tokens, `benches/backward.rs`), else
+    /// [`AttnBackKernel::Tiled`]. `BFPO_ATTN_BACK=rows` or `=tiled` overrides the choice (to
+    /// compare the two on one adapter; other values are ignored).
     pub fn for_gpu(gpu: &Gpu) -> AttnBackKernel {
+        match std::env::var("BFPO_ATTN_BACK").as_deref() {
+            Ok("rows") => return AttnBackKernel::Rows,
+            Ok("tiled") => return AttnBackKernel::Tiled,
+            _ => {}
+        }
         if gpu.info.device_type == wgpu::DeviceType::Cpu {
             AttnBackKernel::Rows
         } else {
