@@ -32,7 +32,7 @@ struct Params {
     seq_len: u32,    // padded length L
     n_head: u32,     // query heads
     n_head_kv: u32,  // KV heads (divides n_head)
-    blk_start: u32,  // first block of this dispatch (blocks of NA own rows, per sequence)
+    blk_start: u32,  // first block of this dispatch (block kb of NA own rows of sequence b: kb·B + b)
     n_blk: u32,      // blocks in this dispatch (× heads of the pass = workgroups)
     scale: f32,      // score scale, 1/√head_dim
     _pad0: u32,
@@ -176,9 +176,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     }
     let h = g / p.n_blk;                  // PASS 0: query head; PASS 1: KV head
     let blk = p.blk_start + g % p.n_blk;
-    let nblk = (p.seq_len + NA - 1u) / NA;
-    let b = blk / nblk;
-    let r0 = (blk % nblk) * NA;           // first own row, within the sequence
+    // Blocks are numbered block-major (kb · B + b), so a dispatch holds blocks of similar
+    // loop lengths from every sequence.
+    let b = blk % p.n_seq;
+    let r0 = (blk / p.n_seq) * NA;        // first own row, within the sequence
     let na = min(NA, p.seq_len - r0);     // own rows of this block inside the sequence
     let len = min(lens[b], p.seq_len);
     let row0 = b * p.seq_len;

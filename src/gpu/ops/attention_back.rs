@@ -47,8 +47,9 @@ pub struct AttnBackParams {
     pub n_head: u32,
     /// KV heads.
     pub n_head_kv: u32,
-    /// First block of this dispatch (tiled: blocks of [`attention_back_tiles`]`.0` own rows,
-    /// numbered `b · ⌈L / rows⌉ + block`; rows: first row). Own rows are query rows for dq, key
+    /// First block of this dispatch (tiled: block `kb` of [`attention_back_tiles`]`.0` own rows
+    /// of sequence `b` is numbered `kb · B + b`, so a dispatch holds blocks of similar causal
+    /// work from every sequence; rows: first row). Own rows are query rows for dq, key
     /// rows for dk/dv.
     pub blk_start: u32,
     /// Blocks in this dispatch (tiled: workgroups = blocks × heads of the pass; rows: rows).
@@ -327,7 +328,7 @@ pub fn attention_backward_with(
         // Causal multiply-adds of one block (all heads): pairs × (q·k, dO·v, and one or two
         // accumulations) ≤ 4·hd per pair.
         let block_macs = |blk: usize| -> usize {
-            let r0 = (blk % nblk) * na;
+            let r0 = (blk / shape.n_seq) * na;
             let partners = if pass == 0 { (r0 + na).min(l) } else { l - r0 };
             nh * na * partners * hd * 4
         };
