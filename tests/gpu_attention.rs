@@ -97,6 +97,33 @@ fn attention_kernels_are_reproducible_across_splits() {
     }
 }
 
+/// The tiled kernel at the largest head_dim (the smallest tiles; the per-row kernel is left out:
+/// its 512-float rows make lavapipe's shader compiler slow).
+#[test]
+fn tiled_attention_head_dim_512() {
+    let gpu = common::gpu::gpu();
+    let mut rng = Rng::new(111);
+    let shape = AttnShape::new(2, 5, 2, 1, 512);
+    let lens = [5u32, 3];
+    let t = shape.n_rows();
+    let q = rng.normal_vec(t * 2 * 512, 1.0);
+    let k = rng.normal_vec(t * 512, 1.0);
+    let v = rng.normal_vec(t * 512, 1.0);
+    let (wo, wl) = attention_ref(&shape, &q, &k, &v, &lens);
+    let (go, gl) = run(
+        &gpu,
+        &shape,
+        AttnKernel::Tiled,
+        &q,
+        &k,
+        &v,
+        &lens,
+        usize::MAX,
+    );
+    assert_close("tiled hd 512 o", &go, &wo, ATTENTION_TOL);
+    assert_close("tiled hd 512 lse", &gl, &wl, ATTENTION_TOL);
+}
+
 #[test]
 fn attention_tiles_fit_workgroup_memory() {
     for hd in (4..=512).step_by(4) {

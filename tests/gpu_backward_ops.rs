@@ -428,6 +428,30 @@ fn attention_backward_tiled_shapes_match_reference() {
     }
 }
 
+/// The tiled kernel at the largest head_dim (2 × 1 tiles, most invocations idle in the pair
+/// step; the per-row kernel is left out: its 512-float rows make lavapipe's shader compiler slow).
+#[test]
+fn attention_backward_tiled_head_dim_512() {
+    let gpu = common::gpu::gpu();
+    let mut rng = Rng::new(110);
+    let c = AttnCase {
+        shape: AttnShape::new(2, 5, 2, 1, 512),
+        lens: vec![5, 3],
+        split: usize::MAX,
+    };
+    let s = &c.shape;
+    let t = s.n_rows();
+    let q = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
+    let k = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
+    let v = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
+    let dout = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
+    let (wq, wk, wv) = attention_backward_ref(s, &q, &k, &v, &dout, &c.lens);
+    let (dq, dk, dv) = attention_back_gpu(&gpu, &c, AttnBackKernel::Tiled, &q, &k, &v, &dout);
+    assert_close("tiled hd 512 dq", &dq, &wq, ATTENTION_BACK_TOL);
+    assert_close("tiled hd 512 dk", &dk, &wk, ATTENTION_BACK_TOL);
+    assert_close("tiled hd 512 dv", &dv, &wv, ATTENTION_BACK_TOL);
+}
+
 #[test]
 fn attention_backward_tiles_fit_workgroup_memory() {
     // Every supported head_dim gets tiles within WebGPU's default 16 KiB of workgroup memory.

@@ -125,9 +125,9 @@ pub enum AttnBackKernel {
 }
 
 impl AttnBackKernel {
-    /// The faster form on `gpu`: [`AttnBackKernel::Rows`] on CPU adapters (lavapipe: 1.2–1.9 s
-    /// vs 2.0–2.5 s tiled at SmolLM2's 8 × 256 tokens, `benches/backward.rs`), else
-    /// [`AttnBackKernel::Tiled`]. `BFPO_ATTN_BACK=rows` or `=tiled` overrides the choice (to
+    /// The faster form on `gpu`: [`AttnBackKernel::Rows`] on CPU adapters (lavapipe on 2
+    /// shared cores: 1.5–1.7 s vs 1.7–1.8 s tiled at SmolLM2's 8 × 256 tokens,
+    /// `benches/backward.rs`), else [`AttnBackKernel::Tiled`]. `BFPO_ATTN_BACK=rows` or `=tiled` overrides the choice (to
     /// compare the two on one adapter; other values are ignored).
     pub fn for_gpu(gpu: &Gpu) -> AttnBackKernel {
         match std::env::var("BFPO_ATTN_BACK").as_deref() {
