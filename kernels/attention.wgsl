@@ -10,8 +10,7 @@
 //
 // This is the per-row form, for CPU adapters (lavapipe); GPUs run kernels/attention_tiled.wgsl
 // (`AttnKernel`). One invocation per (query row, head), holding q and the output accumulator in
-// registers;
-// neighbouring invocations share a head and read the same keys. A dispatch covers query rows
+// registers; neighbouring invocations share a head and read the same keys. A dispatch covers query rows
 // [row_start, row_start + n_rows) for all heads (the launcher splits long work).
 #include "common.wgsl"
 
