@@ -466,9 +466,9 @@ fn attention_backward_tiles_fit_workgroup_memory() {
         );
     }
     // The shapes the tiles were sized for: SmolLM2 / Qwen / Llama (64), and the largest.
-    assert_eq!(attention_back_tiles(64), (16, 8));
+    assert_eq!(attention_back_tiles(64), (8, 16));
     assert_eq!(
-        attention_back_wg_bytes(64, 16, 8),
+        attention_back_wg_bytes(64, 8, 16),
         2 * 24 * 17 * 16 + 8 * 16 + 8 * 128
     );
     assert_eq!(attention_back_tiles(512), (2, 1));

@@ -79,12 +79,14 @@ pub fn attention_back_wg_bytes(head_dim: usize, na: usize, nb: usize) -> usize {
 }
 
 /// Tile sizes `(own rows, streamed rows)` of the tiled backward for `head_dim`: the largest of a
-/// fixed list whose workgroup memory fits [`ATTENTION_BACK_WG_BYTES`] (16 × 8 at head_dim 64,
-/// 2 × 1 at head_dim 512).
+/// fixed list whose workgroup memory fits [`ATTENTION_BACK_WG_BYTES`] (8 × 16 at head_dim 64,
+/// 2 × 1 at head_dim 512). Of two tiles of one size, fewer own rows is preferred: twice the
+/// workgroups and half the streamed tiles per workgroup (the longest workgroup, the first key
+/// block of the dk/dv pass, bounds a dispatch on a GPU with few sequences).
 pub fn attention_back_tiles(head_dim: usize) -> (usize, usize) {
     const CANDIDATES: [(usize, usize); 9] = [
         (16, 16),
-        (16, 8),
+        (8, 16),
         (8, 8),
         (8, 4),
         (4, 4),
