@@ -5,11 +5,14 @@
 //! head report FLOPs as "elements" (criterion's elem/s = FLOP/s).
 //!
 //! `BFPO_BENCH_QUICK=1` shrinks T to 64 and the LM head to a 16384-row vocabulary slice
-//! (lavapipe does a few GFLOP/s). Run: `cargo bench --bench backward`.
+//! (lavapipe does a few GFLOP/s). Run: `cargo bench --bench backward`; the attention backward
+//! alone (with SmolLM2-135M's 8 × 256-token batch): `cargo bench --bench backward -- attention_back`.
 
 use bfpo_lite::gguf::GgmlType;
 use bfpo_lite::gpu::ops::attention::AttnShape;
-use bfpo_lite::gpu::ops::attention_back::attention_backward;
+use bfpo_lite::gpu::ops::attention_back::{
+    AttnBackKernel, attention_backward, attention_backward_with,
+};
 use bfpo_lite::gpu::ops::logprob::LmHeadScratch;
 use bfpo_lite::gpu::ops::logprob_back::lm_head_backward;
 use bfpo_lite::gpu::ops::lora::{GpuLora, lora_backward, lora_forward};
@@ -115,6 +118,66 @@ fn bench_attention_back(c: &mut Criterion) {
                         attention_backward(
                             &gpu, rec, &shape, &q, &k, &v, &o, &lse, &dout, &lens, &lsed, &dq, &dk,
                             &dv,
+                        )
+                        .unwrap()
+                    })
+                })
+            },
+        );
+    }
+}
+
+/// The attention backward at SmolLM2-135M's shape in a training batch: 8 sequences × 256 tokens,
+/// 9 query heads / 3 KV heads of 64 (the same with or without `BFPO_BENCH_QUICK`), in both
+/// forms of the kernel.
+fn bench_attention_back_smollm2(c: &mut Criterion) {
+    let gpu = test_device();
+    let (n_seq, l, nh, nkv, hd) = (8, 256, 9, 3, 64);
+    let t = n_seq * l;
+    let mut g = configure(c, "attention_back");
+    let shape = AttnShape::new(n_seq, l, nh, nkv, hd);
+    let (qn, kn) = (t * nh * hd, t * nkv * hd);
+    let q = random(&gpu, "q", qn, 6);
+    let k = random(&gpu, "k", kn, 7);
+    let v = random(&gpu, "v", kn, 8);
+    let o = random(&gpu, "o", qn, 9);
+    let lse = gpu.upload("lse", &vec![10.0f32; t * nh]).unwrap();
+    let dout = random(&gpu, "dout", qn, 10);
+    let lens = gpu.upload("lens", &vec![l as u32; n_seq]).unwrap();
+    let lsed = gpu.alloc("lsed", (t * nh * 8) as u64).unwrap();
+    let dq = gpu.alloc("dq", (qn * 4) as u64).unwrap();
+    let dk = gpu.alloc("dk", (kn * 4) as u64).unwrap();
+    let dv = gpu.alloc("dv", (kn * 4) as u64).unwrap();
+    // As in `bench_attention_back`: 14·hd FLOPs per causal pair and head.
+    let flops = (n_seq * l * (l + 1) / 2 * nh * hd * 14) as u64;
+    g.throughput(Throughput::Elements(flops));
+    // Both forms, whichever the adapter picks by default (`AttnBackKernel::for_gpu`).
+    for kernel in [AttnBackKernel::Rows, AttnBackKernel::Tiled] {
+        g.bench_function(
+            BenchmarkId::new(
+                "smollm2-135m",
+                format!("{kernel:?} causal B{n_seq}xL{l} {nh}/{nkv} heads"),
+            ),
+            |b| {
+                b.iter(|| {
+                    run(&gpu, |rec| {
+                        attention_backward_with(
+                            &gpu,
+                            rec,
+                            &shape,
+                            &q,
+                            &k,
+                            &v,
+                            &o,
+                            &lse,
+                            &dout,
+                            &lens,
+                            &lsed,
+                            &dq,
+                            &dk,
+                            &dv,
+                            kernel,
+                            usize::MAX,
                         )
                         .unwrap()
                     })
@@ -272,6 +335,7 @@ criterion_group!(
     bench_rmsnorm_back,
     bench_rope_back,
     bench_attention_back,
+    bench_attention_back_smollm2,
     bench_swiglu_back,
     bench_lm_head_back
 );

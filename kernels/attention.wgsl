@@ -8,8 +8,9 @@
 //   o   = Σ_j exp(s_j − m)·v_j / l,       lse = m + ln l   (kept for the backward pass)
 // Rows with i ≥ lens[b] write o = 0 and lse = 0.
 //
-// One invocation per (query row, head), holding q and the output accumulator in registers;
-// neighbouring invocations share a head and read the same keys. A dispatch covers query rows
+// This is the per-row form, for CPU adapters (lavapipe); GPUs run kernels/attention_tiled.wgsl
+// (`AttnKernel`). One invocation per (query row, head), holding q and the output accumulator in
+// registers; neighbouring invocations share a head and read the same keys. A dispatch covers query rows
 // [row_start, row_start + n_rows) for all heads (the launcher splits long work).
 #include "common.wgsl"
 

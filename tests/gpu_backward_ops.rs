@@ -8,8 +8,8 @@ use bfpo_lite::gguf::GgmlType;
 use bfpo_lite::gpu::Gpu;
 use bfpo_lite::gpu::ops::attention::{AttnShape, attention};
 use bfpo_lite::gpu::ops::attention_back::{
-    ATTENTION_BACK_TOL, AttnBackParams, AttnDeltaParams, attention_backward_ref,
-    attention_backward_split,
+    ATTENTION_BACK_TOL, ATTENTION_BACK_WG_BYTES, AttnBackKernel, AttnBackParams, AttnDeltaParams,
+    attention_back_tiles, attention_back_wg_bytes, attention_backward_ref, attention_backward_with,
 };
 use bfpo_lite::gpu::ops::logprob::{LmHeadScratch, lm_head_logprobs};
 use bfpo_lite::gpu::ops::logprob_back::{
@@ -224,9 +224,13 @@ struct AttnCase {
     split: usize,
 }
 
+/// Both forms of the dq and dk/dv passes, whatever the adapter would pick.
+const ATTN_BACK_KERNELS: [AttnBackKernel; 2] = [AttnBackKernel::Rows, AttnBackKernel::Tiled];
+
 fn attention_back_gpu(
     gpu: &Gpu,
     c: &AttnCase,
+    kernel: AttnBackKernel,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -249,8 +253,8 @@ fn attention_back_gpu(
     let dv = gpu.upload("dv", &vec![7.0f32; t * kw]).unwrap();
     let mut rec = gpu.recorder();
     attention(gpu, &mut rec, s, &qb, &kb, &vb, &lb, &ob, &lse).unwrap();
-    attention_backward_split(
-        gpu, &mut rec, s, &qb, &kb, &vb, &ob, &lse, &db, &lb, &lsed, &dq, &dk, &dv, c.split,
+    attention_backward_with(
+        gpu, &mut rec, s, &qb, &kb, &vb, &ob, &lse, &db, &lb, &lsed, &dq, &dk, &dv, kernel, c.split,
     )
     .unwrap();
     rec.run("attention backward test").unwrap();
@@ -294,15 +298,17 @@ fn attention_backward_matches_reference_padded_gqa() {
         let k = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
         let v = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
         let dout = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
-        let (dq, dk, dv) = attention_back_gpu(&gpu, c, &q, &k, &v, &dout);
         let (wq, wk, wv) = attention_backward_ref(s, &q, &k, &v, &dout, &c.lens);
-        let what = format!(
-            "attention back B {} L {} heads {}/{} hd {}",
-            s.n_seq, s.seq_len, s.n_head, s.n_head_kv, s.head_dim
-        );
-        assert_close(&format!("{what} dq"), &dq, &wq, ATTENTION_BACK_TOL);
-        assert_close(&format!("{what} dk"), &dk, &wk, ATTENTION_BACK_TOL);
-        assert_close(&format!("{what} dv"), &dv, &wv, ATTENTION_BACK_TOL);
+        for kernel in ATTN_BACK_KERNELS {
+            let (dq, dk, dv) = attention_back_gpu(&gpu, c, kernel, &q, &k, &v, &dout);
+            let what = format!(
+                "{kernel:?} attention back B {} L {} heads {}/{} hd {}",
+                s.n_seq, s.seq_len, s.n_head, s.n_head_kv, s.head_dim
+            );
+            assert_close(&format!("{what} dq"), &dq, &wq, ATTENTION_BACK_TOL);
+            assert_close(&format!("{what} dk"), &dk, &wk, ATTENTION_BACK_TOL);
+            assert_close(&format!("{what} dv"), &dv, &wv, ATTENTION_BACK_TOL);
+        }
     }
     // Deterministic: the same inputs give the same bits (different split, same sums).
     let c = &cases[0];
@@ -312,20 +318,160 @@ fn attention_backward_matches_reference_padded_gqa() {
     let k = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
     let v = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
     let dout = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
-    let a = attention_back_gpu(&gpu, c, &q, &k, &v, &dout);
-    let b = attention_back_gpu(
-        &gpu,
-        &AttnCase {
-            shape: *s,
-            lens: c.lens.clone(),
-            split: 3,
+    for kernel in ATTN_BACK_KERNELS {
+        let a = attention_back_gpu(&gpu, c, kernel, &q, &k, &v, &dout);
+        let b = attention_back_gpu(
+            &gpu,
+            &AttnCase {
+                shape: *s,
+                lens: c.lens.clone(),
+                split: 3,
+            },
+            kernel,
+            &q,
+            &k,
+            &v,
+            &dout,
+        );
+        assert!(
+            a == b,
+            "{kernel:?}: attention backward is not bit-reproducible"
+        );
+    }
+}
+
+/// Both kernels (the tiled one above all) at the shapes the tiles make awkward: lengths that are not multiples of
+/// the tiles (odd, below, between), padding (lens < L, an empty sequence), GQA groups of 1 and
+/// 3, head_dim 64 (SmolLM2's 9 / 3 heads), small (4, 12: odd vec4 counts) and large (128, 160:
+/// smaller tiles, 40 vec4 columns: more than the workgroup's invocations), several sequences, and several dispatch splits.
+#[test]
+fn attention_backward_tiled_shapes_match_reference() {
+    let gpu = common::gpu::gpu();
+    let mut rng = Rng::new(107);
+    let cases = [
+        AttnCase {
+            shape: AttnShape::new(3, 37, 9, 3, 64),
+            lens: vec![37, 20, 1],
+            split: usize::MAX,
         },
-        &q,
-        &k,
-        &v,
-        &dout,
+        AttnCase {
+            shape: AttnShape::new(2, 33, 4, 4, 64),
+            lens: vec![17, 33],
+            split: 16,
+        },
+        AttnCase {
+            shape: AttnShape::new(2, 19, 6, 2, 12),
+            lens: vec![19, 7],
+            split: 1,
+        },
+        AttnCase {
+            shape: AttnShape::new(5, 8, 2, 1, 4),
+            lens: vec![8, 0, 3, 8, 1],
+            split: usize::MAX,
+        },
+        AttnCase {
+            shape: AttnShape::new(1, 21, 2, 1, 128),
+            lens: vec![21],
+            split: 8,
+        },
+        AttnCase {
+            shape: AttnShape::new(2, 11, 2, 1, 160),
+            lens: vec![11, 6],
+            split: usize::MAX,
+        },
+    ];
+    for c in &cases {
+        let s = &c.shape;
+        let t = s.n_rows();
+        let q = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
+        let k = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
+        let v = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
+        let dout = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
+        let (wq, wk, wv) = attention_backward_ref(s, &q, &k, &v, &dout, &c.lens);
+        for kernel in ATTN_BACK_KERNELS {
+            let (dq, dk, dv) = attention_back_gpu(&gpu, c, kernel, &q, &k, &v, &dout);
+            let what = format!(
+                "{kernel:?} attention back B {} L {} lens {:?} heads {}/{} hd {} split {}",
+                s.n_seq, s.seq_len, c.lens, s.n_head, s.n_head_kv, s.head_dim, c.split
+            );
+            assert_close(&format!("{what} dq"), &dq, &wq, ATTENTION_BACK_TOL);
+            assert_close(&format!("{what} dk"), &dk, &wk, ATTENTION_BACK_TOL);
+            assert_close(&format!("{what} dv"), &dv, &wv, ATTENTION_BACK_TOL);
+        }
+    }
+    // The SmolLM2-shaped case gives the same bits however the blocks are split into dispatches.
+    let c = &cases[0];
+    let s = &c.shape;
+    let t = s.n_rows();
+    let q = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
+    let k = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
+    let v = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
+    let dout = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
+    for kernel in ATTN_BACK_KERNELS {
+        let a = attention_back_gpu(&gpu, c, kernel, &q, &k, &v, &dout);
+        for split in [1, 16, 40] {
+            let b = attention_back_gpu(
+                &gpu,
+                &AttnCase {
+                    shape: *s,
+                    lens: c.lens.clone(),
+                    split,
+                },
+                kernel,
+                &q,
+                &k,
+                &v,
+                &dout,
+            );
+            assert!(a == b, "{kernel:?} split {split}: not bit-reproducible");
+        }
+    }
+}
+
+/// The tiled kernel at the largest head_dim (2 × 1 tiles, most invocations idle in the pair
+/// step; the per-row kernel is left out: its 512-float rows make lavapipe's shader compiler slow).
+#[test]
+fn attention_backward_tiled_head_dim_512() {
+    let gpu = common::gpu::gpu();
+    let mut rng = Rng::new(110);
+    let c = AttnCase {
+        shape: AttnShape::new(2, 5, 2, 1, 512),
+        lens: vec![5, 3],
+        split: usize::MAX,
+    };
+    let s = &c.shape;
+    let t = s.n_rows();
+    let q = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
+    let k = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
+    let v = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
+    let dout = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
+    let (wq, wk, wv) = attention_backward_ref(s, &q, &k, &v, &dout, &c.lens);
+    let (dq, dk, dv) = attention_back_gpu(&gpu, &c, AttnBackKernel::Tiled, &q, &k, &v, &dout);
+    assert_close("tiled hd 512 dq", &dq, &wq, ATTENTION_BACK_TOL);
+    assert_close("tiled hd 512 dk", &dk, &wk, ATTENTION_BACK_TOL);
+    assert_close("tiled hd 512 dv", &dv, &wv, ATTENTION_BACK_TOL);
+}
+
+#[test]
+fn attention_backward_tiles_fit_workgroup_memory() {
+    // Every supported head_dim gets tiles within WebGPU's default 16 KiB of workgroup memory.
+    assert_eq!(ATTENTION_BACK_WG_BYTES, 16384);
+    for hd in (4..=512).step_by(4) {
+        let (na, nb) = attention_back_tiles(hd);
+        assert!(na >= 1 && nb >= 1, "head_dim {hd}: tiles {na} × {nb}");
+        let bytes = attention_back_wg_bytes(hd, na, nb);
+        assert!(
+            bytes <= ATTENTION_BACK_WG_BYTES,
+            "head_dim {hd}: tiles {na} × {nb} need {bytes} bytes"
+        );
+    }
+    // The shapes the tiles were sized for: SmolLM2 / Qwen / Llama (64), and the largest.
+    assert_eq!(attention_back_tiles(64), (8, 16));
+    assert_eq!(
+        attention_back_wg_bytes(64, 8, 16),
+        2 * 24 * 17 * 16 + 8 * 16 + 8 * 128
     );
-    assert!(a == b, "attention backward is not bit-reproducible");
+    assert_eq!(attention_back_tiles(512), (2, 1));
 }
 
 #[test]
@@ -344,16 +490,18 @@ fn attention_backward_fixed_case() {
     let k = [1.0f32, 2.0, 3.0, 4.0, -1.0, 0.5, 0.0, 2.0];
     let v = [1.0f32, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0];
     let dout = [1.0f32, 0.0, 0.0, 2.0, 4.0, 2.0, 0.0, 0.0];
-    let (dq, dk, dv) = attention_back_gpu(&gpu, &c, &q, &k, &v, &dout);
     let tol = Tol::new(1e-6, 1e-6);
-    assert_close("fixed dq", &dq, &[0.0f32; 8], tol);
-    assert_close("fixed dk", &dk, &[0.0f32; 8], tol);
-    assert_close(
-        "fixed dv",
-        &dv,
-        &[3.0f32, 1.0, 0.0, 2.0, 2.0, 1.0, 0.0, 0.0],
-        tol,
-    );
+    for kernel in ATTN_BACK_KERNELS {
+        let (dq, dk, dv) = attention_back_gpu(&gpu, &c, kernel, &q, &k, &v, &dout);
+        assert_close(&format!("{kernel:?} fixed dq"), &dq, &[0.0f32; 8], tol);
+        assert_close(&format!("{kernel:?} fixed dk"), &dk, &[0.0f32; 8], tol);
+        assert_close(
+            &format!("{kernel:?} fixed dv"),
+            &dv,
+            &[3.0f32, 1.0, 0.0, 2.0, 2.0, 1.0, 0.0, 0.0],
+            tol,
+        );
+    }
 }
 
 /// LM-head backward on an f32 head `[V, d]`, with the weight in `max_rows`-row chunks and a

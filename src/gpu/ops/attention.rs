@@ -22,9 +22,9 @@ pub struct AttentionParams {
     pub n_head: u32,
     /// KV heads (divides n_head).
     pub n_head_kv: u32,
-    /// First query row of this dispatch.
+    /// First query row of this dispatch (tiled: first block, numbered `kb · B + b`).
     pub row_start: u32,
-    /// Query rows in this dispatch.
+    /// Query rows in this dispatch (tiled: blocks).
     pub n_rows: u32,
     /// Score scale (1/√head_dim).
     pub scale: f32,
@@ -110,12 +110,68 @@ pub fn attention(
     o: &GpuBuf,
     lse: &GpuBuf,
 ) -> Result<(), GpuError> {
-    let per_row = (shape.n_head * shape.seq_len * shape.head_dim * 2).max(1);
-    let rows = (MACS_PER_DISPATCH / per_row).max(1);
-    attention_split(gpu, rec, shape, q, k, v, lens, o, lse, rows)
+    attention_split(gpu, rec, shape, q, k, v, lens, o, lse, usize::MAX)
 }
 
-/// [`attention`] with at most `rows_per_dispatch` query rows per dispatch.
+/// Which attention kernel to record (both within [`ATTENTION_TOL`] of the reference,
+/// deterministic and independent of the dispatch split; they may differ in the last bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// `kernels/attention.wgsl`: one invocation per (query row, head), its row in registers.
+    Rows,
+    /// `kernels/attention_tiled.wgsl`: blocks of query rows per workgroup, key / value tiles in
+    /// workgroup memory (≤ 16 KiB, [`attention_tiles`]).
+    Tiled,
+}
+
+impl AttnKernel {
+    /// [`AttnKernel::Rows`] on CPU adapters (lavapipe, where workgroup memory is no faster than
+    /// a cached load and the tiles' copies and barriers cost), else [`AttnKernel::Tiled`].
+    /// `BFPO_ATTN=rows` or `=tiled` overrides the choice (other values are ignored).
+    pub fn for_gpu(gpu: &Gpu) -> AttnKernel {
+        match std::env::var("BFPO_ATTN").as_deref() {
+            Ok("rows") => return AttnKernel::Rows,
+            Ok("tiled") => return AttnKernel::Tiled,
+            _ => {}
+        }
+        if gpu.info.device_type == wgpu::DeviceType::Cpu {
+            AttnKernel::Rows
+        } else {
+            AttnKernel::Tiled
+        }
+    }
+}
+
+/// Workgroup memory (bytes) of `kernels/attention_tiled.wgsl` with `na` query rows and `nb` key
+/// rows per tile: q, k and v tiles of padded rows (head_dim + 4 floats), the score tile and three
+/// floats per query row.
+pub fn attention_wg_bytes(head_dim: usize, na: usize, nb: usize) -> usize {
+    let row = (head_dim / 4 + 1) * 16;
+    (na + 2 * nb) * row + 4 * na * nb + 12 * na
+}
+
+/// Tile sizes `(query rows, key rows)` of the tiled attention for `head_dim`: the largest of a
+/// fixed list within 16 KiB of workgroup memory (WebGPU's default limit).
+pub fn attention_tiles(head_dim: usize) -> (usize, usize) {
+    const CANDIDATES: [(usize, usize); 9] = [
+        (16, 16),
+        (16, 8),
+        (8, 8),
+        (8, 4),
+        (4, 4),
+        (4, 2),
+        (2, 2),
+        (2, 1),
+        (1, 1),
+    ];
+    CANDIDATES
+        .into_iter()
+        .find(|&(na, nb)| attention_wg_bytes(head_dim, na, nb) <= 16 << 10)
+        .unwrap_or((1, 1))
+}
+
+/// [`attention`] with at most `rows_per_dispatch` query rows per dispatch, in the form
+/// [`AttnKernel::for_gpu`] picks.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_split(
     gpu: &Gpu,
@@ -127,6 +183,39 @@ pub fn attention_split(
     lens: &GpuBuf,
     o: &GpuBuf,
     lse: &GpuBuf,
+    rows_per_dispatch: usize,
+) -> Result<(), GpuError> {
+    let kernel = AttnKernel::for_gpu(gpu);
+    attention_with(
+        gpu,
+        rec,
+        shape,
+        q,
+        k,
+        v,
+        lens,
+        o,
+        lse,
+        kernel,
+        rows_per_dispatch,
+    )
+}
+
+/// [`attention`] in the form `kernel` with at most `rows_per_dispatch` query rows per dispatch
+/// (tiled: rounded down to whole blocks, at least one; a dispatch also stops at
+/// `MACS_PER_DISPATCH` multiply-adds of causal work).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with(
+    gpu: &Gpu,
+    rec: &mut Recorder<'_>,
+    shape: &AttnShape,
+    q: &GpuBuf,
+    k: &GpuBuf,
+    v: &GpuBuf,
+    lens: &GpuBuf,
+    o: &GpuBuf,
+    lse: &GpuBuf,
+    kernel: AttnKernel,
     rows_per_dispatch: usize,
 ) -> Result<(), GpuError> {
     shape.validate("attention")?;
@@ -144,12 +233,16 @@ pub fn attention_split(
     need_words("attention", lens, shape.n_seq, &s)?;
     need_words("attention", o, t * shape.n_head * shape.head_dim, &s)?;
     need_words("attention", lse, t * shape.n_head, &s)?;
+    if kernel == AttnKernel::Tiled {
+        return record_tiled(gpu, rec, shape, [q, k, v, lens, o, lse], rows_per_dispatch);
+    }
     let p = gpu.pipeline(
         &kernel_source!("attention"),
         "main",
         &[("HD4", (shape.head_dim / 4).to_string())],
     )?;
-    let step = rows_per_dispatch.max(1);
+    let per_row = (shape.n_head * shape.seq_len * shape.head_dim * 2).max(1);
+    let step = rows_per_dispatch.min(MACS_PER_DISPATCH / per_row).max(1);
     let mut start = 0;
     while start < t {
         let n = step.min(t - start);
@@ -177,6 +270,83 @@ pub fn attention_split(
             groups(((n * shape.n_head) as u32).div_ceil(64)),
         )?;
         start += n;
+    }
+    Ok(())
+}
+
+/// Invocations per workgroup of `kernels/attention_tiled.wgsl`.
+const TILED_WORKGROUP: usize = 32;
+
+/// The tiled kernel's dispatches; `bufs`: q, k, v, lens, o, lse (checked by the caller).
+fn record_tiled(
+    gpu: &Gpu,
+    rec: &mut Recorder<'_>,
+    shape: &AttnShape,
+    bufs: [&GpuBuf; 6],
+    rows_per_dispatch: usize,
+) -> Result<(), GpuError> {
+    let [q, k, v, lens, o, lse] = bufs;
+    let (nh, hd, l) = (shape.n_head, shape.head_dim, shape.seq_len);
+    let (na, nb) = attention_tiles(hd);
+    let (pa, pb) = match (na * nb).div_ceil(TILED_WORKGROUP) {
+        0 | 1 => (1, 1),
+        2 => (2, 1),
+        4 => (2, 2),
+        _ => (4, 2),
+    };
+    let hd4 = hd / 4;
+    let subs = [
+        ("HD4", hd4.to_string()),
+        ("NA", na.to_string()),
+        ("NB", nb.to_string()),
+        ("PA", pa.to_string()),
+        ("PB", pb.to_string()),
+        ("PP", (pa * pb).to_string()),
+        ("A_LEN", (na * (hd4 + 1)).to_string()),
+        ("B_LEN", (nb * (hd4 + 1)).to_string()),
+        ("P_LEN", (na * nb).to_string()),
+    ];
+    let p = gpu.pipeline(&kernel_source!("attention_tiled"), "main", &subs)?;
+    let max_blocks = (rows_per_dispatch / na).max(1);
+    // Block kb of sequence b is numbered kb·B + b; its causal multiply-adds (all heads).
+    let block_macs = |blk: usize| nh * na * ((blk / shape.n_seq) * na + na).min(l) * hd * 2;
+    let total = shape.n_seq * l.div_ceil(na);
+    let mut start = 0;
+    while start < total {
+        let mut end = start + 1;
+        let mut macs = block_macs(start);
+        while end < total && end - start < max_blocks {
+            let m = block_macs(end);
+            if macs + m > MACS_PER_DISPATCH {
+                break;
+            }
+            macs += m;
+            end += 1;
+        }
+        let params = AttentionParams {
+            n_seq: shape.n_seq as u32,
+            seq_len: l as u32,
+            n_head: nh as u32,
+            n_head_kv: shape.n_head_kv as u32,
+            row_start: start as u32,
+            n_rows: (end - start) as u32,
+            scale: shape.scale,
+            _pad0: 0,
+        };
+        rec.dispatch(
+            &p,
+            &[
+                Bind::Whole(q),
+                Bind::Whole(k),
+                Bind::Whole(v),
+                Bind::Whole(lens),
+                Bind::Whole(o),
+                Bind::Whole(lse),
+            ],
+            &params,
+            groups(((end - start) * nh) as u32),
+        )?;
+        start = end;
     }
     Ok(())
 }

@@ -5,8 +5,17 @@
 //! in a fixed order, no atomics), none storing an `[L, L]` matrix: probabilities are recomputed
 //! from the forward's per-row log-sum-exp.
 //! 1. `D = rowsum(dO ⊙ O)` per (row, head), packed with lse into `lsed` `[T, n_head, 2]`;
-//! 2. `dq`, one invocation per (query row, head), keys in order;
-//! 3. `dk`, `dv`, one invocation per (key row, KV head), the group's heads then queries in order.
+//! 2. `dq`, one workgroup per (block of query rows, head), streaming tiles of keys in order;
+//! 3. `dk`, `dv`, one workgroup per (block of key rows, KV head), streaming tiles of queries
+//!    (the group's heads, then queries in order).
+//!
+//! Passes 2 and 3 come in two forms ([`AttnBackKernel`]), chosen per adapter: on GPUs
+//! `kernels/attention_back.wgsl`, tiled (FlashAttention-2-style backward: the block's own rows
+//! and each streamed tile sit in workgroup memory, ≤ 16 KiB by [`attention_back_tiles`], shared by
+//! the workgroup's 32 invocations); on CPU adapters (lavapipe) `kernels/attention_back_rows.wgsl`,
+//! one invocation per row with its row in registers, which is faster there (workgroup memory is
+//! no faster than a cached load on a CPU, and the tiles' copies and barriers cost). In both, each
+//! output element is summed by one invocation in a fixed order.
 
 use super::attention::AttnShape;
 use super::check::need_words;
@@ -38,10 +47,13 @@ pub struct AttnBackParams {
     pub n_head: u32,
     /// KV heads.
     pub n_head_kv: u32,
-    /// First row of this dispatch (query rows for dq, key rows for dk/dv).
-    pub row_start: u32,
-    /// Rows in this dispatch.
-    pub n_rows: u32,
+    /// First block of this dispatch (tiled: block `kb` of [`attention_back_tiles`]`.0` own rows
+    /// of sequence `b` is numbered `kb · B + b`, so a dispatch holds blocks of similar causal
+    /// work from every sequence; rows: first row). Own rows are query rows for dq, key
+    /// rows for dk/dv.
+    pub blk_start: u32,
+    /// Blocks in this dispatch (tiled: workgroups = blocks × heads of the pass; rows: rows).
+    pub n_blk: u32,
     /// Score scale.
     pub scale: f32,
     pub _pad0: u32,
@@ -53,6 +65,85 @@ pub const ATTENTION_BACK_TOL: Tol = Tol::new(2e-5, 5e-5);
 
 /// Multiply-adds one dispatch may do (as in the forward): short dispatches on any GPU.
 const MACS_PER_DISPATCH: usize = 1 << 27;
+
+/// Workgroup memory the tiled kernel may use: WebGPU's default
+/// `maxComputeWorkgroupStorageSize`, so the same tiles (and the same bits) on every adapter.
+pub const ATTENTION_BACK_WG_BYTES: usize = 16 << 10;
+
+/// Workgroup memory (bytes) of `kernels/attention_back.wgsl` with `na` own rows, `nb` streamed
+/// rows and `head_dim`: four tiles of padded rows (head_dim + 4 floats), (lse, D) per query row
+/// of a tile, and the P and dS tiles.
+pub fn attention_back_wg_bytes(head_dim: usize, na: usize, nb: usize) -> usize {
+    let row = (head_dim / 4 + 1) * 16;
+    2 * (na + nb) * row + 8 * na.max(nb) + 8 * na * nb
+}
+
+/// Tile sizes `(own rows, streamed rows)` of the tiled backward for `head_dim`: the largest of a
+/// fixed list whose workgroup memory fits [`ATTENTION_BACK_WG_BYTES`] (8 × 16 at head_dim 64,
+/// 2 × 1 at head_dim 512). Of two tiles of one size, fewer own rows is preferred: twice the
+/// workgroups and half the streamed tiles per workgroup (the longest workgroup, the first key
+/// block of the dk/dv pass, bounds a dispatch on a GPU with few sequences).
+pub fn attention_back_tiles(head_dim: usize) -> (usize, usize) {
+    const CANDIDATES: [(usize, usize); 9] = [
+        (16, 16),
+        (8, 16),
+        (8, 8),
+        (8, 4),
+        (4, 4),
+        (4, 2),
+        (2, 2),
+        (2, 1),
+        (1, 1),
+    ];
+    CANDIDATES
+        .into_iter()
+        .find(|&(na, nb)| attention_back_wg_bytes(head_dim, na, nb) <= ATTENTION_BACK_WG_BYTES)
+        .unwrap_or((1, 1))
+}
+
+/// Invocations per workgroup of `kernels/attention_back.wgsl`.
+const WORKGROUP: usize = 32;
+
+/// Pairs `(own rows, streamed rows)` each invocation computes in the pair step, so the
+/// `WORKGROUP` invocations cover the `na × nb` tile (all four are powers of two).
+fn pair_blocking(na: usize, nb: usize) -> (usize, usize) {
+    match (na * nb).div_ceil(WORKGROUP) {
+        0 | 1 => (1, 1),
+        2 => (2, 1),
+        4 => (2, 2),
+        _ => (4, 2),
+    }
+}
+
+/// Which form of the dq and dk/dv passes to record (both exact to [`ATTENTION_BACK_TOL`],
+/// deterministic, and independent of the dispatch split; they may differ from each other in
+/// the last bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnBackKernel {
+    /// `kernels/attention_back_rows.wgsl`: one invocation per (row, head), rows in registers.
+    Rows,
+    /// `kernels/attention_back.wgsl`: blocks of rows per workgroup, tiles in workgroup memory.
+    Tiled,
+}
+
+impl AttnBackKernel {
+    /// The faster form on `gpu`: [`AttnBackKernel::Rows`] on CPU adapters (lavapipe on 2
+    /// shared cores: 1.5–1.7 s vs 1.7–1.8 s tiled at SmolLM2's 8 × 256 tokens,
+    /// `benches/backward.rs`), else [`AttnBackKernel::Tiled`]. `BFPO_ATTN_BACK=rows` or `=tiled` overrides the choice (to
+    /// compare the two on one adapter; other values are ignored).
+    pub fn for_gpu(gpu: &Gpu) -> AttnBackKernel {
+        match std::env::var("BFPO_ATTN_BACK").as_deref() {
+            Ok("rows") => return AttnBackKernel::Rows,
+            Ok("tiled") => return AttnBackKernel::Tiled,
+            _ => {}
+        }
+        if gpu.info.device_type == wgpu::DeviceType::Cpu {
+            AttnBackKernel::Rows
+        } else {
+            AttnBackKernel::Tiled
+        }
+    }
+}
 
 /// Records the attention backward. Inputs: q `[T, n_head, hd]` and k, v `[T, n_head_kv, hd]`
 /// (what the forward read, after rope), o `[T, n_head, hd]` and lse `[T, n_head]` (what it
@@ -75,14 +166,27 @@ pub fn attention_backward(
     dk: &GpuBuf,
     dv: &GpuBuf,
 ) -> Result<(), GpuError> {
-    let per_row = (shape.n_head * shape.seq_len * shape.head_dim * 4).max(1);
-    let rows = (MACS_PER_DISPATCH / per_row).max(1);
     attention_backward_split(
-        gpu, rec, shape, q, k, v, o, lse, dout, lens, lsed, dq, dk, dv, rows,
+        gpu,
+        rec,
+        shape,
+        q,
+        k,
+        v,
+        o,
+        lse,
+        dout,
+        lens,
+        lsed,
+        dq,
+        dk,
+        dv,
+        usize::MAX,
     )
 }
 
-/// [`attention_backward`] with at most `rows_per_dispatch` rows per dq / dk-dv dispatch.
+/// [`attention_backward`] with at most `rows_per_dispatch` rows per dq / dk-dv dispatch (see
+/// [`attention_backward_with`]), in the form [`AttnBackKernel::for_gpu`] picks.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_split(
     gpu: &Gpu,
@@ -99,6 +203,50 @@ pub fn attention_backward_split(
     dq: &GpuBuf,
     dk: &GpuBuf,
     dv: &GpuBuf,
+    rows_per_dispatch: usize,
+) -> Result<(), GpuError> {
+    let kernel = AttnBackKernel::for_gpu(gpu);
+    attention_backward_with(
+        gpu,
+        rec,
+        shape,
+        q,
+        k,
+        v,
+        o,
+        lse,
+        dout,
+        lens,
+        lsed,
+        dq,
+        dk,
+        dv,
+        kernel,
+        rows_per_dispatch,
+    )
+}
+
+/// [`attention_backward`] in the form `kernel`, with at most `rows_per_dispatch` rows per dq /
+/// dk-dv dispatch (tiled: rounded down to whole blocks of [`attention_back_tiles`]`.0` rows, at
+/// least one block); a dispatch also stops at `MACS_PER_DISPATCH` multiply-adds (tiled: of
+/// causal work). The results do not depend on the split.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_with(
+    gpu: &Gpu,
+    rec: &mut Recorder<'_>,
+    shape: &AttnShape,
+    q: &GpuBuf,
+    k: &GpuBuf,
+    v: &GpuBuf,
+    o: &GpuBuf,
+    lse: &GpuBuf,
+    dout: &GpuBuf,
+    lens: &GpuBuf,
+    lsed: &GpuBuf,
+    dq: &GpuBuf,
+    dk: &GpuBuf,
+    dv: &GpuBuf,
+    kernel: AttnBackKernel,
     rows_per_dispatch: usize,
 ) -> Result<(), GpuError> {
     shape.validate("attention backward")?;
@@ -143,10 +291,112 @@ pub fn attention_backward_split(
         groups((n as u32).div_ceil(256)),
     )?;
 
+    if kernel == AttnBackKernel::Rows {
+        return record_rows(
+            gpu,
+            rec,
+            shape,
+            [q, k, v, dout, lsed, lens, dq, dk, dv],
+            rows_per_dispatch,
+        );
+    }
+    let (na, nb) = attention_back_tiles(hd);
+    let (pa, pb) = pair_blocking(na, nb);
+    let hd4 = hd / 4;
+    let l = shape.seq_len;
+    let nblk = l.div_ceil(na);
+    let max_blocks = (rows_per_dispatch / na).max(1);
+    let subs = [
+        ("HD4", hd4.to_string()),
+        ("NA", na.to_string()),
+        ("NB", nb.to_string()),
+        ("A_LEN", (na * (hd4 + 1)).to_string()),
+        ("B_LEN", (nb * (hd4 + 1)).to_string()),
+        ("LD_LEN", na.max(nb).to_string()),
+        ("P_LEN", (na * nb).to_string()),
+        ("PA", pa.to_string()),
+        ("PB", pb.to_string()),
+        ("PP", (pa * pb).to_string()),
+    ];
+    for pass in 0..2u32 {
+        let mut c = subs.to_vec();
+        c.push(("PASS", pass.to_string()));
+        let p = gpu.pipeline(&kernel_source!("attention_back"), "main", &c)?;
+        let (out_a, out_b, heads) = if pass == 0 {
+            (dq, dk, nh)
+        } else {
+            (dk, dv, nkv)
+        };
+        // Causal multiply-adds of one block (all heads): pairs × (q·k, dO·v, and one or two
+        // accumulations) ≤ 4·hd per pair.
+        let block_macs = |blk: usize| -> usize {
+            let r0 = (blk / shape.n_seq) * na;
+            let partners = if pass == 0 { (r0 + na).min(l) } else { l - r0 };
+            nh * na * partners * hd * 4
+        };
+        let total = shape.n_seq * nblk;
+        let mut start = 0;
+        while start < total {
+            let mut end = start + 1;
+            let mut macs = block_macs(start);
+            while end < total && end - start < max_blocks {
+                let m = block_macs(end);
+                if macs + m > MACS_PER_DISPATCH {
+                    break;
+                }
+                macs += m;
+                end += 1;
+            }
+            let blocks = end - start;
+            let params = AttnBackParams {
+                n_seq: shape.n_seq as u32,
+                seq_len: l as u32,
+                n_head: nh as u32,
+                n_head_kv: nkv as u32,
+                blk_start: start as u32,
+                n_blk: blocks as u32,
+                scale: shape.scale,
+                _pad0: 0,
+            };
+            rec.dispatch(
+                &p,
+                &[
+                    Bind::Whole(q),
+                    Bind::Whole(k),
+                    Bind::Whole(v),
+                    Bind::Whole(dout),
+                    Bind::Whole(lsed),
+                    Bind::Whole(lens),
+                    Bind::Whole(out_a),
+                    Bind::Whole(out_b),
+                ],
+                &params,
+                groups((blocks * heads) as u32),
+            )?;
+            start = end;
+        }
+    }
+    Ok(())
+}
+
+/// The dq and dk/dv passes of `kernels/attention_back_rows.wgsl`; `bufs`: q, k, v, dout, lsed,
+/// lens, dq, dk, dv (checked by the caller).
+fn record_rows(
+    gpu: &Gpu,
+    rec: &mut Recorder<'_>,
+    shape: &AttnShape,
+    bufs: [&GpuBuf; 9],
+    rows_per_dispatch: usize,
+) -> Result<(), GpuError> {
+    let [q, k, v, dout, lsed, lens, dq, dk, dv] = bufs;
+    let t = shape.n_rows();
+    let (nh, nkv, hd) = (shape.n_head, shape.n_head_kv, shape.head_dim);
+    let per_row = (nh * shape.seq_len * hd * 4).max(1);
+    let step = rows_per_dispatch.min(MACS_PER_DISPATCH / per_row).max(1);
     let hd4 = (hd / 4).to_string();
     for pass in 0..2u32 {
         let p = gpu.pipeline(
-            &kernel_source!("attention_back"),
+            &kernel_source!("attention_back_rows"),
             "main",
             &[("HD4", hd4.clone()), ("PASS", pass.to_string())],
         )?;
@@ -155,7 +405,6 @@ pub fn attention_backward_split(
         } else {
             (dk, dv, nkv)
         };
-        let step = rows_per_dispatch.max(1);
         let mut start = 0;
         while start < t {
             let rows = step.min(t - start);
@@ -164,8 +413,8 @@ pub fn attention_backward_split(
                 seq_len: shape.seq_len as u32,
                 n_head: nh as u32,
                 n_head_kv: nkv as u32,
-                row_start: start as u32,
-                n_rows: rows as u32,
+                blk_start: start as u32,
+                n_blk: rows as u32,
                 scale: shape.scale,
                 _pad0: 0,
             };
