@@ -49,6 +49,10 @@ const GB: u32 = NB / PB;    // groups of streamed rows (li % GB)
 const WG: u32 = 32u;        // invocations per workgroup
 const RS: u32 = HD4 + 1u;   // padded tile row stride, in vec4
 const NOUT: u32 = (NA * HD4 + WG - 1u) / WG;  // own output vec4s per invocation
+const A_LEN: u32 = NA * RS;
+const B_LEN: u32 = NB * RS;
+const LD_LEN: u32 = max(NA, NB);
+const P_LEN: u32 = NA * NB;
 
 @group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;          // q: [T, n_head, head_dim] f32 (after rope)
 @group(0) @binding(1) var<storage, read> k: array<vec4<f32>>;          // k: [T, n_head_kv, head_dim] f32 (after rope)
@@ -61,16 +65,16 @@ const NOUT: u32 = (NA * HD4 + WG - 1u) / WG;  // own output vec4s per invocation
 @group(0) @binding(8) var<uniform> p: Params;
 
 // Own rows: PASS 0 q·scale and dO; PASS 1 k and v.
-var<workgroup> a0: array<vec4<f32>, ${A_LEN}>;
-var<workgroup> a1: array<vec4<f32>, ${A_LEN}>;
+var<workgroup> a0: array<vec4<f32>, A_LEN>;
+var<workgroup> a1: array<vec4<f32>, A_LEN>;
 // Streamed rows: PASS 0 k and v; PASS 1 q·scale and dO.
-var<workgroup> b0: array<vec4<f32>, ${B_LEN}>;
-var<workgroup> b1: array<vec4<f32>, ${B_LEN}>;
+var<workgroup> b0: array<vec4<f32>, B_LEN>;
+var<workgroup> b1: array<vec4<f32>, B_LEN>;
 // (lse, D) of the query rows: own (PASS 0) or streamed (PASS 1).
-var<workgroup> ld: array<vec2<f32>, ${LD_LEN}>;
+var<workgroup> ld: array<vec2<f32>, LD_LEN>;
 // P and dS of the tile, [NA, NB] (P is only used by PASS 1).
-var<workgroup> pt: array<f32, ${P_LEN}>;
-var<workgroup> dst: array<f32, ${P_LEN}>;
+var<workgroup> pt: array<f32, P_LEN>;
+var<workgroup> dst: array<f32, P_LEN>;
 
 // Computes P and dS for the tile's pairs (own row a, streamed row bb), each invocation a PA × PB
 // block of them (own rows ag + m·GA, streamed rows bg + n·GB), so every row read from workgroup
@@ -80,8 +84,8 @@ fn tile_pairs(li: u32, r0: u32, sb0: u32, len: u32) {
     if (li < GA * GB) {
         let ag = li / GB;
         let bg = li % GB;
-        var s4: array<vec4<f32>, ${PP}>;
-        var dp4: array<vec4<f32>, ${PP}>;
+        var s4: array<vec4<f32>, PA * PB>;
+        var dp4: array<vec4<f32>, PA * PB>;
         for (var c = 0u; c < PA * PB; c++) {
             s4[c] = vec4<f32>(0.0);
             dp4[c] = vec4<f32>(0.0);

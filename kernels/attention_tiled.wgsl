@@ -33,6 +33,9 @@ const GB: u32 = NB / PB;
 const WG: u32 = 32u;        // invocations per workgroup
 const RS: u32 = HD4 + 1u;   // padded tile row stride, in vec4
 const NOUT: u32 = (NA * HD4 + WG - 1u) / WG;  // output vec4s per invocation
+const A_LEN: u32 = NA * RS;
+const B_LEN: u32 = NB * RS;
+const P_LEN: u32 = NA * NB;
 
 @group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;       // q: [T, n_head, head_dim] f32 (after rope)
 @group(0) @binding(1) var<storage, read> k: array<vec4<f32>>;       // k: [T, n_head_kv, head_dim] f32 (after rope)
@@ -42,10 +45,10 @@ const NOUT: u32 = (NA * HD4 + WG - 1u) / WG;  // output vec4s per invocation
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;     // lse: [T, n_head] f32
 @group(0) @binding(6) var<uniform> p: Params;
 
-var<workgroup> qt: array<vec4<f32>, ${A_LEN}>;  // q·scale of the block's rows
-var<workgroup> kt: array<vec4<f32>, ${B_LEN}>;  // the key tile
-var<workgroup> vt: array<vec4<f32>, ${B_LEN}>;  // the value tile
-var<workgroup> st: array<f32, ${P_LEN}>;        // scores, then probabilities, [NA, NB]
+var<workgroup> qt: array<vec4<f32>, A_LEN>;  // q·scale of the block's rows
+var<workgroup> kt: array<vec4<f32>, B_LEN>;  // the key tile
+var<workgroup> vt: array<vec4<f32>, B_LEN>;  // the value tile
+var<workgroup> st: array<f32, P_LEN>;        // scores, then probabilities, [NA, NB]
 var<workgroup> mrow: array<f32, NA>;            // running max per row
 var<workgroup> lrow: array<f32, NA>;            // running sum per row
 var<workgroup> crow: array<f32, NA>;            // this tile's rescale factor per row
@@ -113,7 +116,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         if (li < GA * GB) {
             let ag = li / GB;
             let bg = li % GB;
-            var s4: array<vec4<f32>, ${PP}>;
+            var s4: array<vec4<f32>, PA * PB>;
             for (var c = 0u; c < PA * PB; c++) {
                 s4[c] = vec4<f32>(0.0);
             }

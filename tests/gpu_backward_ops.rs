@@ -389,6 +389,11 @@ fn attention_backward_tiled_shapes_match_reference() {
         let dout = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
         let (wq, wk, wv) = attention_backward_ref(s, &q, &k, &v, &dout, &c.lens);
         for kernel in ATTN_BACK_KERNELS {
+            // The per-row kernel's large-head_dim pipelines are slow for lavapipe to compile
+            // (its rows live in registers); it is unchanged and covered up to head_dim 64.
+            if kernel == AttnBackKernel::Rows && s.head_dim > 64 {
+                continue;
+            }
             let (dq, dk, dv) = attention_back_gpu(&gpu, c, kernel, &q, &k, &v, &dout);
             let what = format!(
                 "{kernel:?} attention back B {} L {} lens {:?} heads {}/{} hd {} split {}",

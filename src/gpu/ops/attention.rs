@@ -301,10 +301,6 @@ fn record_tiled(
         ("NB", nb.to_string()),
         ("PA", pa.to_string()),
         ("PB", pb.to_string()),
-        ("PP", (pa * pb).to_string()),
-        ("A_LEN", (na * (hd4 + 1)).to_string()),
-        ("B_LEN", (nb * (hd4 + 1)).to_string()),
-        ("P_LEN", (na * nb).to_string()),
     ];
     let p = gpu.pipeline(&kernel_source!("attention_tiled"), "main", &subs)?;
     let max_blocks = (rows_per_dispatch / na).max(1);

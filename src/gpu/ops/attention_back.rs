@@ -310,13 +310,8 @@ pub fn attention_backward_with(
         ("HD4", hd4.to_string()),
         ("NA", na.to_string()),
         ("NB", nb.to_string()),
-        ("A_LEN", (na * (hd4 + 1)).to_string()),
-        ("B_LEN", (nb * (hd4 + 1)).to_string()),
-        ("LD_LEN", na.max(nb).to_string()),
-        ("P_LEN", (na * nb).to_string()),
         ("PA", pa.to_string()),
         ("PB", pb.to_string()),
-        ("PP", (pa * pb).to_string()),
     ];
     for pass in 0..2u32 {
         let mut c = subs.to_vec();
