@@ -1154,36 +1154,20 @@ impl Workspace {
 
     /// Device bytes held.
     pub fn bytes(&self) -> u64 {
-        let mut b = [
-            &self.ping[0],
-            &self.ping[1],
-            &self.n1,
-            &self.xn,
-            &self.rstd_attn,
-            &self.rstd_ffn,
-            &self.q,
-            &self.k,
-            &self.v,
-            &self.attn,
-            &self.attn_lse,
-            &self.h,
-            &self.gate,
-            &self.up,
-            &self.act,
-            &self.xs,
-            &self.xsn,
-            &self.rstd_out,
-            &self.logp,
-            &self.lse,
-        ]
-        .iter()
-        .map(|b| b.size)
-        .sum::<u64>()
-            + self.lm_head.bytes();
-        if let Some(qk) = &self.qk {
-            b += qk.q_pre.size + qk.k_pre.size + qk.q_rstd.size + qk.k_rstd.size;
-        }
-        b + self.lora_u.iter().map(|(_, u)| u.size).sum::<u64>()
+        self.layer_set_bytes()
+            + [
+                &self.ping[0],
+                &self.ping[1],
+                &self.xs,
+                &self.xsn,
+                &self.rstd_out,
+                &self.logp,
+                &self.lse,
+            ]
+            .iter()
+            .map(|b| b.size)
+            .sum::<u64>()
+            + self.lm_head.bytes()
             + self.lora_dropout.as_ref().map_or(0, |(_, buf)| buf.size)
     }
 
