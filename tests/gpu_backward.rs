@@ -181,36 +181,67 @@ fn grads_match_reference_qwen3_f32_untied() {
 
 #[test]
 fn grads_match_reference_with_a_partial_adapter() {
-    // Only some targets, only layer 1: the other projections pass gradients through untouched.
+    // Only some targets, only some layers: the other projections pass gradients through
+    // untouched, and the backward stops inside the lowest adapted layer once its adapted
+    // projections have their gradients (nothing below them is needed).
     let gpu = common::gpu::gpu();
     let m = load(
         &gpu,
         &common::models::tiny_model(Arch::Llama, GgmlType::Q8_0, false),
     );
-    let spec = LoraSpec {
-        targets: vec![Target::AttnV, Target::FfnUp],
-        layers: vec![1],
-        rank: 3,
-        alpha: 6.0,
-        dropout: 0.0,
-        seed: 4,
-    };
-    let lora = LoraWeights::random(&spec, &m.cfg, 0.3).unwrap();
-    assert_eq!(lora.tensors.len(), 2);
-    let gl = GpuLora::upload(&gpu, &lora).unwrap();
-    let exs = examples(m.cfg.n_vocab, 31);
-    let (glogp, g) = gpu_grads(&gpu, &m.gpu_model, &gl, &exs, &SEQ_WEIGHTS);
-    let w64: Vec<f64> = SEQ_WEIGHTS.iter().map(|&w| w as f64).collect();
-    let (rlogp, rg) = m.reference.lora_grads(&exs, &w64, &lora).unwrap();
-    assert_close("partial adapter: per-seq logp", &glogp, &rlogp, LOGP_TOL);
-    let want = rg.flatten();
-    let scale = want.iter().fold(0.0f64, |a, &b| a.max(b.abs()));
-    assert_close(
-        "partial adapter: LoRA grads",
-        &g,
-        &want,
-        Tol::new(1e-4 * scale, 1e-4),
-    );
+    let cases: [(&[Target], &[usize]); 5] = [
+        (&[Target::AttnV, Target::FfnUp], &[1]),
+        (&[Target::FfnDown], &[1]),
+        (&[Target::FfnDown], &[0, 1]),
+        (&[Target::FfnGate], &[1]),
+        (&[Target::AttnQ, Target::AttnOutput], &[1]),
+    ];
+    for (targets, layers) in cases {
+        let spec = LoraSpec {
+            targets: targets.to_vec(),
+            layers: layers.to_vec(),
+            rank: 3,
+            alpha: 6.0,
+            dropout: 0.0,
+            seed: 4,
+        };
+        let lora = LoraWeights::random(&spec, &m.cfg, 0.3).unwrap();
+        assert_eq!(lora.tensors.len(), targets.len() * layers.len());
+        let gl = GpuLora::upload(&gpu, &lora).unwrap();
+        let exs = examples(m.cfg.n_vocab, 31);
+        let (glogp, g) = gpu_grads(&gpu, &m.gpu_model, &gl, &exs, &SEQ_WEIGHTS);
+        let w64: Vec<f64> = SEQ_WEIGHTS.iter().map(|&w| w as f64).collect();
+        let (rlogp, rg) = m.reference.lora_grads(&exs, &w64, &lora).unwrap();
+        let what = format!("{targets:?} on layers {layers:?}");
+        assert_close(&format!("{what}: per-seq logp"), &glogp, &rlogp, LOGP_TOL);
+        let want = rg.flatten();
+        let scale = want.iter().fold(0.0f64, |a, &b| a.max(b.abs()));
+        assert!(scale > 1e-3, "{what}: gradients vanish ({scale:e})");
+        assert_close(
+            &format!("{what}: LoRA grads"),
+            &g,
+            &want,
+            Tol::new(1e-4 * scale, 1e-4),
+        );
+        // Keeping activations (only the layers the backward visits are kept) changes no bit.
+        let mut rec = gpu.recorder();
+        gl.zero_grads(&mut rec);
+        rec.submit();
+        let (_, state) =
+            forward_train_keeping(&m.gpu_model, &gpu, &exs, &gl, None, u64::MAX).unwrap();
+        assert_eq!(
+            state.kept_layers(),
+            m.cfg.n_layer - layers[0],
+            "{what}: layers kept"
+        );
+        backward(&m.gpu_model, &gpu, state, &SEQ_WEIGHTS, &gl).unwrap();
+        let kept = read_grads(&gpu, &gl);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(
+            bits(&kept) == bits(&g),
+            "{what}: kept activations change the gradients"
+        );
+    }
 }
 
 /// `J(lora)` from the GPU forward (f64 sum of the f32 per-sequence sums).

@@ -30,6 +30,11 @@
 //!             dn = dq·W_q + dk·W_k + dv·W_v (+ LoRA q, k, v; their input is the recomputed n1)
 //!             dx += rmsnorm_back(x_in, attn_norm, dn)          dx is now ∂J/∂x_in
 //! ```
+//! The pass ends in the lowest layer that carries an adapter, as soon as that layer's adapted
+//! projections have their gradients (layers below it, and e.g. its attention when only its FFN
+//! is adapted, have nothing to train). Layers whose intermediates the forward kept
+//! ([`forward_train_keeping`]) are not recomputed.
+//!
 //! QKV biases, norms and all base weights are frozen: only LoRA gradients are formed. The
 //! residual adds pass the gradient through (`dx` is updated in place). Every kernel sums in a
 //! fixed order without atomics, so the same inputs give the same bits.
@@ -176,7 +181,20 @@ pub fn layers_to_keep(
     keep_bytes: u64,
 ) -> usize {
     let per_layer = Workspace::layer_bytes(cfg, rows, lora.rank, n_targets(lora)).max(1);
-    ((keep_bytes / per_layer) as usize).min(cfg.n_layer)
+    let needed = cfg.n_layer - lowest_adapted_layer(cfg.n_layer, lora);
+    ((keep_bytes / per_layer) as usize).min(needed)
+}
+
+/// The lowest layer carrying an adapter (`n_layer` when none does): the backward stops there,
+/// since nothing below it has parameters to train.
+pub fn lowest_adapted_layer(n_layer: usize, lora: &GpuLora) -> usize {
+    lora.tensors
+        .iter()
+        .filter(|t| t.target != Target::Output)
+        .map(|t| t.layer)
+        .min()
+        .unwrap_or(n_layer)
+        .min(n_layer)
 }
 
 /// Distinct adapted targets (one LoRA `u` buffer each per layer workspace).
@@ -188,7 +206,8 @@ fn n_targets(lora: &GpuLora) -> usize {
 }
 
 /// [`forward_train`] that also keeps every intermediate of as many layers as fit in
-/// `keep_bytes` ([`layers_to_keep`]; the first layers), then, if what is left holds them, the
+/// `keep_bytes` ([`layers_to_keep`]; the lowest layers the backward visits, from the lowest
+/// adapted one up), then, if what is left holds them, the
 /// LM head's logits (every vocabulary chunk), so that [`backward`] uses them instead of
 /// recomputing: the same bits either way, fewer passes over the weights.
 /// `keep_bytes = 0` is plain activation checkpointing (every layer recomputed);
@@ -237,7 +256,13 @@ pub fn forward_train_keeping(
     {
         ws.lm_head.keep_logits(gpu, model.lm_head())?;
     }
-    checkpoints.keep_layers(gpu, cfg, &ws, n_keep)?;
+    checkpoints.keep_layers(
+        gpu,
+        cfg,
+        &ws,
+        lowest_adapted_layer(cfg.n_layer, lora),
+        n_keep,
+    )?;
     let t = batch.n_rows();
     let f = |label: &str, elems: usize| gpu.alloc(label, (elems.max(1) * 4) as u64);
     let (d, q, kv, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
@@ -357,13 +382,16 @@ pub fn backward(
     rec.submit();
     profile::set_scope(None);
 
-    for il in (0..cfg.n_layer).rev() {
+    // Layers below the lowest adapted one have nothing to train: the backward stops there.
+    let lowest = lowest_adapted_layer(cfg.n_layer, lora);
+    for il in (lowest..cfg.n_layer).rev() {
         let mut rec = gpu.recorder();
         layer_backward(
             model,
             gpu,
             &mut rec,
             il,
+            il == lowest,
             &batch,
             &ws,
             &checkpoints.bufs[il],
@@ -378,13 +406,16 @@ pub fn backward(
 
 /// Records the backward of layer `il`, after recomputing it from `x_in` unless its
 /// intermediates were `kept` by the forward: on entry `s.dx` holds `∂J/∂x_out`, on exit
-/// `∂J/∂x_in`; LoRA gradients of the layer are accumulated.
+/// `∂J/∂x_in`; LoRA gradients of the layer are accumulated. In the `lowest` adapted layer the
+/// input gradient is not needed: the pass stops after the last adapted projection (e.g. after
+/// `ffn_down` when only it is adapted), and `s.dx` is left partial.
 #[allow(clippy::too_many_arguments)]
 fn layer_backward(
     model: &GpuModel,
     gpu: &Gpu,
     rec: &mut Recorder<'_>,
     il: usize,
+    lowest: bool,
     batch: &GpuBatch,
     ws: &Workspace,
     x_in: &GpuBuf,
@@ -413,16 +444,32 @@ fn layer_backward(
         }
     };
 
+    // Whether the pass must go on below the FFN's output projection / below the FFN: in the
+    // lowest adapted layer only as far as its adapted projections reach.
+    let adapted = |targets: &[Target]| targets.iter().any(|&tg| lora.get(il, tg).is_some());
+    let need_attn = !lowest
+        || adapted(&[
+            Target::AttnQ,
+            Target::AttnK,
+            Target::AttnV,
+            Target::AttnOutput,
+        ]);
+    let need_ffn_in = need_attn || adapted(&[Target::FfnGate, Target::FfnUp]);
+
     // Input gradient through a frozen projection plus its LoRA branch (if adapted):
-    // dx_in (+)= dy·W (+ LoRA: grads and dx_in += du·A).
+    // dx_in (+)= dy·W (+ LoRA: grads and dx_in += du·A). With `input_grad` false only the LoRA
+    // gradients are wanted and dx_in is scratch.
     let back = |rec: &mut Recorder<'_>,
                 target: Target,
                 x: &GpuBuf,
                 dy: &GpuBuf,
                 dx_in: &GpuBuf,
-                accumulate: bool|
+                accumulate: bool,
+                input_grad: bool|
      -> Result<(), GpuError> {
-        matmul_back_input(gpu, rec, dy, l.weight(target), dx_in, t, accumulate)?;
+        if input_grad {
+            matmul_back_input(gpu, rec, dy, l.weight(target), dx_in, t, accumulate)?;
+        }
         if let Some(lt) = lora.get(il, target) {
             if let Some((dr, buf)) = &ws.lora_dropout {
                 // Dropout: regenerate drop(x) (same hash mask as the forward), take the LoRA
@@ -451,10 +498,32 @@ fn layer_backward(
     };
 
     // FFN.
-    back(rec, Target::FfnDown, &ws.act, &s.dx, &s.dact, false)?;
+    back(
+        rec,
+        Target::FfnDown,
+        &ws.act,
+        &s.dx,
+        &s.dact,
+        false,
+        need_ffn_in,
+    )?;
+    if !need_ffn_in {
+        return Ok(());
+    }
     swiglu_backward_inplace(gpu, rec, &s.dact, &ws.gate, &ws.up, t * cfg.n_ff)?;
-    back(rec, Target::FfnGate, &ws.xn, &ws.gate, &s.dn, false)?;
-    back(rec, Target::FfnUp, &ws.xn, &ws.up, &s.dn, true)?;
+    back(
+        rec,
+        Target::FfnGate,
+        &ws.xn,
+        &ws.gate,
+        &s.dn,
+        false,
+        need_attn,
+    )?;
+    back(rec, Target::FfnUp, &ws.xn, &ws.up, &s.dn, true, need_attn)?;
+    if !need_attn {
+        return Ok(());
+    }
     rmsnorm_backward(
         gpu,
         rec,
@@ -469,7 +538,15 @@ fn layer_backward(
     )?;
 
     // Attention.
-    back(rec, Target::AttnOutput, &ws.attn, &s.dx, &s.datt, false)?;
+    back(
+        rec,
+        Target::AttnOutput,
+        &ws.attn,
+        &s.dx,
+        &s.datt,
+        false,
+        true,
+    )?;
     let shape = AttnShape::new(batch.n_seq, batch.seq_len, cfg.n_head, cfg.n_head_kv, hd);
     attention_backward(
         gpu,
@@ -526,9 +603,13 @@ fn layer_backward(
             )));
         }
     };
-    back(rec, Target::AttnQ, &ws.n1, dq, &s.dn, false)?;
-    back(rec, Target::AttnK, &ws.n1, dk, &s.dn, true)?;
-    back(rec, Target::AttnV, &ws.n1, &s.dv, &s.dn, true)?;
+    let below = !lowest;
+    back(rec, Target::AttnQ, &ws.n1, dq, &s.dn, false, below)?;
+    back(rec, Target::AttnK, &ws.n1, dk, &s.dn, true, below)?;
+    back(rec, Target::AttnV, &ws.n1, &s.dv, &s.dn, true, below)?;
+    if lowest {
+        return Ok(());
+    }
     rmsnorm_backward(
         gpu,
         rec,

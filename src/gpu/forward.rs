@@ -1241,17 +1241,18 @@ impl LayerInputs {
         })
     }
 
-    /// Keeps the intermediates of the first `n` layers (each a [`Workspace::layer_set`] of
-    /// `ws`); the others are recomputed by the backward pass.
+    /// Keeps the intermediates of the `n` layers from `first` up (each a
+    /// [`Workspace::layer_set`] of `ws`); the others are recomputed by the backward pass.
     pub fn keep_layers(
         &mut self,
         gpu: &Gpu,
         cfg: &ModelConfig,
         ws: &Workspace,
+        first: usize,
         n: usize,
     ) -> Result<(), GpuError> {
         for (i, slot) in self.kept.iter_mut().enumerate() {
-            *slot = if i < n {
+            *slot = if (first..first + n).contains(&i) {
                 Some(ws.layer_set(gpu, cfg)?)
             } else {
                 None
