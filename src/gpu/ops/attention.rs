@@ -246,32 +246,36 @@ pub fn attention_with(
     let mut start = 0;
     while start < t {
         let n = step.min(t - start);
-        let params = AttentionParams {
-            n_seq: shape.n_seq as u32,
-            seq_len: shape.seq_len as u32,
-            n_head: shape.n_head as u32,
-            n_head_kv: shape.n_head_kv as u32,
-            row_start: start as u32,
-            n_rows: n as u32,
-            scale: shape.scale,
-            _pad0: 0,
-        };
-        rec.dispatch(
-            &p,
-            &[
-                Bind::Whole(q),
-                Bind::Whole(k),
-                Bind::Whole(v),
-                Bind::Whole(lens),
-                Bind::Whole(o),
-                Bind::Whole(lse),
-            ],
-            &params,
-            groups(((n * shape.n_head) as u32).div_ceil(64)),
-        )?;
+        let g = groups(((n * shape.n_head) as u32).div_ceil(64));
+        dispatch_rows(rec, &p, shape, [q, k, v, lens, o, lse], start, n, g)?;
         start += n;
     }
     Ok(())
+}
+
+/// Records one attention dispatch (either form) over `n` rows or blocks from `start`; `bufs`:
+/// q, k, v, lens, o, lse.
+fn dispatch_rows(
+    rec: &mut Recorder<'_>,
+    p: &std::sync::Arc<crate::gpu::registry::Pipeline>,
+    shape: &AttnShape,
+    bufs: [&GpuBuf; 6],
+    start: usize,
+    n: usize,
+    groups: [u32; 3],
+) -> Result<(), GpuError> {
+    let params = AttentionParams {
+        n_seq: shape.n_seq as u32,
+        seq_len: shape.seq_len as u32,
+        n_head: shape.n_head as u32,
+        n_head_kv: shape.n_head_kv as u32,
+        row_start: start as u32,
+        n_rows: n as u32,
+        scale: shape.scale,
+        _pad0: 0,
+    };
+    let binds: Vec<Bind<'_>> = bufs.iter().map(|&b| Bind::Whole(b)).collect();
+    rec.dispatch(p, &binds, &params, groups)
 }
 
 /// Invocations per workgroup of `kernels/attention_tiled.wgsl`.
@@ -319,28 +323,15 @@ fn record_tiled(
             macs += m;
             end += 1;
         }
-        let params = AttentionParams {
-            n_seq: shape.n_seq as u32,
-            seq_len: l as u32,
-            n_head: nh as u32,
-            n_head_kv: shape.n_head_kv as u32,
-            row_start: start as u32,
-            n_rows: (end - start) as u32,
-            scale: shape.scale,
-            _pad0: 0,
-        };
-        rec.dispatch(
+        let g = groups(((end - start) * nh) as u32);
+        dispatch_rows(
+            rec,
             &p,
-            &[
-                Bind::Whole(q),
-                Bind::Whole(k),
-                Bind::Whole(v),
-                Bind::Whole(lens),
-                Bind::Whole(o),
-                Bind::Whole(lse),
-            ],
-            &params,
-            groups(((end - start) * nh) as u32),
+            shape,
+            [q, k, v, lens, o, lse],
+            start,
+            end - start,
+            g,
         )?;
         start = end;
     }

@@ -343,35 +343,38 @@ pub fn attention_backward_with(
                 end += 1;
             }
             let blocks = end - start;
-            let params = AttnBackParams {
-                n_seq: shape.n_seq as u32,
-                seq_len: l as u32,
-                n_head: nh as u32,
-                n_head_kv: nkv as u32,
-                blk_start: start as u32,
-                n_blk: blocks as u32,
-                scale: shape.scale,
-                _pad0: 0,
-            };
-            rec.dispatch(
-                &p,
-                &[
-                    Bind::Whole(q),
-                    Bind::Whole(k),
-                    Bind::Whole(v),
-                    Bind::Whole(dout),
-                    Bind::Whole(lsed),
-                    Bind::Whole(lens),
-                    Bind::Whole(out_a),
-                    Bind::Whole(out_b),
-                ],
-                &params,
-                groups((blocks * heads) as u32),
-            )?;
+            let bufs = [q, k, v, dout, lsed, lens, out_a, out_b];
+            let g = groups((blocks * heads) as u32);
+            dispatch_pass(rec, &p, shape, bufs, start, blocks, g)?;
             start = end;
         }
     }
     Ok(())
+}
+
+/// Records one dispatch of a dq or dk/dv pass (either form) over `n` blocks or rows from
+/// `start`. `bufs`: q, k, v, dout, lsed, lens, then the pass's two outputs.
+fn dispatch_pass(
+    rec: &mut Recorder<'_>,
+    p: &std::sync::Arc<crate::gpu::registry::Pipeline>,
+    shape: &AttnShape,
+    bufs: [&GpuBuf; 8],
+    start: usize,
+    n: usize,
+    groups: [u32; 3],
+) -> Result<(), GpuError> {
+    let params = AttnBackParams {
+        n_seq: shape.n_seq as u32,
+        seq_len: shape.seq_len as u32,
+        n_head: shape.n_head as u32,
+        n_head_kv: shape.n_head_kv as u32,
+        blk_start: start as u32,
+        n_blk: n as u32,
+        scale: shape.scale,
+        _pad0: 0,
+    };
+    let binds: Vec<Bind<'_>> = bufs.iter().map(|&b| Bind::Whole(b)).collect();
+    rec.dispatch(p, &binds, &params, groups)
 }
 
 /// The dq and dk/dv passes of `kernels/attention_back_rows.wgsl`; `bufs`: q, k, v, dout, lsed,
@@ -403,31 +406,9 @@ fn record_rows(
         let mut start = 0;
         while start < t {
             let rows = step.min(t - start);
-            let params = AttnBackParams {
-                n_seq: shape.n_seq as u32,
-                seq_len: shape.seq_len as u32,
-                n_head: nh as u32,
-                n_head_kv: nkv as u32,
-                blk_start: start as u32,
-                n_blk: rows as u32,
-                scale: shape.scale,
-                _pad0: 0,
-            };
-            rec.dispatch(
-                &p,
-                &[
-                    Bind::Whole(q),
-                    Bind::Whole(k),
-                    Bind::Whole(v),
-                    Bind::Whole(dout),
-                    Bind::Whole(lsed),
-                    Bind::Whole(lens),
-                    Bind::Whole(out_a),
-                    Bind::Whole(out_b),
-                ],
-                &params,
-                groups(((rows * heads) as u32).div_ceil(64)),
-            )?;
+            let bufs = [q, k, v, dout, lsed, lens, out_a, out_b];
+            let g = groups(((rows * heads) as u32).div_ceil(64));
+            dispatch_pass(rec, &p, shape, bufs, start, rows, g)?;
             start += rows;
         }
     }
