@@ -262,3 +262,43 @@ fn plan_command_reads_a_gguf_model() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model.gguf"));
 }
+
+/// `plan --activation-memory` reports the GPU engine's kept layers: whole layers within the
+/// budget, counted from the lowest adapted layer up, with the bytes of the engine's rule.
+#[test]
+fn plan_command_reports_kept_activations() {
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let out = bin()
+            .args(["plan", "--shape", "qwen2.5-0.5b", "--max-length", "256"])
+            .args(["--pairs-per-step", "2", "--targets", "ffn_down", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let cfg = bfpo_lite::gpu::memory::shape_config("qwen2.5-0.5b").unwrap();
+    let rows = 2 * 2 * 256;
+    let per_layer = bfpo_lite::gpu::forward::Workspace::layer_bytes(&cfg, rows, 16, 1);
+    // Room for exactly 5 layers (and a bit).
+    let budget = (5 * per_layer + per_layer / 2).to_string();
+    let v = run(&["--activation-memory", &budget]);
+    let a = &v["activations"];
+    assert_eq!(a["kept_layers"], 5, "{a}");
+    assert_eq!(a["visited_layers"], cfg.n_layer, "{a}");
+    assert_eq!(a["kept_bytes"].as_u64().unwrap(), 5 * per_layer, "{a}");
+    // Adapters on the top 4 layers only: the backward visits 4, all fit.
+    let top = format!("{}-{}", cfg.n_layer - 4, cfg.n_layer - 1);
+    let v = run(&["--activation-memory", &budget, "--layers", &top]);
+    assert_eq!(v["activations"]["kept_layers"], 4);
+    assert_eq!(v["activations"]["visited_layers"], 4);
+    // 0 keeps nothing; the default is `auto` on a GPU (2 GiB).
+    let v = run(&["--activation-memory", "0"]);
+    assert_eq!(v["activations"]["kept_layers"], 0);
+    let v = run(&[]);
+    assert_eq!(v["activations"]["budget_bytes"].as_u64().unwrap(), 2 << 30);
+}

@@ -41,6 +41,10 @@ pub struct Args {
     /// Keep every layer's activations instead of recomputing them (more memory, less compute).
     #[arg(long)]
     pub no_checkpointing: bool,
+    /// Budget for keeping activations between forward and backward (`tune --activation-memory`;
+    /// default: `auto` on a GPU, 2 GiB): shows how many layers keep theirs on top of the plan.
+    #[arg(long, value_name = "SIZE")]
+    pub activation_memory: Option<String>,
     /// Check the plan against this much device memory (e.g. 8GiB, 1.5GB, 6000MB).
     #[arg(long)]
     pub device_mem: Option<String>,
@@ -113,6 +117,24 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
     if let Some(s) = &args.max_buffer {
         limits.max_buffer_size = parse_size(s)?;
     }
+    // Kept activations (the GPU engine's rule): of the layers the backward visits, as many as
+    // the budget holds at the largest micro-step.
+    let budget = match args.activation_memory.as_deref() {
+        None | Some("auto") => bfpo_lite::run::engine::AUTO_ACTIVATION_MEMORY_GPU,
+        Some(s) => parse_size(s)?,
+    };
+    let mut distinct = input.targets.clone();
+    distinct.sort();
+    distinct.dedup();
+    let visited = input.cfg.n_layer - layers.iter().copied().min().unwrap_or(input.cfg.n_layer);
+    let (kept, kept_bytes) = bfpo_lite::gpu::forward::Workspace::layers_within(
+        &input.cfg,
+        2 * input.pairs_per_step * input.max_len,
+        input.rank,
+        distinct.len(),
+        visited,
+        budget,
+    );
     let device_mem = args.device_mem.as_deref().map(parse_size).transpose()?;
     let fit = device_mem.map(|m| plan.fits(&limits, m));
 
@@ -122,6 +144,12 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
             "plan": plan,
             "limits": limits,
             "device_mem": device_mem,
+            "activations": {
+                "budget_bytes": budget,
+                "kept_layers": kept,
+                "visited_layers": visited,
+                "kept_bytes": kept_bytes,
+            },
             "fits": fit.as_ref().map(|r| r.is_ok()),
             "error": fit.as_ref().and_then(|r| r.as_ref().err().map(|e| e.to_string())),
         });
@@ -150,6 +178,16 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
             );
         }
         println!("  {:<w$}  {:>10}", "total", fmt_bytes(plan.total));
+        println!(
+            "  then, on a GPU, activations kept for the backward: {kept} of the {visited} layers it visits ({} within --activation-memory {}){}",
+            fmt_bytes(kept_bytes),
+            fmt_bytes(budget),
+            if kept < visited {
+                "; the others are recomputed"
+            } else {
+                ""
+            }
+        );
         println!();
         println!(
             "  largest binding: {} ({}; limit {})",

@@ -456,13 +456,13 @@ impl View {
                 kept_bytes,
             } => self.line(if kept_layers == n_layer {
                 format!(
-                    "activations: all {n_layer} layers kept for the backward ({} at the longest micro-step; --activation-memory {})",
+                    "activations: all {n_layer} layers the backward visits keep theirs ({} at the longest micro-step; --activation-memory {})",
                     fmt_bytes(*kept_bytes),
                     fmt_bytes(*budget_bytes)
                 )
             } else {
                 format!(
-                    "activations: {kept_layers} of {n_layer} layers kept ({} at the longest micro-step; --activation-memory {}), the other {} recomputed in the backward",
+                    "activations: {kept_layers} of the {n_layer} layers the backward visits keep theirs ({} at the longest micro-step; --activation-memory {}), the other {} are recomputed",
                     fmt_bytes(*kept_bytes),
                     fmt_bytes(*budget_bytes),
                     n_layer - kept_layers

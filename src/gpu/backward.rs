@@ -180,9 +180,8 @@ pub fn layers_to_keep(
     lora: &GpuLora,
     keep_bytes: u64,
 ) -> usize {
-    let per_layer = Workspace::layer_bytes(cfg, rows, lora.rank, n_targets(lora)).max(1);
-    let needed = cfg.n_layer - lowest_adapted_layer(cfg.n_layer, lora);
-    ((keep_bytes / per_layer) as usize).min(needed)
+    let visited = cfg.n_layer - lowest_adapted_layer(cfg.n_layer, lora);
+    Workspace::layers_within(cfg, rows, lora.rank, n_targets(lora), visited, keep_bytes).0
 }
 
 /// The lowest layer carrying an adapter (`n_layer` when none does): the backward stops there,

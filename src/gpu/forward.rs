@@ -1076,6 +1076,21 @@ impl Workspace {
         4 * (rows.max(1) * per_row) as u64
     }
 
+    /// How many of the `visited` layers (those a backward pass goes through) keep their
+    /// intermediates within `budget` bytes at `rows` rows, and the bytes they take.
+    pub fn layers_within(
+        cfg: &ModelConfig,
+        rows: usize,
+        lora_rank: usize,
+        n_targets: usize,
+        visited: usize,
+        budget: u64,
+    ) -> (usize, u64) {
+        let per_layer = Self::layer_bytes(cfg, rows, lora_rank, n_targets).max(1);
+        let n = ((budget / per_layer) as usize).min(visited);
+        (n, n as u64 * per_layer)
+    }
+
     /// A workspace with its own per-layer intermediates (`n1` … `act`, `lora_u`, qwen3's Q/K
     /// norm buffers) and this one's `ping`, head and dropout buffers shared: what a training
     /// forward keeps for one layer so that the backward need not recompute it.

@@ -87,9 +87,10 @@ pub enum Event {
     },
     /// The training engine is ready.
     Engine { description: String },
-    /// How the GPU engine holds activations between forward and backward: the first
-    /// `kept_layers` of `n_layer` layers keep their intermediates (`kept_bytes` at the longest
-    /// micro-step, within `budget_bytes`); the others are recomputed in the backward.
+    /// How the GPU engine holds activations between forward and backward: `kept_layers` of the
+    /// `n_layer` layers the backward goes through (from the lowest adapted layer up) keep their
+    /// intermediates (`kept_bytes` at the longest micro-step, within `budget_bytes`); the others
+    /// are recomputed in the backward.
     Activations {
         budget_bytes: u64,
         kept_layers: usize,

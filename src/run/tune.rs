@@ -250,7 +250,7 @@ impl TuneJob {
             description: engine.describe(),
         });
         if let Some(budget_bytes) = budget {
-            obs.event(&activations_event(&l.plan, budget_bytes));
+            obs.event(&activations_event(&l.plan, &l.spec, budget_bytes));
         }
         self.check_cancel()?;
         let mut data = l.data;
@@ -339,21 +339,29 @@ impl TuneJob {
 }
 
 /// How many layers keep their intermediates at the plan's largest micro-step under `budget`
-/// (the engine decides per micro-step with the same rule, so shorter batches may keep more).
-fn activations_event(plan: &Plan, budget_bytes: u64) -> Event {
+/// (the engine decides per micro-step with the same rule, so shorter batches may keep more):
+/// of the layers the backward visits, from the lowest adapted one up.
+fn activations_event(plan: &Plan, lora: &LoraSpec, budget_bytes: u64) -> Event {
     let i = &plan.input;
     let rows = 2 * i.pairs_per_step * i.max_len;
     let mut targets = i.targets.clone();
     targets.sort();
     targets.dedup();
-    let per_layer =
-        crate::gpu::forward::Workspace::layer_bytes(&i.cfg, rows, i.rank, targets.len());
-    let kept_layers = ((budget_bytes / per_layer.max(1)) as usize).min(i.cfg.n_layer);
+    let lowest = lora.layers.iter().copied().min().unwrap_or(i.cfg.n_layer);
+    let visited = i.cfg.n_layer.saturating_sub(lowest);
+    let (kept_layers, kept_bytes) = crate::gpu::forward::Workspace::layers_within(
+        &i.cfg,
+        rows,
+        i.rank,
+        targets.len(),
+        visited,
+        budget_bytes,
+    );
     Event::Activations {
         budget_bytes,
         kept_layers,
-        n_layer: i.cfg.n_layer,
-        kept_bytes: kept_layers as u64 * per_layer,
+        n_layer: visited,
+        kept_bytes,
     }
 }
 
