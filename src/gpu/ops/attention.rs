@@ -10,7 +10,8 @@ use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder, groups};
 use crate::kernel_source;
 use crate::util::Tol;
 
-/// Params of `kernels/attention.wgsl`.
+/// Params of every attention kernel, forward and backward, per-row and tiled
+/// (`kernels/attention*.wgsl`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct AttentionParams {
@@ -22,9 +23,11 @@ pub struct AttentionParams {
     pub n_head: u32,
     /// KV heads (divides n_head).
     pub n_head_kv: u32,
-    /// First query row of this dispatch (tiled: first block, numbered `kb · B + b`).
+    /// First row of this dispatch (tiled: first block; block `kb` of sequence `b` is numbered
+    /// `kb · B + b`, so a dispatch holds blocks of similar causal work from every sequence).
+    /// Query rows, except in the backward's dk/dv pass: key rows.
     pub row_start: u32,
-    /// Query rows in this dispatch (tiled: blocks).
+    /// Rows in this dispatch (tiled: blocks).
     pub n_rows: u32,
     /// Score scale (1/√head_dim).
     pub scale: f32,
@@ -247,19 +250,19 @@ pub fn attention_with(
     while start < t {
         let n = step.min(t - start);
         let g = groups(((n * shape.n_head) as u32).div_ceil(64));
-        dispatch_rows(rec, &p, shape, [q, k, v, lens, o, lse], start, n, g)?;
+        dispatch_attention(rec, &p, shape, &[q, k, v, lens, o, lse], start, n, g)?;
         start += n;
     }
     Ok(())
 }
 
-/// Records one attention dispatch (either form) over `n` rows or blocks from `start`; `bufs`:
-/// q, k, v, lens, o, lse.
-fn dispatch_rows(
+/// Records one dispatch of an attention kernel (forward or backward, either form) over `n`
+/// rows or blocks from `start`, binding `bufs` whole in order.
+pub(super) fn dispatch_attention(
     rec: &mut Recorder<'_>,
     p: &std::sync::Arc<crate::gpu::registry::Pipeline>,
     shape: &AttnShape,
-    bufs: [&GpuBuf; 6],
+    bufs: &[&GpuBuf],
     start: usize,
     n: usize,
     groups: [u32; 3],
@@ -324,11 +327,11 @@ fn record_tiled(
             end += 1;
         }
         let g = groups(((end - start) * nh) as u32);
-        dispatch_rows(
+        dispatch_attention(
             rec,
             &p,
             shape,
-            [q, k, v, lens, o, lse],
+            &[q, k, v, lens, o, lse],
             start,
             end - start,
             g,

@@ -17,7 +17,7 @@
 //! no faster than a cached load on a CPU, and the tiles' copies and barriers cost). In both, each
 //! output element is summed by one invocation in a fixed order.
 
-use super::attention::AttnShape;
+use super::attention::{AttentionParams, AttnShape, dispatch_attention};
 use super::check::need_words;
 use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder, groups};
 use crate::kernel_source;
@@ -35,29 +35,8 @@ pub struct AttnDeltaParams {
     pub _pad1: u32,
 }
 
-/// Params of `kernels/attention_back.wgsl` (same layout as the forward's).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct AttnBackParams {
-    /// Sequences B.
-    pub n_seq: u32,
-    /// Padded length L.
-    pub seq_len: u32,
-    /// Query heads.
-    pub n_head: u32,
-    /// KV heads.
-    pub n_head_kv: u32,
-    /// First block of this dispatch (tiled: block `kb` of [`attention_back_tiles`]`.0` own rows
-    /// of sequence `b` is numbered `kb · B + b`, so a dispatch holds blocks of similar causal
-    /// work from every sequence; rows: first row). Own rows are query rows for dq, key
-    /// rows for dk/dv.
-    pub blk_start: u32,
-    /// Blocks in this dispatch (tiled: workgroups = blocks × heads of the pass; rows: rows).
-    pub n_blk: u32,
-    /// Score scale.
-    pub scale: f32,
-    pub _pad0: u32,
-}
+/// Params of `kernels/attention_back.wgsl` and `attention_back_rows.wgsl`: the forward's.
+pub type AttnBackParams = AttentionParams;
 
 /// GPU (f32, recomputed probabilities from an f32 lse) vs the f64 reference, O(1) inputs,
 /// L ≲ 64: gradients are sums of ≤ L·group terms of size O(1).
@@ -345,36 +324,11 @@ pub fn attention_backward_with(
             let blocks = end - start;
             let bufs = [q, k, v, dout, lsed, lens, out_a, out_b];
             let g = groups((blocks * heads) as u32);
-            dispatch_pass(rec, &p, shape, bufs, start, blocks, g)?;
+            dispatch_attention(rec, &p, shape, &bufs, start, blocks, g)?;
             start = end;
         }
     }
     Ok(())
-}
-
-/// Records one dispatch of a dq or dk/dv pass (either form) over `n` blocks or rows from
-/// `start`. `bufs`: q, k, v, dout, lsed, lens, then the pass's two outputs.
-fn dispatch_pass(
-    rec: &mut Recorder<'_>,
-    p: &std::sync::Arc<crate::gpu::registry::Pipeline>,
-    shape: &AttnShape,
-    bufs: [&GpuBuf; 8],
-    start: usize,
-    n: usize,
-    groups: [u32; 3],
-) -> Result<(), GpuError> {
-    let params = AttnBackParams {
-        n_seq: shape.n_seq as u32,
-        seq_len: shape.seq_len as u32,
-        n_head: shape.n_head as u32,
-        n_head_kv: shape.n_head_kv as u32,
-        blk_start: start as u32,
-        n_blk: n as u32,
-        scale: shape.scale,
-        _pad0: 0,
-    };
-    let binds: Vec<Bind<'_>> = bufs.iter().map(|&b| Bind::Whole(b)).collect();
-    rec.dispatch(p, &binds, &params, groups)
 }
 
 /// The dq and dk/dv passes of `kernels/attention_back_rows.wgsl`; `bufs`: q, k, v, dout, lsed,
@@ -408,7 +362,7 @@ fn record_rows(
             let rows = step.min(t - start);
             let bufs = [q, k, v, dout, lsed, lens, out_a, out_b];
             let g = groups(((rows * heads) as u32).div_ceil(64));
-            dispatch_pass(rec, &p, shape, bufs, start, rows, g)?;
+            dispatch_attention(rec, &p, shape, &bufs, start, rows, g)?;
             start += rows;
         }
     }
