@@ -227,6 +227,23 @@ struct AttnCase {
 /// Both forms of the dq and dk/dv passes, whatever the adapter would pick.
 const ATTN_BACK_KERNELS: [AttnBackKernel; 2] = [AttnBackKernel::Rows, AttnBackKernel::Tiled];
 
+/// Random q, k, v and dO for shape `s` (drawn in that order), O(1) entries.
+fn attn_inputs(rng: &mut Rng, s: &AttnShape) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let t = s.n_rows();
+    let (qn, kn) = (t * s.n_head * s.head_dim, t * s.n_head_kv * s.head_dim);
+    let q = rng.normal_vec(qn, 1.0);
+    let k = rng.normal_vec(kn, 1.0);
+    let v = rng.normal_vec(kn, 1.0);
+    (q, k, v, rng.normal_vec(qn, 1.0))
+}
+
+/// dq, dk, dv of the GPU against the f64 reference at `ATTENTION_BACK_TOL`.
+fn assert_grads_close(what: &str, got: (&[f32], &[f32], &[f32]), want: (&[f32], &[f32], &[f32])) {
+    assert_close(&format!("{what} dq"), got.0, want.0, ATTENTION_BACK_TOL);
+    assert_close(&format!("{what} dk"), got.1, want.1, ATTENTION_BACK_TOL);
+    assert_close(&format!("{what} dv"), got.2, want.2, ATTENTION_BACK_TOL);
+}
+
 fn attention_back_gpu(
     gpu: &Gpu,
     c: &AttnCase,
@@ -293,11 +310,7 @@ fn attention_backward_matches_reference_padded_gqa() {
     ];
     for c in &cases {
         let s = &c.shape;
-        let t = s.n_rows();
-        let q = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
-        let k = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
-        let v = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
-        let dout = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
+        let (q, k, v, dout) = attn_inputs(&mut rng, s);
         let (wq, wk, wv) = attention_backward_ref(s, &q, &k, &v, &dout, &c.lens);
         for kernel in ATTN_BACK_KERNELS {
             let (dq, dk, dv) = attention_back_gpu(&gpu, c, kernel, &q, &k, &v, &dout);
@@ -305,19 +318,13 @@ fn attention_backward_matches_reference_padded_gqa() {
                 "{kernel:?} attention back B {} L {} heads {}/{} hd {}",
                 s.n_seq, s.seq_len, s.n_head, s.n_head_kv, s.head_dim
             );
-            assert_close(&format!("{what} dq"), &dq, &wq, ATTENTION_BACK_TOL);
-            assert_close(&format!("{what} dk"), &dk, &wk, ATTENTION_BACK_TOL);
-            assert_close(&format!("{what} dv"), &dv, &wv, ATTENTION_BACK_TOL);
+            assert_grads_close(&what, (&dq, &dk, &dv), (&wq, &wk, &wv));
         }
     }
     // Deterministic: the same inputs give the same bits (different split, same sums).
     let c = &cases[0];
     let s = &c.shape;
-    let t = s.n_rows();
-    let q = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
-    let k = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
-    let v = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
-    let dout = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
+    let (q, k, v, dout) = attn_inputs(&mut rng, s);
     for kernel in ATTN_BACK_KERNELS {
         let a = attention_back_gpu(&gpu, c, kernel, &q, &k, &v, &dout);
         let b = attention_back_gpu(
@@ -382,11 +389,7 @@ fn attention_backward_tiled_shapes_match_reference() {
     ];
     for c in &cases {
         let s = &c.shape;
-        let t = s.n_rows();
-        let q = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
-        let k = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
-        let v = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
-        let dout = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
+        let (q, k, v, dout) = attn_inputs(&mut rng, s);
         let (wq, wk, wv) = attention_backward_ref(s, &q, &k, &v, &dout, &c.lens);
         for kernel in ATTN_BACK_KERNELS {
             // The per-row kernel's large-head_dim pipelines are slow for lavapipe to compile
@@ -399,19 +402,13 @@ fn attention_backward_tiled_shapes_match_reference() {
                 "{kernel:?} attention back B {} L {} lens {:?} heads {}/{} hd {} split {}",
                 s.n_seq, s.seq_len, c.lens, s.n_head, s.n_head_kv, s.head_dim, c.split
             );
-            assert_close(&format!("{what} dq"), &dq, &wq, ATTENTION_BACK_TOL);
-            assert_close(&format!("{what} dk"), &dk, &wk, ATTENTION_BACK_TOL);
-            assert_close(&format!("{what} dv"), &dv, &wv, ATTENTION_BACK_TOL);
+            assert_grads_close(&what, (&dq, &dk, &dv), (&wq, &wk, &wv));
         }
     }
     // The SmolLM2-shaped case gives the same bits however the blocks are split into dispatches.
     let c = &cases[0];
     let s = &c.shape;
-    let t = s.n_rows();
-    let q = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
-    let k = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
-    let v = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
-    let dout = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
+    let (q, k, v, dout) = attn_inputs(&mut rng, s);
     for kernel in ATTN_BACK_KERNELS {
         let a = attention_back_gpu(&gpu, c, kernel, &q, &k, &v, &dout);
         for split in [1, 16, 40] {
@@ -445,16 +442,10 @@ fn attention_backward_tiled_head_dim_512() {
         split: usize::MAX,
     };
     let s = &c.shape;
-    let t = s.n_rows();
-    let q = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
-    let k = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
-    let v = rng.normal_vec(t * s.n_head_kv * s.head_dim, 1.0);
-    let dout = rng.normal_vec(t * s.n_head * s.head_dim, 1.0);
+    let (q, k, v, dout) = attn_inputs(&mut rng, s);
     let (wq, wk, wv) = attention_backward_ref(s, &q, &k, &v, &dout, &c.lens);
     let (dq, dk, dv) = attention_back_gpu(&gpu, &c, AttnBackKernel::Tiled, &q, &k, &v, &dout);
-    assert_close("tiled hd 512 dq", &dq, &wq, ATTENTION_BACK_TOL);
-    assert_close("tiled hd 512 dk", &dk, &wk, ATTENTION_BACK_TOL);
-    assert_close("tiled hd 512 dv", &dv, &wv, ATTENTION_BACK_TOL);
+    assert_grads_close("tiled hd 512", (&dq, &dk, &dv), (&wq, &wk, &wv));
 }
 
 #[test]
