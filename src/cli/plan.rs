@@ -123,18 +123,8 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
         None | Some("auto") => bfpo_lite::run::engine::AUTO_ACTIVATION_MEMORY_GPU,
         Some(s) => parse_size(s)?,
     };
-    let mut distinct = input.targets.clone();
-    distinct.sort();
-    distinct.dedup();
-    let visited = input.cfg.n_layer - layers.iter().copied().min().unwrap_or(input.cfg.n_layer);
-    let (kept, kept_bytes) = bfpo_lite::gpu::forward::Workspace::layers_within(
-        &input.cfg,
-        2 * input.pairs_per_step * input.max_len,
-        input.rank,
-        distinct.len(),
-        visited,
-        budget,
-    );
+    let lowest = layers.iter().copied().min().unwrap_or(input.cfg.n_layer);
+    let kept = memory::kept_activations(&input, lowest, budget);
     let device_mem = args.device_mem.as_deref().map(parse_size).transpose()?;
     let fit = device_mem.map(|m| plan.fits(&limits, m));
 
@@ -144,12 +134,7 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
             "plan": plan,
             "limits": limits,
             "device_mem": device_mem,
-            "activations": {
-                "budget_bytes": budget,
-                "kept_layers": kept,
-                "visited_layers": visited,
-                "kept_bytes": kept_bytes,
-            },
+            "activations": kept,
             "fits": fit.as_ref().map(|r| r.is_ok()),
             "error": fit.as_ref().and_then(|r| r.as_ref().err().map(|e| e.to_string())),
         });
@@ -179,10 +164,12 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
         }
         println!("  {:<w$}  {:>10}", "total", fmt_bytes(plan.total));
         println!(
-            "  then, on a GPU, activations kept for the backward: {kept} of the {visited} layers it visits ({} within --activation-memory {}){}",
-            fmt_bytes(kept_bytes),
+            "  then, on a GPU, activations kept for the backward: {} of the {} layers it visits ({} within --activation-memory {}){}",
+            kept.kept_layers,
+            kept.visited_layers,
+            fmt_bytes(kept.kept_bytes),
             fmt_bytes(budget),
-            if kept < visited {
+            if kept.kept_layers < kept.visited_layers {
                 "; the others are recomputed"
             } else {
                 ""

@@ -166,6 +166,45 @@ pub enum PlanError {
     BadInput(String),
 }
 
+/// Layers that keep their activations for the backward under an activation budget, at a
+/// plan's largest micro-step (the GPU engine's rule, `gpu::backward::layers_to_keep`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct KeptActivations {
+    pub budget_bytes: u64,
+    /// Layers keeping theirs.
+    pub kept_layers: usize,
+    /// Layers the backward goes through: from `lowest_layer`, the lowest adapted one, up.
+    pub visited_layers: usize,
+    pub kept_bytes: u64,
+}
+
+/// [`KeptActivations`] of `input` (`2 · pairs_per_step · max_len` rows, its rank and distinct
+/// targets) when the lowest adapted layer is `lowest_layer` and the budget `budget_bytes`.
+pub fn kept_activations(
+    input: &PlanInput,
+    lowest_layer: usize,
+    budget_bytes: u64,
+) -> KeptActivations {
+    let mut targets = input.targets.clone();
+    targets.sort();
+    targets.dedup();
+    let visited_layers = input.cfg.n_layer.saturating_sub(lowest_layer);
+    let (kept_layers, kept_bytes) = crate::gpu::forward::Workspace::layers_within(
+        &input.cfg,
+        2 * input.pairs_per_step * input.max_len,
+        input.rank,
+        targets.len(),
+        visited_layers,
+        budget_bytes,
+    );
+    KeptActivations {
+        budget_bytes,
+        kept_layers,
+        visited_layers,
+        kept_bytes,
+    }
+}
+
 /// `1.23 GiB`, `45.6 MiB`, `789 KiB`, `12 B`.
 pub fn fmt_bytes(b: u64) -> String {
     const K: f64 = 1024.0;

@@ -342,26 +342,18 @@ impl TuneJob {
 /// (the engine decides per micro-step with the same rule, so shorter batches may keep more):
 /// of the layers the backward visits, from the lowest adapted one up.
 fn activations_event(plan: &Plan, lora: &LoraSpec, budget_bytes: u64) -> Event {
-    let i = &plan.input;
-    let rows = 2 * i.pairs_per_step * i.max_len;
-    let mut targets = i.targets.clone();
-    targets.sort();
-    targets.dedup();
-    let lowest = lora.layers.iter().copied().min().unwrap_or(i.cfg.n_layer);
-    let visited = i.cfg.n_layer.saturating_sub(lowest);
-    let (kept_layers, kept_bytes) = crate::gpu::forward::Workspace::layers_within(
-        &i.cfg,
-        rows,
-        i.rank,
-        targets.len(),
-        visited,
-        budget_bytes,
-    );
+    let lowest = lora
+        .layers
+        .iter()
+        .copied()
+        .min()
+        .unwrap_or(plan.input.cfg.n_layer);
+    let k = memory::kept_activations(&plan.input, lowest, budget_bytes);
     Event::Activations {
         budget_bytes,
-        kept_layers,
-        n_layer: visited,
-        kept_bytes,
+        kept_layers: k.kept_layers,
+        n_layer: k.visited_layers,
+        kept_bytes: k.kept_bytes,
     }
 }
 
