@@ -9,7 +9,10 @@
 // tokens: every x element loaded is used for 8 rows and every dequantized weight group for 8
 // tokens, from registers (64 outputs per invocation). The x addresses are the same in every
 // invocation of a workgroup (a broadcast; matmul_sg.wgsl instead loads each x element once per
-// subgroup and broadcasts it with subgroupBroadcast). There is no early return: out-of-range rows and
+// subgroup and broadcasts it with subgroupBroadcast). That is the GPU tile (entry point `main`);
+// CPU adapters run `main_narrow` (matmul_common.wgsl's matmul_body_narrow: 4 rows × 16 tokens per
+// invocation, 128 rows × 16 tokens per workgroup), which adds the same terms in the same order.
+// There is no early return: out-of-range rows and
 // tokens are clamped to the last valid one (the same control flow everywhere) and not written.
 // Each output is summed over i in increasing 8-element groups: results are deterministic.
 //
@@ -34,4 +37,9 @@ fn load_x4(r0: u32, r1: u32, r2: u32, r3: u32, g: u32, k: u32) -> X4 {
 @compute @workgroup_size(32)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     matmul_body(wg, lid, 0u);
+}
+
+@compute @workgroup_size(32)
+fn main_narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    matmul_body_narrow(wg, lid, 0u);
 }

@@ -60,7 +60,8 @@ fn store(z0: u32, r: u32, t_first: u32, acc: vec4<f32>) {
     }
 }
 
-// The kernel body; `k` is the invocation's lane mod 8 (used by the subgroup x loader).
+// The kernel body for GPUs (entry point `main`): 8 rows × 8 tokens per invocation; `k` is the
+// invocation's lane mod 8 (used by the subgroup x loader).
 fn matmul_body(wg: vec3<u32>, lid: vec3<u32>, k: u32) {
     let r = wg.x * 256u + lid.x; // rows r, r + 32, …, r + 224, relative to row0
     let t = wg.y * 8u;           // tokens t .. t + 7, relative to t0
@@ -115,4 +116,68 @@ fn matmul_body(wg: vec3<u32>, lid: vec3<u32>, k: u32) {
     store(z0, r + 160u, t, a5); store(z0, r + 160u, t + 4u, c5);
     store(z0, r + 192u, t, a6); store(z0, r + 192u, t + 4u, c6);
     store(z0, r + 224u, t, a7); store(z0, r + 224u, t + 4u, c7);
+}
+
+// The kernel body for CPU adapters (entry point `main_narrow`): 4 rows (r, r + 32, r + 64, r + 96)
+// × 16 tokens per invocation, so a workgroup owns 128 rows and 16 tokens. On lavapipe every
+// invocation is one SIMD lane, each weight load costs a loop over the lanes and the 64
+// accumulators must stay in the CPU's vector registers: fewer rows per invocation halve the
+// weight loads per output and more tokens spread each decoded weight group over more outputs.
+// Each output is the same sum in the same order as in matmul_body: identical results.
+fn matmul_body_narrow(wg: vec3<u32>, lid: vec3<u32>, k: u32) {
+    let r = wg.x * 128u + lid.x; // rows r, r + 32, r + 64, r + 96, relative to row0
+    let t = wg.y * 16u;          // tokens t .. t + 15, relative to t0
+    let last = p.n_rows - 1u;
+    let b0 = (p.row0 + min(r, last)) * p.row_bytes;
+    let b1 = (p.row0 + min(r + 32u, last)) * p.row_bytes;
+    let b2 = (p.row0 + min(r + 64u, last)) * p.row_bytes;
+    let b3 = (p.row0 + min(r + 96u, last)) * p.row_bytes;
+    let n4 = x_row_len();
+    let tl = p.n_tokens - 1u;
+    let x0 = (p.t0 + t) * n4;
+    let x1 = (p.t0 + min(t + 1u, tl)) * n4;
+    let x2 = (p.t0 + min(t + 2u, tl)) * n4;
+    let x3 = (p.t0 + min(t + 3u, tl)) * n4;
+    let x4 = (p.t0 + min(t + 4u, tl)) * n4;
+    let x5 = (p.t0 + min(t + 5u, tl)) * n4;
+    let x6 = (p.t0 + min(t + 6u, tl)) * n4;
+    let x7 = (p.t0 + min(t + 7u, tl)) * n4;
+    let x8 = (p.t0 + min(t + 8u, tl)) * n4;
+    let x9 = (p.t0 + min(t + 9u, tl)) * n4;
+    let x10 = (p.t0 + min(t + 10u, tl)) * n4;
+    let x11 = (p.t0 + min(t + 11u, tl)) * n4;
+    let x12 = (p.t0 + min(t + 12u, tl)) * n4;
+    let x13 = (p.t0 + min(t + 13u, tl)) * n4;
+    let x14 = (p.t0 + min(t + 14u, tl)) * n4;
+    let x15 = (p.t0 + min(t + 15u, tl)) * n4;
+    // acc<row><token quad>
+    let z = vec4<f32>(0.0);
+    var a0 = z; var c0 = z; var e0 = z; var f0 = z;
+    var a1 = z; var c1 = z; var e1 = z; var f1 = z;
+    var a2 = z; var c2 = z; var e2 = z; var f2 = z;
+    var a3 = z; var c3 = z; var e3 = z; var f3 = z;
+    let g_first = wg.z * p.k_groups;
+    let g_end = min(g_first + p.k_groups, p.n_in / 8u);
+    for (var g = g_first; g < g_end; g++) {
+        let u = load_x4(x0, x1, x2, x3, g, k);
+        let v = load_x4(x4, x5, x6, x7, g, k);
+        let m = load_x4(x8, x9, x10, x11, g, k);
+        let n = load_x4(x12, x13, x14, x15, g, k);
+        var w = dq8_${WTYPE}(b0, g);
+        a0 += dot4(w, u); c0 += dot4(w, v); e0 += dot4(w, m); f0 += dot4(w, n);
+        w = dq8_${WTYPE}(b1, g);
+        a1 += dot4(w, u); c1 += dot4(w, v); e1 += dot4(w, m); f1 += dot4(w, n);
+        w = dq8_${WTYPE}(b2, g);
+        a2 += dot4(w, u); c2 += dot4(w, v); e2 += dot4(w, m); f2 += dot4(w, n);
+        w = dq8_${WTYPE}(b3, g);
+        a3 += dot4(w, u); c3 += dot4(w, v); e3 += dot4(w, m); f3 += dot4(w, n);
+    }
+    let z0 = wg.z * p.z_stride;
+    store(z0, r, t, a0); store(z0, r, t + 4u, c0); store(z0, r, t + 8u, e0); store(z0, r, t + 12u, f0);
+    store(z0, r + 32u, t, a1); store(z0, r + 32u, t + 4u, c1);
+    store(z0, r + 32u, t + 8u, e1); store(z0, r + 32u, t + 12u, f1);
+    store(z0, r + 64u, t, a2); store(z0, r + 64u, t + 4u, c2);
+    store(z0, r + 64u, t + 8u, e2); store(z0, r + 64u, t + 12u, f2);
+    store(z0, r + 96u, t, a3); store(z0, r + 96u, t + 4u, c3);
+    store(z0, r + 96u, t + 8u, e3); store(z0, r + 96u, t + 12u, f3);
 }

@@ -42,3 +42,12 @@ fn main(
 ) {
     matmul_body(wg, lid, sid & 7u);
 }
+
+@compute @workgroup_size(32)
+fn main_narrow(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(subgroup_invocation_id) sid: u32,
+) {
+    matmul_body_narrow(wg, lid, sid & 7u);
+}

@@ -3,15 +3,17 @@
 //! does) and `matmul.wgsl` / `matmul_back.wgsl` (the fallbacks). They must give bit-identical
 //! results (same sums in the same order), and the fallbacks must match the f64 reference like
 //! the subgroup paths do in gpu_matmul.rs. The forward is checked both in one pass and split over
-//! n_in (split-K: the same kernels with K chunks, then `matmul_reduce.wgsl`).
+//! n_in (split-K: the same kernels with K chunks, then `matmul_reduce.wgsl`). The forward kernels
+//! have two tiles (`FwdTile`: GPUs' wide one, CPU adapters' narrow one); every combination must
+//! give the same bits.
 
 #[path = "common/gpu.rs"]
 mod common;
 
 use bfpo_lite::gguf::GgmlType;
 use bfpo_lite::gpu::ops::matmul::{
-    GpuWeight, SplitK, TEST_NO_SUBGROUPS, matmul, matmul_back_input, matmul_back_input_ref,
-    matmul_ref, matmul_split,
+    GpuWeight, SplitK, TEST_FWD_TILE, TEST_NO_SUBGROUPS, matmul, matmul_back_input,
+    matmul_back_input_ref, matmul_ref, matmul_split,
 };
 use bfpo_lite::util::{Rng, Tol, assert_close};
 use std::sync::atomic::Ordering;
@@ -19,7 +21,7 @@ use std::sync::atomic::Ordering;
 #[test]
 fn subgroup_and_fallback_kernels_agree_bit_for_bit() {
     let gpu = common::gpu();
-    // Awkward sizes: rows not a multiple of the 256-row workgroup, tokens not of 8.
+    // Awkward sizes: rows not a multiple of the 256- or 128-row workgroups, tokens not of 8 or 16.
     let (n_in, n_out, n_tokens) = (256, 300, 13);
     for (i, ty) in [
         // One per decoder family (legacy 4-bit, 8-bit, K-quant, half); each adds four
@@ -55,8 +57,18 @@ fn subgroup_and_fallback_kernels_agree_bit_for_bit() {
         let b0 = rng.normal_vec(n_out, 1.0);
         let bias = gpu.upload("bias", &b0).unwrap();
         let (mut out, mut back, mut split) = (Vec::new(), Vec::new(), Vec::new());
-        for plain in [false, true] {
+        // (subgroups off, forward tile): the first two use the device's tile, then each tile is
+        // forced with and without subgroups.
+        for (plain, tile) in [
+            (false, 0),
+            (true, 0),
+            (false, 1),
+            (false, 2),
+            (true, 1),
+            (true, 2),
+        ] {
             TEST_NO_SUBGROUPS.store(plain, Ordering::SeqCst);
+            TEST_FWD_TILE.store(tile, Ordering::SeqCst);
             let y = gpu.alloc("y", (n_tokens * n_out * 4) as u64).unwrap();
             let ys = gpu.upload("ys", &y0).unwrap();
             let dx = gpu.alloc("dx", (n_tokens * n_in * 4) as u64).unwrap();
@@ -83,6 +95,13 @@ fn subgroup_and_fallback_kernels_agree_bit_for_bit() {
             split.push(gpu.read::<f32>(&ys).unwrap());
         }
         TEST_NO_SUBGROUPS.store(false, Ordering::SeqCst);
+        TEST_FWD_TILE.store(0, Ordering::SeqCst);
+        for i in 2..out.len() {
+            assert!(
+                out[i] == out[0] && split[i] == split[0] && back[i] == back[0],
+                "{ty}: forward tile / kernel combination {i} differs from the device's choice"
+            );
+        }
         // gpu_matmul.rs's tolerances: half types 2e-5, quantized 5e-5.
         let tol = if ty == GgmlType::F16 {
             Tol::new(2e-5, 2e-5)

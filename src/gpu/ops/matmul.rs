@@ -26,10 +26,69 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// ~10–40 ms on a laptop GPU running these kernels.
 pub const MAX_DISPATCH_FLOPS: u64 = 1 << 31;
 
-/// Rows per workgroup in `matmul.wgsl` (32 invocations × 8 rows).
-const FWD_ROWS_PER_WG: usize = 256;
-/// Tokens per workgroup in `matmul.wgsl`.
-const FWD_TOKENS_PER_WG: usize = 8;
+/// The forward kernel's tile: which entry point of `matmul.wgsl` / `matmul_sg.wgsl` runs, and the
+/// weight rows and tokens one workgroup of 32 invocations covers. Both tiles add every output's
+/// terms in the same order, so they give identical results.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FwdTile {
+    /// `main`: 8 rows × 8 tokens per invocation (256 rows × 8 tokens per workgroup), for GPUs.
+    Wide,
+    /// `main_narrow`: 4 rows × 16 tokens per invocation (128 rows × 16 tokens per workgroup), for
+    /// CPU adapters: on lavapipe it is 10–90 % faster at real shapes (half the weight loads per
+    /// output, and accumulators that fit the vector registers; `cargo bench --bench matmul`).
+    Narrow,
+}
+
+/// Tests set this to force a forward tile (0: the device's, 1: [`FwdTile::Wide`], 2:
+/// [`FwdTile::Narrow`]); both give the same bits.
+#[doc(hidden)]
+pub static TEST_FWD_TILE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+impl FwdTile {
+    /// [`FwdTile::Narrow`] on CPU adapters, [`FwdTile::Wide`] on GPUs. `BFPO_MATMUL_TILE=wide` or
+    /// `=narrow` overrides the choice (for benches; other values are ignored).
+    pub fn for_gpu(gpu: &Gpu) -> FwdTile {
+        match TEST_FWD_TILE.load(Ordering::Relaxed) {
+            1 => return FwdTile::Wide,
+            2 => return FwdTile::Narrow,
+            _ => {}
+        }
+        match std::env::var("BFPO_MATMUL_TILE").as_deref() {
+            Ok("wide") => return FwdTile::Wide,
+            Ok("narrow") => return FwdTile::Narrow,
+            _ => {}
+        }
+        if gpu.info.device_type == wgpu::DeviceType::Cpu {
+            FwdTile::Narrow
+        } else {
+            FwdTile::Wide
+        }
+    }
+
+    /// The entry point.
+    pub fn entry(self) -> &'static str {
+        match self {
+            FwdTile::Wide => "main",
+            FwdTile::Narrow => "main_narrow",
+        }
+    }
+
+    /// Weight rows per workgroup.
+    pub fn rows(self) -> usize {
+        match self {
+            FwdTile::Wide => 256,
+            FwdTile::Narrow => 128,
+        }
+    }
+
+    /// Tokens per workgroup.
+    pub fn tokens(self) -> usize {
+        match self {
+            FwdTile::Wide => 8,
+            FwdTile::Narrow => 16,
+        }
+    }
+}
 /// Rows per workgroup in `matmul_reduce.wgsl` (one token per workgroup).
 const REDUCE_ROWS_PER_WG: usize = 64;
 /// Split-K target on GPUs: K chunks are added until (rows / 8) × chunks, the forward kernel's
@@ -463,7 +522,8 @@ fn forward(
     } else {
         kernel_source!("matmul")
     };
-    let pipe = gpu.pipeline(&kernel, "main", &type_define(w.ty))?;
+    let tile = FwdTile::for_gpu(gpu);
+    let pipe = gpu.pipeline(&kernel, tile.entry(), &type_define(w.ty))?;
     let row_bytes = w.row_bytes();
     let n_groups = w.n_in / 8;
     // K chunks are workgroup z: at most 65,535 of them.
@@ -473,7 +533,7 @@ fn forward(
     // Rows per dispatch with all tokens; if even one workgroup of rows is too much, split tokens
     // (in multiples of 64, so window offsets stay aligned).
     let budget = (MAX_DISPATCH_FLOPS / flops_per_row_token) as usize; // row·tokens per dispatch
-    let row_step = round_down(budget / n_tokens, FWD_ROWS_PER_WG);
+    let row_step = round_down(budget / n_tokens, tile.rows());
     let mut tok_step = round_down(budget / row_step, 64).min(token_window(
         gpu,
         &what,
@@ -519,8 +579,8 @@ fn forward(
         for rp in pieces(local.len(), row_step) {
             for tp in pieces(n_tokens, tok_step) {
                 let groups = [
-                    rp.len().div_ceil(FWD_ROWS_PER_WG) as u32,
-                    tp.len().div_ceil(FWD_TOKENS_PER_WG) as u32,
+                    rp.len().div_ceil(tile.rows()) as u32,
+                    tp.len().div_ceil(tile.tokens()) as u32,
                     n_parts as u32,
                 ];
                 let xw = (w.n_in * 4) as u64;
