@@ -18,10 +18,10 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> rstd: array<f32>;  // rstd: [n_rows] f32
 @group(0) @binding(4) var<uniform> p: Params;
 
-const WG: u32 = 256u;
+const WG: u32 = ${WG}u; // invocations per workgroup (a power of two; rmsnorm::norm_workgroup)
 var<workgroup> partial: array<f32, WG>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
     let row = linear_id(wg, nwg);

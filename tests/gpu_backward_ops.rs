@@ -17,7 +17,7 @@ use bfpo_lite::gpu::ops::logprob_back::{
     scatter_rows,
 };
 use bfpo_lite::gpu::ops::matmul::GpuWeight;
-use bfpo_lite::gpu::ops::rmsnorm::rmsnorm;
+use bfpo_lite::gpu::ops::rmsnorm::{RMSNORM_TOL, TEST_NORM_WORKGROUP, rmsnorm, rmsnorm_ref};
 use bfpo_lite::gpu::ops::rmsnorm_back::{
     RMSNORM_BACK_TOL, RmsNormBackParams, rmsnorm_backward, rmsnorm_backward_ref,
 };
@@ -28,6 +28,7 @@ use bfpo_lite::gpu::ops::swiglu_back::{
 };
 use bfpo_lite::model::RopeKind;
 use bfpo_lite::util::{Rng, Tol, assert_close};
+use std::sync::atomic::Ordering;
 
 #[test]
 fn params_layouts() {
@@ -50,6 +51,18 @@ fn rms_back(
     eps: f32,
     init: Option<&[f32]>,
 ) -> Vec<f32> {
+    rms_both(gpu, x, w, dy, eps, init).2
+}
+
+/// As [`rms_back`], returning the forward's y and rstd too.
+fn rms_both(
+    gpu: &Gpu,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    eps: f32,
+    init: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let dim = w.len();
     let rows = x.len() / dim;
     let xb = gpu.upload("x", x).unwrap();
@@ -77,7 +90,44 @@ fn rms_back(
     )
     .unwrap();
     rec.run("rmsnorm backward test").unwrap();
-    gpu.read(&dxb).unwrap()
+    (
+        gpu.read(&yb).unwrap(),
+        gpu.read(&rb).unwrap(),
+        gpu.read(&dxb).unwrap(),
+    )
+}
+
+#[test]
+fn rmsnorm_every_workgroup_size_matches_reference() {
+    // GPUs use 256 invocations per row, CPU adapters 8 (rmsnorm::norm_workgroup); both, and a
+    // size between, must match the f64 reference forward and backward, and repeat bit for bit.
+    let gpu = common::gpu::gpu();
+    let mut rng = Rng::new(102);
+    for wg in [256u32, 32, 8] {
+        TEST_NORM_WORKGROUP.store(wg, Ordering::SeqCst);
+        for (rows, dim) in [
+            (1usize, 1usize),
+            (3, 7),
+            (5, 255),
+            (2, 257),
+            (17, 600),
+            (4, 2048),
+        ] {
+            let x = rng.normal_vec(rows * dim, 1.5);
+            let w: Vec<f32> = (0..dim).map(|_| rng.uniform(0.5, 1.5)).collect();
+            let dy = rng.normal_vec(rows * dim, 1.0);
+            let (y, rstd, dx) = rms_both(&gpu, &x, &w, &dy, 1e-5, None);
+            let (want_y, want_r) = rmsnorm_ref(&x, &w, dim, 1e-5);
+            let what = format!("workgroup {wg}, rmsnorm [{rows},{dim}]");
+            assert_close(&format!("{what} y"), &y, &want_y, RMSNORM_TOL);
+            assert_close(&format!("{what} rstd"), &rstd, &want_r, RMSNORM_TOL);
+            let want_dx = rmsnorm_backward_ref(&x, &w, 1e-5, &dy);
+            assert_close(&format!("{what} dx"), &dx, &want_dx, RMSNORM_BACK_TOL);
+            let again = rms_both(&gpu, &x, &w, &dy, 1e-5, None);
+            assert!(again == (y, rstd, dx), "{what}: not deterministic");
+        }
+    }
+    TEST_NORM_WORKGROUP.store(0, Ordering::SeqCst);
 }
 
 #[test]

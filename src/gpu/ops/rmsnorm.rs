@@ -1,5 +1,6 @@
 //! RMSNorm `y = x / sqrt(mean(x²) + eps) · w` over rows, keeping the per-row `1/rms` (rstd) for
-//! the backward pass. Kernel: `kernels/rmsnorm.wgsl` (one workgroup per row, tree reduction).
+//! the backward pass. Kernel: `kernels/rmsnorm.wgsl` (one workgroup per row, tree reduction;
+//! [`norm_workgroup`] invocations per workgroup).
 
 use super::check::need_words;
 use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder, groups};
@@ -17,6 +18,23 @@ pub struct RmsNormParams {
     /// Added to mean(x²) inside the square root.
     pub eps: f32,
     pub _pad0: u32,
+}
+
+/// Tests set this to force the workgroup size of the RMSNorm kernels (0: the device's).
+#[doc(hidden)]
+pub static TEST_NORM_WORKGROUP: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Invocations per workgroup of `kernels/rmsnorm.wgsl` and `kernels/rmsnorm_back.wgsl`: 256 on
+/// GPUs, 8 on CPU adapters. lavapipe runs a workgroup as SIMD groups of 8 that switch at every
+/// barrier, so 8 invocations (one SIMD group) and 4 barriers per row cost far less than 256 and 9 (the loads
+/// are the same); the tree's shape changes the sum's rounding, so results are deterministic per
+/// device, not across devices.
+pub fn norm_workgroup(gpu: &Gpu) -> u32 {
+    match TEST_NORM_WORKGROUP.load(std::sync::atomic::Ordering::Relaxed) {
+        0 if gpu.info.device_type == wgpu::DeviceType::Cpu => 8,
+        0 => 256,
+        n => n,
+    }
 }
 
 /// GPU (f32, tree-summed) vs the f64 reference, for rows of ≤ a few thousand O(1) values.
@@ -45,7 +63,8 @@ pub fn rmsnorm(
     need_words("rmsnorm", w, dim, &shape)?;
     need_words("rmsnorm", y, n_rows * dim, &shape)?;
     need_words("rmsnorm", rstd, n_rows, &shape)?;
-    let p = gpu.pipeline(&kernel_source!("rmsnorm"), "main", &[])?;
+    let wg = [("WG", norm_workgroup(gpu).to_string())];
+    let p = gpu.pipeline(&kernel_source!("rmsnorm"), "main", &wg)?;
     let params = RmsNormParams {
         n_rows: n_rows as u32,
         dim: dim as u32,

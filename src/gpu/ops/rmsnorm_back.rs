@@ -49,7 +49,8 @@ pub fn rmsnorm_backward(
     need_words(op, rstd, n_rows, &shape)?;
     need_words(op, dy, n_rows * dim, &shape)?;
     need_words(op, dx, n_rows * dim, &shape)?;
-    let p = gpu.pipeline(&kernel_source!("rmsnorm_back"), "main", &[])?;
+    let wg = [("WG", super::rmsnorm::norm_workgroup(gpu).to_string())];
+    let p = gpu.pipeline(&kernel_source!("rmsnorm_back"), "main", &wg)?;
     rec.dispatch(
         &p,
         &[
