@@ -51,6 +51,11 @@ fn qwen05b_target_plans_under_1_5_gb_with_hand_computed_items() {
     );
     // LM head chunk [1024, 8192] f32.
     assert_eq!(p.item("LM head logits chunk"), Some(1024 * 8192 * 4));
+    // Kernel scratch: the LoRA gradient partials, room for 64 partials of the widest tensor
+    // (gate/up/down B or A: 16·4864 f32 = 311,296 B; 64 of them = 19.9 MB) capped at 16 MiB,
+    // and the split-K partial sums' 32 MiB bound.
+    assert_eq!(p.item("LoRA gradient scratch"), Some(16 << 20));
+    assert_eq!(p.item("matmul split-K scratch"), Some(32 << 20));
 
     let sum: u64 = p.items.iter().map(|i| i.bytes).sum();
     assert_eq!(p.total, sum);

@@ -471,7 +471,23 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     push(&mut items, "Adam moments m, v", 2 * lp, "2 × params".into());
     if lora_largest > 0 {
         bind(&mut bindings, "largest LoRA A or B".into(), lora_largest);
+        // The chunked token reductions of the weight gradients share one scratch buffer.
+        let scratch = crate::gpu::ops::lora::grad_scratch_bytes(lora_largest / f);
+        push(
+            &mut items,
+            "LoRA gradient scratch",
+            scratch,
+            "partial sums of the token reductions, shared by every adapted tensor".into(),
+        );
     }
+    // Split-K partial sums of the forward matmuls (GPUs; CPU adapters never split): at most this,
+    // whatever the model, longer token ranges going in windows.
+    push(
+        &mut items,
+        "matmul split-K scratch",
+        crate::gpu::ops::matmul::SPLIT_K_SCRATCH_BYTES,
+        "at most; GPUs only (CPU adapters never split)".into(),
+    );
 
     // Checkpoints.
     let ckpt_one = rows * d * f;

@@ -23,6 +23,14 @@ const MIN_CHUNK: usize = 64;
 /// Upper bound of the shared gradient scratch (bytes); fewer chunks fit larger tensors.
 const MAX_SCRATCH: u64 = 16 << 20;
 
+/// Bytes of an adapter's shared gradient scratch (partial sums of the chunked token reductions)
+/// when its widest trained A or B holds `widest` f32 (rank × the longer side): room for
+/// [`MAX_CHUNKS`] partials, capped at 16 MiB unless one partial is larger. The device's binding
+/// limit caps it further. `gpu::memory::plan` counts it.
+pub fn grad_scratch_bytes(widest: u64) -> u64 {
+    (MAX_CHUNKS as u64 * widest * 4).min(MAX_SCRATCH.max(widest * 4))
+}
+
 /// One adapted projection on the device: A `[rank, n_in]`, B `[n_out, rank]`, their gradient
 /// accumulators (same shapes), all f32.
 #[derive(Debug)]
@@ -68,9 +76,7 @@ impl GpuLora {
             .map(|t| w.rank * t.n_in.max(t.n_out))
             .max()
             .unwrap_or(1) as u64;
-        let scratch_bytes = (MAX_CHUNKS as u64 * widest * 4)
-            .min(MAX_SCRATCH.max(widest * 4))
-            .min(gpu.max_binding());
+        let scratch_bytes = grad_scratch_bytes(widest).min(gpu.max_binding());
         let scratch = Arc::new(gpu.alloc("lora.grad_scratch", scratch_bytes)?);
         let mut tensors = Vec::with_capacity(w.tensors.len());
         for t in &w.tensors {

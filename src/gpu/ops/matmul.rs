@@ -100,7 +100,8 @@ pub const SPLIT_K_TARGET: usize = 2048;
 /// much memory traffic as 8 of the invocation's weight groups, so chunks stay ≥ 32 groups.
 pub const SPLIT_K_MIN_CHUNK: usize = 256;
 /// Largest scratch for split-K partial sums; longer token ranges are done in token windows.
-const SPLIT_K_SCRATCH_BYTES: u64 = 32 << 20;
+/// Allocated once per device, on GPUs only; `gpu::memory::plan` counts it.
+pub const SPLIT_K_SCRATCH_BYTES: u64 = 32 << 20;
 /// Tokens per workgroup in `matmul_back.wgsl`.
 const BACK_TOKENS_PER_WG: usize = 16;
 /// 8-element groups per workgroup in `matmul_back.wgsl` (one per invocation).
