@@ -281,6 +281,24 @@ impl Gpu {
         self.limits.min_storage_buffer_offset_alignment as u64
     }
 
+    /// Whether this is a CPU adapter (lavapipe, SwiftShader): several kernels have a variant
+    /// for those, where every invocation is one SIMD lane and barriers switch SIMD groups.
+    pub fn is_cpu_adapter(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// A kernel variant chosen per adapter: the one `named` under the value of the environment
+    /// variable `var` if it names one (benches compare variants on one adapter; other values are
+    /// ignored), else `cpu` on CPU adapters and `gpu` elsewhere.
+    pub fn pick<T: Copy>(&self, var: &str, named: &[(&str, T)], cpu: T, gpu: T) -> T {
+        if let Ok(v) = std::env::var(var)
+            && let Some(&(_, t)) = named.iter().find(|(n, _)| *n == v)
+        {
+            return t;
+        }
+        if self.is_cpu_adapter() { cpu } else { gpu }
+    }
+
     pub fn has_timestamps(&self) -> bool {
         self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
     }

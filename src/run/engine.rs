@@ -62,7 +62,7 @@ pub fn activation_budget(setting: &str, gpu: &Gpu) -> Result<u64, RunError> {
             })
         });
     }
-    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+    if gpu.is_cpu_adapter() {
         let available = host_available_memory().unwrap_or(4 * AUTO_ACTIVATION_MEMORY_GPU);
         return Ok((available / 4).min(AUTO_ACTIVATION_MEMORY_CPU_MAX));
     }

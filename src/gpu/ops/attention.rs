@@ -132,16 +132,13 @@ impl AttnKernel {
     /// a cached load and the tiles' copies and barriers cost), else [`AttnKernel::Tiled`].
     /// `BFPO_ATTN=rows` or `=tiled` overrides the choice (other values are ignored).
     pub fn for_gpu(gpu: &Gpu) -> AttnKernel {
-        match std::env::var("BFPO_ATTN").as_deref() {
-            Ok("rows") => return AttnKernel::Rows,
-            Ok("tiled") => return AttnKernel::Tiled,
-            _ => {}
-        }
-        if gpu.info.device_type == wgpu::DeviceType::Cpu {
-            AttnKernel::Rows
-        } else {
-            AttnKernel::Tiled
-        }
+        use AttnKernel::{Rows, Tiled};
+        gpu.pick(
+            "BFPO_ATTN",
+            &[("rows", Rows), ("tiled", Tiled)],
+            Rows,
+            Tiled,
+        )
     }
 }
 

@@ -111,16 +111,13 @@ impl AttnBackKernel {
     /// `benches/backward.rs`), else [`AttnBackKernel::Tiled`]. `BFPO_ATTN_BACK=rows` or `=tiled` overrides the choice (to
     /// compare the two on one adapter; other values are ignored).
     pub fn for_gpu(gpu: &Gpu) -> AttnBackKernel {
-        match std::env::var("BFPO_ATTN_BACK").as_deref() {
-            Ok("rows") => return AttnBackKernel::Rows,
-            Ok("tiled") => return AttnBackKernel::Tiled,
-            _ => {}
-        }
-        if gpu.info.device_type == wgpu::DeviceType::Cpu {
-            AttnBackKernel::Rows
-        } else {
-            AttnBackKernel::Tiled
-        }
+        use AttnBackKernel::{Rows, Tiled};
+        gpu.pick(
+            "BFPO_ATTN_BACK",
+            &[("rows", Rows), ("tiled", Tiled)],
+            Rows,
+            Tiled,
+        )
     }
 }
 

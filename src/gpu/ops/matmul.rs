@@ -34,7 +34,7 @@ pub enum FwdTile {
     /// `main`: 8 rows × 8 tokens per invocation (256 rows × 8 tokens per workgroup), for GPUs.
     Wide,
     /// `main_narrow`: 4 rows × 16 tokens per invocation (128 rows × 16 tokens per workgroup), for
-    /// CPU adapters: on lavapipe it is 10–90 % faster at real shapes (half the weight loads per
+    /// CPU adapters: on lavapipe it is 9–100 % faster at real shapes (half the weight loads per
     /// output, and accumulators that fit the vector registers; `cargo bench --bench matmul`).
     Narrow,
 }
@@ -53,16 +53,13 @@ impl FwdTile {
             2 => return FwdTile::Narrow,
             _ => {}
         }
-        match std::env::var("BFPO_MATMUL_TILE").as_deref() {
-            Ok("wide") => return FwdTile::Wide,
-            Ok("narrow") => return FwdTile::Narrow,
-            _ => {}
-        }
-        if gpu.info.device_type == wgpu::DeviceType::Cpu {
-            FwdTile::Narrow
-        } else {
-            FwdTile::Wide
-        }
+        use FwdTile::{Narrow, Wide};
+        gpu.pick(
+            "BFPO_MATMUL_TILE",
+            &[("wide", Wide), ("narrow", Narrow)],
+            Narrow,
+            Wide,
+        )
     }
 
     /// The entry point.
@@ -358,7 +355,7 @@ pub enum SplitK {
 /// adapters (lavapipe, SwiftShader), whose few cores are kept busy by any real shape and which
 /// only pay for the extra pass. It depends on the device alone.
 pub fn split_k_target(gpu: &Gpu) -> usize {
-    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+    if gpu.is_cpu_adapter() {
         0
     } else {
         SPLIT_K_TARGET

@@ -26,12 +26,12 @@ pub static TEST_NORM_WORKGROUP: std::sync::atomic::AtomicU32 = std::sync::atomic
 
 /// Invocations per workgroup of `kernels/rmsnorm.wgsl` and `kernels/rmsnorm_back.wgsl`: 256 on
 /// GPUs, 8 on CPU adapters. lavapipe runs a workgroup as SIMD groups of 8 that switch at every
-/// barrier, so 8 invocations (one SIMD group) and 4 barriers per row cost far less than 256 and 9 (the loads
-/// are the same); the tree's shape changes the sum's rounding, so results are deterministic per
-/// device, not across devices.
+/// barrier, so 8 invocations (one SIMD group) and 4 barriers per row cost far less than 256 and
+/// 9 (the loads are the same); the tree's shape changes the sum's rounding, so results are
+/// deterministic per device, not across devices.
 pub fn norm_workgroup(gpu: &Gpu) -> u32 {
     match TEST_NORM_WORKGROUP.load(std::sync::atomic::Ordering::Relaxed) {
-        0 if gpu.info.device_type == wgpu::DeviceType::Cpu => 8,
+        0 if gpu.is_cpu_adapter() => 8,
         0 => 256,
         n => n,
     }
