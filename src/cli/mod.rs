@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 pub mod devices;
 pub mod eval;
+pub mod eval_judge;
 pub mod export;
 pub mod export_run;
 pub mod generate;
@@ -45,6 +46,8 @@ pub enum Command {
     Generate(generate::Args),
     /// Measure harmless rate, over-refusal and helpfulness kept, base vs each adapter.
     Eval(eval::Args),
+    /// Validate a judge: agreement, precision and recall against human refusal labels.
+    EvalJudge(eval_judge::Args),
     /// Export a trained adapter as GGUF LoRA, PEFT safetensors or a merged model.
     Export(export::Args),
     /// Hand a run over to Hugging Face TRL + accelerate (multi-GPU) as a Python project.
@@ -91,6 +94,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Score(a)) => score::run(a, verbose),
         Some(Command::Generate(a)) => generate::run(a, verbose),
         Some(Command::Eval(a)) => eval::run(a, verbose),
+        Some(Command::EvalJudge(a)) => eval_judge::run(a, verbose),
         Some(Command::Export(a)) => export::run(a, verbose),
         Some(Command::ExportRun(a)) => export_run::run(a, verbose),
         Some(Command::ImportPeft(a)) => import_peft::run(a, verbose),

@@ -9,6 +9,8 @@
 //!   multiple-choice accuracy.
 //! - [`run`]: [`run_eval`], the whole evaluation (base and each adapter side by side).
 //! - [`report`]: `report.json`, `report.md`, `samples.jsonl`, `eval.svg`.
+//! - [`validate`]: human refusal labels (PyRIT's, vendored) and a judge's agreement, precision
+//!   and recall on them.
 //!
 //! The library never prints; progress is reported through a callback.
 
@@ -18,6 +20,7 @@ pub mod prompts;
 pub mod report;
 pub mod run;
 pub mod stats;
+pub mod validate;
 
 pub use judge::{
     Judge, JudgeFormat, ModelJudge, REFUSAL_PHRASES, REFUSAL_PREFIXES, RefusalJudge, Verdict,

