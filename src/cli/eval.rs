@@ -21,15 +21,19 @@ pub struct Args {
     /// Adapter scale (llama.cpp applies scale · alpha / rank).
     #[arg(long, default_value_t = 1.0)]
     pub scale: f32,
-    /// Harmful prompts: `harmbench` (200, MIT), `donotanswer` (939, Apache-2.0, with
-    /// categories) or a JSONL file with "prompt" and optionally "category" per line.
+    /// Harmful prompts: `harmbench` (200, MIT; the held-out set), `donotanswer` (939,
+    /// Apache-2.0, with categories), `advbench` (520, MIT), `uncensorbench` (150, MIT) or a
+    /// JSONL file with "prompt" and optionally "category" per line.
     #[arg(long)]
     pub harmful: String,
-    /// Benign prompts for the over-refusal rate: `builtin` (126 with categories, incl.
-    /// benign prompts that look risky) or a JSONL file.
+    /// Benign prompts for the over-refusal rate: `heldout` (248 of our own with categories,
+    /// 108 of them benign but risky-sounding; includes `builtin`), `builtin` (126), `train`
+    /// (168, for redteam's helpfulness pairs) or a JSONL file.
     #[arg(long)]
     pub benign: Option<String>,
-    /// Judge: `refusal` (refusal phrase list) or a chat GGUF judge model.
+    /// Judge: `refusal` (refusal phrase list), `refusal-objective` (the list plus PyRIT's rule
+    /// that an answer unrelated to the request is a refusal; see `eval-judge`) or a chat GGUF
+    /// judge model.
     #[arg(long, default_value = "refusal")]
     pub judge: String,
     /// How a GGUF judge is prompted: `llama-guard` (Llama Guard 3) or `yes-no`.
@@ -73,6 +77,8 @@ impl Args {
     pub fn options(&self) -> anyhow::Result<EvalOptions> {
         let judge = if self.judge.eq_ignore_ascii_case("refusal") {
             JudgeSpec::Refusal
+        } else if self.judge.eq_ignore_ascii_case("refusal-objective") {
+            JudgeSpec::RefusalObjective
         } else {
             JudgeSpec::Model {
                 path: PathBuf::from(&self.judge),

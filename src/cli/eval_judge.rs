@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use bfpo_lite::eval::validate::{self, JudgeValidation, LabelSet};
-use bfpo_lite::eval::{Judge, JudgeFormat, ModelJudge, RefusalJudge};
+use bfpo_lite::eval::{Judge, JudgeFormat, ModelJudge, ObjectiveRefusalJudge, RefusalJudge};
 use bfpo_lite::runtime::LoadOptions;
 use std::path::{Path, PathBuf};
 
@@ -44,6 +44,9 @@ pub fn make_judge(
     if name.eq_ignore_ascii_case("refusal") {
         return Ok(Box::new(RefusalJudge));
     }
+    if name.eq_ignore_ascii_case("refusal-objective") {
+        return Ok(Box::new(ObjectiveRefusalJudge));
+    }
     let format = JudgeFormat::parse(format)?;
     let path = PathBuf::from(name);
     let mut j = ModelJudge::load(
@@ -55,7 +58,7 @@ pub fn make_judge(
     )
     .with_context(|| {
         format!(
-            "loading the judge {} (--judge takes `refusal` or a chat GGUF model)",
+            "loading the judge {} (--judge takes `refusal`, `refusal-objective` or a chat GGUF model)",
             path.display()
         )
     })?;

@@ -3,9 +3,9 @@
 
 use anyhow::{Context, bail};
 use bfpo_lite::data::Prompt;
-use bfpo_lite::eval::{self, Judge, JudgeFormat, ModelJudge, PromptSource, RefusalJudge};
+use bfpo_lite::eval::{self, Judge, PromptSource};
 use bfpo_lite::redteam::{self, Event, PromptItem, RedteamOptions, RedteamReport};
-use bfpo_lite::runtime::{LoadOptions, Sampling};
+use bfpo_lite::runtime::Sampling;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -17,14 +17,18 @@ pub struct Args {
     /// GGUF model that answers the prompts (the model you will tune).
     #[arg(long, short = 'm')]
     pub model: PathBuf,
-    /// Harmful prompts: a JSONL file ({"prompt": ..., "category": ...} per line), `harmbench`
-    /// (HarmBench's 200 standard behaviours) or `donotanswer` (Do-Not-Answer's 939 questions).
+    /// Harmful prompts: a JSONL file ({"prompt": ..., "category": ...} per line), `advbench`
+    /// (AdvBench's 520 behaviours, the training set to use), `uncensorbench` (150 prompts),
+    /// `harmbench` (HarmBench's 200 standard behaviours: held out, warned about) or
+    /// `donotanswer` (Do-Not-Answer's 939 questions).
     #[arg(long)]
     pub prompts: String,
-    /// Benign prompts (a JSONL file or `builtin`): they become both-safe helpfulness pairs.
+    /// Benign prompts (`train`: 168 of our own, disjoint from eval's `heldout`; `builtin`; or a
+    /// JSONL file): they become both-safe helpfulness pairs.
     #[arg(long)]
     pub benign: Option<String>,
-    /// `refusal` (the built-in refusal detector) or a judge GGUF model.
+    /// `refusal` (the built-in refusal detector), `refusal-objective` (the detector plus PyRIT's
+    /// rule that an answer unrelated to the request is a refusal) or a judge GGUF model.
     #[arg(long, default_value = "refusal")]
     pub judge: String,
     /// How a GGUF judge is prompted: llama-guard or yes-no.
@@ -147,33 +151,31 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
         }
         None => (Vec::new(), None),
     };
+    for (source, what) in [
+        (Some(PromptSource::harmful(&args.prompts)), "--prompts"),
+        (args.benign.as_deref().map(PromptSource::benign), "--benign"),
+    ] {
+        if let Some(source) = source.filter(|s| s.held_out()) {
+            if !args.json {
+                eprintln!(
+                    "warning: {what} {} is a held-out evaluation set; pairs made from it should not be trained on if you evaluate on it (train on advbench / uncensorbench and benign `train`)",
+                    source.name()
+                );
+            }
+        }
+    }
     warn_skipped(&hset, args.json);
     if let Some(b) = &bset {
         warn_skipped(b, args.json);
     }
 
     let model = super::generate::load_model(&args.model, None, 1.0, args.gpu_layers)?;
-    let judge: Box<dyn Judge> = if args.judge == "refusal" {
-        Box::new(RefusalJudge)
-    } else {
-        let format = JudgeFormat::parse(&args.judge_format)?;
-        let path = PathBuf::from(&args.judge);
-        Box::new(
-            ModelJudge::load(
-                &path,
-                format,
-                &LoadOptions {
-                    n_gpu_layers: args.gpu_layers,
-                },
-            )
-            .with_context(|| {
-                format!(
-                    "loading the judge {} (--judge takes `refusal` or a chat GGUF model)",
-                    path.display()
-                )
-            })?,
-        )
-    };
+    let judge: Box<dyn Judge> = super::eval_judge::make_judge(
+        &args.judge,
+        &args.judge_format,
+        args.threads,
+        args.gpu_layers,
+    )?;
     let opts = RedteamOptions {
         samples: args.samples,
         safety_samples: args.safety_samples,

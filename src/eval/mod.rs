@@ -23,7 +23,8 @@ pub mod stats;
 pub mod validate;
 
 pub use judge::{
-    Judge, JudgeFormat, ModelJudge, REFUSAL_PHRASES, REFUSAL_PREFIXES, RefusalJudge, Verdict,
+    Judge, JudgeFormat, ModelJudge, ObjectiveRefusalJudge, REFUSAL_PHRASES, REFUSAL_PREFIXES,
+    RefusalJudge, Verdict,
 };
 pub use prompts::{EvalPrompt, PromptSet, PromptSource, load_prompt_set, parse_prompts};
 pub use report::{Written, write_outputs};

@@ -19,6 +19,8 @@ use std::time::Instant;
 pub enum JudgeSpec {
     /// The refusal phrase list.
     Refusal,
+    /// The refusal phrase list plus PyRIT's off-topic rule ([`super::ObjectiveRefusalJudge`]).
+    RefusalObjective,
     /// A chat GGUF judge model.
     Model { path: PathBuf, format: JudgeFormat },
 }
@@ -369,6 +371,7 @@ pub fn run_eval(
     }
     let judge: Box<dyn Judge> = match &opts.judge {
         JudgeSpec::Refusal => Box::new(RefusalJudge),
+        JudgeSpec::RefusalObjective => Box::new(super::ObjectiveRefusalJudge),
         JudgeSpec::Model { path, format } => {
             let mut j = ModelJudge::load(path, *format, &load)?;
             j.set_threads(opts.threads);
