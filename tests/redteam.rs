@@ -288,6 +288,110 @@ fn changed_settings_and_foreign_files_are_refused() {
     assert!(matches!(e, RedteamError::NotOurs { .. }), "{e}");
 }
 
+#[test]
+fn a_prompt_longer_than_the_context_is_skipped_and_counted_and_the_run_goes_on() {
+    let m = model();
+    let long = format!(
+        "Explain this text: {}",
+        "lorem ipsum dolor sit amet ".repeat(120)
+    );
+    let harmful = items(&[HARMFUL[0], &long, HARMFUL[1]]);
+    let benign = items(&[&long, BENIGN[0]]);
+    let out = scratch("too-long.jsonl");
+    let mut skipped = Vec::new();
+    let r = redteam::run(
+        &m,
+        &RefusalJudge,
+        &harmful,
+        &benign,
+        &opts(5),
+        &out,
+        false,
+        &mut |e: &Event| {
+            if let Event::PromptTooLong {
+                set,
+                id,
+                tokens,
+                n_ctx,
+                ..
+            } = e
+            {
+                assert!(tokens >= n_ctx, "{tokens} < {n_ctx}");
+                skipped.push(format!("{set} {id}"));
+            }
+            ControlFlow::Continue(())
+        },
+    )
+    .unwrap();
+    assert_eq!(skipped, ["harmful test:2", "benign test:1"]);
+    assert_eq!((r.harmful.too_long, r.benign.too_long), (1, 1));
+    assert_eq!((r.harmful.done, r.benign.done), (2, 1));
+    assert!(!r.interrupted);
+    assert_eq!(r.too_long_examples.len(), 2);
+    assert!(
+        r.too_long_examples[0].starts_with("test:2 ("),
+        "{:?}",
+        r.too_long_examples
+    );
+    // Nothing of the long prompt is in the file; the others' pairs are.
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(!text.contains("lorem ipsum"));
+    assert!(text.contains(HARMFUL[1]));
+    // A second run continues: the others are done, the long one is counted again.
+    let again = redteam::run(
+        &m,
+        &RefusalJudge,
+        &harmful,
+        &benign,
+        &opts(5),
+        &out,
+        false,
+        &mut go,
+    )
+    .unwrap();
+    assert_eq!(again.resumed_prompts, 3);
+    assert_eq!((again.harmful.too_long, again.benign.too_long), (1, 1));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), text);
+
+    // The command line says so and succeeds.
+    let prompts = scratch("too-long-prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        format!(
+            "{}\n{}\n",
+            serde_json::json!({"prompt": long}),
+            serde_json::json!({"prompt": HARMFUL[2]})
+        ),
+    )
+    .unwrap();
+    let o = bin()
+        .args(["redteam", "--model"])
+        .arg(tiny_model(Arch::Qwen2, GgmlType::F32, true))
+        .arg("--prompts")
+        .arg(&prompts)
+        .args([
+            "--samples",
+            "1",
+            "--safety-samples",
+            "0",
+            "--max-tokens",
+            "4",
+            "--threads",
+            "1",
+            "--out",
+        ])
+        .arg(scratch("too-long-cli.jsonl"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("skipped 1 prompts longer than the context")
+            && err.contains("too-long-prompts.jsonl:1"),
+        "{err}"
+    );
+}
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_bfpo-lite"))
 }

@@ -252,6 +252,20 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
                 bar.set_message(format!("answer {}/{of}", answer + 1));
             }
             Event::PromptDone { .. } => bar.inc(1),
+            Event::PromptTooLong {
+                set,
+                id,
+                tokens,
+                n_ctx,
+                ..
+            } => {
+                bar.inc(1);
+                if !args.json {
+                    bar.println(format!(
+                        "skipped {set} prompt {id}: {tokens} tokens do not fit the context of {n_ctx}"
+                    ));
+                }
+            }
         }
         if stop.load(Ordering::SeqCst) {
             ControlFlow::Break(())
@@ -340,6 +354,18 @@ pub fn render(r: &RedteamReport, judge: &str) -> String {
         h.empty_dropped + r.benign.empty_dropped,
         h.duplicate_prompts + r.benign.duplicate_prompts
     ));
+    let too_long = h.too_long + r.benign.too_long;
+    if too_long > 0 {
+        s.push_str(&format!(
+            "skipped {too_long} prompts longer than the context: {}{}\n",
+            r.too_long_examples.join(", "),
+            if too_long > r.too_long_examples.len() {
+                ", …"
+            } else {
+                ""
+            }
+        ));
+    }
     if !r.no_pair_examples.is_empty() {
         s.push_str(&format!(
             "no usable pair: {}\n",
