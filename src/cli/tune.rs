@@ -114,7 +114,8 @@ pub struct Args {
     pub save_every: Option<usize>,
     #[arg(long)]
     pub eval_every: Option<usize>,
-    /// Harmful prompts (JSONL file of prompts, `harmbench` or `donotanswer`): answer them with
+    /// Harmful prompts (JSONL file of prompts, `harmbench`, `donotanswer`, `advbench` or
+    /// `uncensorbench`; evaluate on `harmbench`, the held-out set): answer them with
     /// the base model and the tuned adapter and judge them, as `eval` does; the harmless rate
     /// goes into summary.json and curves.svg.
     #[arg(long, value_name = "PROMPTS")]
@@ -129,8 +130,9 @@ pub struct Args {
     /// New tokens per answer in the harmlessness evaluation (default 64).
     #[arg(long, value_name = "N")]
     pub eval_max_tokens: Option<usize>,
-    /// Judge of the harmlessness evaluation: `refusal` (default) or a chat GGUF judge model.
-    #[arg(long, value_name = "refusal|J.gguf")]
+    /// Judge of the harmlessness evaluation: `refusal` (default), `refusal-objective` or a chat
+    /// GGUF judge model.
+    #[arg(long, value_name = "refusal|refusal-objective|J.gguf")]
     pub eval_judge: Option<String>,
     /// How a GGUF judge is prompted: `llama-guard` (default) or `yes-no`.
     #[arg(long)]

@@ -107,6 +107,8 @@ pub(crate) fn check(cfg: &TrainConfig, model: &Path) -> Result<Option<EvalOption
     load_prompt_set(&source, cfg.eval_harmful_limit)?;
     let judge = if cfg.eval_judge.eq_ignore_ascii_case("refusal") {
         JudgeSpec::Refusal
+    } else if cfg.eval_judge.eq_ignore_ascii_case("refusal-objective") {
+        JudgeSpec::RefusalObjective
     } else {
         let path = PathBuf::from(&cfg.eval_judge);
         if !path.is_file() {
@@ -114,7 +116,7 @@ pub(crate) fn check(cfg: &TrainConfig, model: &Path) -> Result<Option<EvalOption
                 path,
                 error: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
-                    "--eval-judge is neither `refusal` nor an existing GGUF file",
+                    "--eval-judge is neither `refusal`, `refusal-objective` nor an existing GGUF file",
                 ),
             }));
         }
