@@ -20,7 +20,7 @@ BIN=${BIN:-target/release/bfpo-lite}
 OUT=${OUT:-runs/safety-loop}
 N_TRAIN=${N_TRAIN:-24}       # HarmBench prompts red-teamed for training
 N_HELD=${N_HELD:-8}          # held-out HarmBench prompts (eval + held-out pairs)
-N_BENIGN=${N_BENIGN:-12}     # built-in benign prompts turned into helpfulness pairs
+N_BENIGN=${N_BENIGN:-12}     # benign training prompts (data/prompts/benign_train.jsonl) turned into helpfulness pairs
 SAMPLES=${SAMPLES:-2}        # sampled answers per prompt (+1 under the safety system prompt)
 MAX_TOKENS=${MAX_TOKENS:-48} # tokens per red-team answer
 EVAL_TOKENS=${EVAL_TOKENS:-64}
@@ -58,7 +58,7 @@ declare -A secs
 # 1. Split HarmBench by prompt: every 4th line held out.
 awk -v n="$N_TRAIN" 'NR % 4 != 0 && c < n { print; c++ }' data/prompts/harmbench.jsonl > "$OUT/train-prompts.jsonl"
 awk -v n="$N_HELD" 'NR % 4 == 0 && c < n { print; c++ }' data/prompts/harmbench.jsonl > "$OUT/heldout-prompts.jsonl"
-head -n "$N_BENIGN" data/prompts/benign.jsonl > "$OUT/benign-train.jsonl"
+head -n "$N_BENIGN" data/prompts/benign_train.jsonl > "$OUT/benign-train.jsonl"   # disjoint from eval's --benign heldout
 if [ -n "$(comm -12 <(sort "$OUT/train-prompts.jsonl") <(sort "$OUT/heldout-prompts.jsonl"))" ]; then
   echo "a held-out prompt is in the training split" >&2; exit 1
 fi
@@ -85,7 +85,7 @@ secs[tune]=$(echo "$(now) - $t" | bc)
 # 4. Eval: base vs tuned on the held-out prompts, the benign set and the held-out pairs.
 t=$(now)
 "$BIN" eval --model "$MODEL" --adapter "$OUT/tune/adapter.gguf" \
-  --harmful "$OUT/heldout-prompts.jsonl" --benign builtin --judge refusal \
+  --harmful "$OUT/heldout-prompts.jsonl" --benign heldout --judge refusal \
   --max-tokens "$EVAL_TOKENS" --limit "$EVAL_LIMIT" --seed "$SEED" \
   --pairs "$OUT/pairs-heldout.jsonl" $THREADS \
   --out "$OUT/eval" --json > "$OUT/eval.json"
