@@ -37,6 +37,7 @@
 //! util/      deterministic RNG, float comparison helpers
 //! ```
 
+pub mod cpu;
 pub mod data;
 pub mod eval;
 pub mod export;

@@ -1,0 +1,358 @@
+//! [`NativeEngine`]: the CPU engine behind the training loop's [`Engine`] trait. Scoring and the
+//! training forward run the packed batch through every layer; the training forward keeps each
+//! layer's tape (from the lowest adapted layer up) within an activation budget and keeps only the
+//! layer input of the others, which the backward recomputes (same bits either way).
+
+use super::CpuError;
+use super::mat::Mat;
+use super::model::{Adapters, CpuModel, Tape, grad_offsets};
+use super::ops::Seqs;
+use crate::data::Example;
+use crate::gguf::GgufFile;
+use crate::model::ModelConfig;
+use crate::model::lora::dropout::Dropout;
+use crate::model::reference::{flatten_lora, unflatten_lora};
+use crate::optim::{AdamW, AdamWConfig, global_norm};
+use crate::train::engine::{check_trainable, pack_state, unpack_state};
+use crate::train::lora::LoraWeights;
+use crate::train::trainer::{Engine, SeqScore, TrainError};
+use std::collections::BTreeMap;
+
+fn err(e: impl std::fmt::Display) -> TrainError {
+    TrainError::Engine(e.to_string())
+}
+
+/// A packed batch: rows of every example back to back.
+struct Batch {
+    seqs: Seqs,
+    pos: Vec<usize>,
+    ids: Vec<u32>,
+    /// Scored rows (position response_start−1 .. len−2 of each example), their targets and example.
+    head_rows: Vec<usize>,
+    targets: Vec<u32>,
+    head_seq: Vec<usize>,
+    /// Global dropout row `b·L + t` of every packed row (L: the longest example).
+    drop_rows: Vec<u32>,
+}
+
+fn batch(examples: &[&Example]) -> Result<Batch, CpuError> {
+    let lens: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+    let seqs = Seqs::from_lens(&lens);
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    let (mut head_rows, mut targets, mut head_seq, mut drop_rows) =
+        (vec![], vec![], vec![], vec![]);
+    for (b, e) in examples.iter().enumerate() {
+        if e.response_start < 1 || e.response_start > e.ids.len() {
+            return Err(CpuError::BadInput(format!(
+                "example {b}: response_start {} must be between 1 and the length {}",
+                e.response_start,
+                e.ids.len()
+            )));
+        }
+        for t in e.response_start..e.ids.len() {
+            head_rows.push(seqs.start[b] + t - 1);
+            targets.push(e.ids[t]);
+            head_seq.push(b);
+        }
+        drop_rows.extend((0..e.ids.len()).map(|t| (b * longest + t) as u32));
+    }
+    Ok(Batch {
+        pos: seqs.positions(),
+        ids: examples
+            .iter()
+            .flat_map(|e| e.ids.iter().copied())
+            .collect(),
+        seqs,
+        head_rows,
+        targets,
+        head_seq,
+        drop_rows,
+    })
+}
+
+/// What a layer's training forward left for the backward.
+enum Saved {
+    Tape(Box<Tape>),
+    /// Only the layer input: the backward recomputes the layer.
+    Input(Mat),
+}
+
+/// Everything the backward of the last training forward needs.
+struct Kept {
+    b: Batch,
+    saved: Vec<(usize, Saved)>,
+    xs: Mat,
+    nf: Mat,
+    lse: Vec<f32>,
+}
+
+/// The native CPU engine (see the module doc of [`crate::cpu`]).
+pub struct NativeEngine {
+    model: CpuModel,
+    lora: LoraWeights,
+    offs: Vec<(usize, usize)>,
+    opt: AdamW,
+    grads: Vec<f32>,
+    dropout: Option<Dropout>,
+    kept: Option<Kept>,
+    pool: rayon::ThreadPool,
+    threads: usize,
+    activation_memory: u64,
+    kept_layers: usize,
+    peak_bytes: u64,
+}
+
+impl NativeEngine {
+    /// Views the model's weights in `file` and starts `threads` worker threads.
+    pub fn new(
+        file: &GgufFile,
+        cfg: &ModelConfig,
+        lora: LoraWeights,
+        adam: AdamWConfig,
+        threads: usize,
+    ) -> Result<NativeEngine, TrainError> {
+        check_trainable(&lora)?;
+        let model = CpuModel::load(file, cfg).map_err(err)?;
+        Adapters::new(cfg, Some(&lora)).map_err(err)?;
+        let threads = threads.max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("bfpo-cpu-{i}"))
+            .build()
+            .map_err(|e| {
+                err(CpuError::Threads {
+                    threads,
+                    detail: e.to_string(),
+                })
+            })?;
+        let n = flatten_lora(&lora).len();
+        Ok(NativeEngine {
+            model,
+            offs: grad_offsets(&lora),
+            lora,
+            opt: AdamW::new(adam, n).map_err(err)?,
+            grads: vec![0.0; n],
+            dropout: None,
+            kept: None,
+            pool,
+            threads,
+            activation_memory: u64::MAX,
+            kept_layers: 0,
+            peak_bytes: 0,
+        })
+    }
+
+    /// Host bytes the training forward may spend on layer tapes (the rest are recomputed).
+    pub fn with_activation_memory(mut self, bytes: u64) -> NativeEngine {
+        self.activation_memory = bytes;
+        self
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Layers whose tapes the last training forward kept.
+    pub fn kept_layers(&self) -> usize {
+        self.kept_layers
+    }
+
+    /// Per-token log-probs of the scored rows and the summed log-prob of each example.
+    fn run(
+        &mut self,
+        examples: &[&Example],
+        adapter: bool,
+        train: bool,
+    ) -> Result<Vec<SeqScore>, TrainError> {
+        let ids: Vec<&[u32]> = examples.iter().map(|e| e.ids.as_slice()).collect();
+        self.model.check_ids(&ids).map_err(err)?;
+        let b = batch(examples).map_err(err)?;
+        let longest = b.seqs.len.iter().copied().max().unwrap_or(0);
+        self.model.ensure_positions(longest);
+        let model = &self.model;
+        let lora = adapter.then_some(&self.lora);
+        let dropout = if train { self.dropout } else { None };
+        let budget = self.activation_memory;
+        let (sums, kept, kept_layers, bytes) = self
+            .pool
+            .install(|| -> Result<_, CpuError> {
+                let mut ad = Adapters::new(&model.cfg, lora)?;
+                if let Some(d) = dropout {
+                    ad.drop = Some((d, b.drop_rows.clone()));
+                }
+                let lowest = if train {
+                    ad.lowest_layer().unwrap_or(model.cfg.n_layer)
+                } else {
+                    model.cfg.n_layer
+                };
+                let mut x = model.embed(&b.ids);
+                let mut saved = Vec::new();
+                let (mut used, mut n_kept) = (0u64, 0usize);
+                for l in 0..model.cfg.n_layer {
+                    if l < lowest {
+                        x = model.layer_fwd(l, x, &b.seqs, &b.pos, &ad, false).0;
+                        continue;
+                    }
+                    let input = x.clone();
+                    let (out, tape) = model.layer_fwd(l, x, &b.seqs, &b.pos, &ad, true);
+                    let tape = tape.expect("kept");
+                    let tb = tape.bytes();
+                    if used + tb <= budget {
+                        used += tb;
+                        n_kept += 1;
+                        saved.push((l, Saved::Tape(Box::new(tape))));
+                    } else {
+                        used += input.bytes();
+                        saved.push((l, Saved::Input(input)));
+                    }
+                    x = out;
+                }
+                let (xs, nf) = model.head_input(&x, &b.head_rows);
+                let (lp, lse) = model.head_fwd(&nf, &b.targets);
+                let mut sums = vec![0f64; b.seqs.len.len()];
+                for (r, &s) in b.head_seq.iter().enumerate() {
+                    sums[s] += lp[r];
+                }
+                let kept = train.then_some((saved, xs, nf, lse));
+                Ok((sums, kept, n_kept, used))
+            })
+            .map_err(err)?;
+        self.peak_bytes = self.peak_bytes.max(bytes);
+        if train {
+            self.kept_layers = kept_layers;
+            let (saved, xs, nf, lse) = kept.expect("training forward");
+            self.kept = Some(Kept {
+                b,
+                saved,
+                xs,
+                nf,
+                lse,
+            });
+        }
+        Ok(sums
+            .into_iter()
+            .zip(examples)
+            .map(|(logp, e)| SeqScore {
+                logp,
+                n_tokens: e.n_scored(),
+            })
+            .collect())
+    }
+}
+
+impl Engine for NativeEngine {
+    fn describe(&self) -> String {
+        format!("cpu (native, {} threads)", self.threads)
+    }
+
+    fn cache_identity(&self) -> String {
+        // Thread count does not change the numbers; the SIMD kernels the gemm crate picks might.
+        format!("cpu-native f32 gemm-0.19 {}", std::env::consts::ARCH)
+    }
+
+    fn score(&mut self, examples: &[&Example], adapter: bool) -> Result<Vec<SeqScore>, TrainError> {
+        self.run(examples, adapter, false)
+    }
+
+    fn set_dropout(&mut self, dropout: Option<Dropout>) -> Result<(), TrainError> {
+        self.dropout = dropout.filter(|d| d.active());
+        Ok(())
+    }
+
+    fn forward_train(&mut self, examples: &[&Example]) -> Result<Vec<SeqScore>, TrainError> {
+        self.kept = None;
+        self.run(examples, true, true)
+    }
+
+    fn backward(&mut self, weights: &[f32]) -> Result<(), TrainError> {
+        let Some(k) = self.kept.take() else {
+            return Err(TrainError::Engine(
+                "backward called without a training forward".into(),
+            ));
+        };
+        if weights.len() != k.b.seqs.len.len() {
+            return Err(TrainError::Engine(format!(
+                "backward got {} weights for {} sequences",
+                weights.len(),
+                k.b.seqs.len.len()
+            )));
+        }
+        let model = &self.model;
+        let lora = &self.lora;
+        let grads = &mut self.grads;
+        let offs = &self.offs;
+        let dropout = self.dropout;
+        self.pool
+            .install(|| -> Result<(), CpuError> {
+                let mut ad = Adapters::new(&model.cfg, Some(lora))?;
+                if let Some(d) = dropout {
+                    ad.drop = Some((d, k.b.drop_rows.clone()));
+                }
+                let wrow: Vec<f32> = k.b.head_seq.iter().map(|&s| weights[s]).collect();
+                let dnf = model.head_back(&k.nf, &k.b.targets, &k.lse, &wrow);
+                let mut dx = model.head_norm_back(&k.xs, &dnf, &k.b.head_rows, k.b.ids.len());
+                for (l, saved) in k.saved.into_iter().rev() {
+                    let tape = match saved {
+                        Saved::Tape(t) => *t,
+                        Saved::Input(x) => model
+                            .layer_fwd(l, x, &k.b.seqs, &k.b.pos, &ad, true)
+                            .1
+                            .expect("kept"),
+                    };
+                    dx = model.layer_back(l, &tape, dx, &k.b.seqs, &k.b.pos, &ad, grads, offs);
+                }
+                Ok(())
+            })
+            .map_err(err)
+    }
+
+    fn grad_norm(&mut self) -> Result<f64, TrainError> {
+        Ok(global_norm(&self.grads))
+    }
+
+    fn optimizer_step(&mut self, lr: f64, grad_scale: f64) -> Result<(), TrainError> {
+        let mut p = flatten_lora(&self.lora);
+        self.opt
+            .step(&mut p, &self.grads, lr, grad_scale)
+            .map_err(err)?;
+        unflatten_lora(&p, &mut self.lora);
+        self.grads.iter_mut().for_each(|g| *g = 0.0);
+        Ok(())
+    }
+
+    fn zero_grads(&mut self) -> Result<(), TrainError> {
+        self.grads.iter_mut().for_each(|g| *g = 0.0);
+        Ok(())
+    }
+
+    fn lora(&mut self) -> Result<LoraWeights, TrainError> {
+        Ok(self.lora.clone())
+    }
+
+    fn save_state(
+        &mut self,
+    ) -> Result<(BTreeMap<String, Vec<f32>>, serde_json::Value), TrainError> {
+        Ok((
+            pack_state(&self.lora, &self.opt.m, &self.opt.v),
+            serde_json::json!({ "adam_step": self.opt.step }),
+        ))
+    }
+
+    fn load_state(
+        &mut self,
+        tensors: &BTreeMap<String, Vec<f32>>,
+        scalars: &serde_json::Value,
+    ) -> Result<(), TrainError> {
+        let (m, v) = unpack_state(tensors, &mut self.lora)?;
+        self.opt.m = m;
+        self.opt.v = v;
+        self.opt.step = scalars["adam_step"]
+            .as_u64()
+            .ok_or_else(|| TrainError::Resume("state lacks adam_step".into()))?;
+        Ok(())
+    }
+
+    fn device_memory(&self) -> Option<u64> {
+        Some(self.peak_bytes)
+    }
+}
