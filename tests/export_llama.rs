@@ -447,7 +447,7 @@ fn output_weight_lora_matches_llama_cpp_in_reference_gpu_forward_and_score() {
 
         // Training cannot update it.
         let w = Weights::from_gguf(&file, &cfg).unwrap();
-        let e = bfpo_lite::train::engine::CpuEngine::new(
+        let e = bfpo_lite::train::engine::RefEngine::new(
             RefModel::from_weights(&cfg, &w).unwrap(),
             stored.clone(),
             Default::default(),

@@ -13,7 +13,7 @@ use bfpo_lite::model::{Arch, ModelConfig, Weights};
 use bfpo_lite::runtime::{LoadOptions as RtLoad, RtModel};
 use bfpo_lite::train::checkpoint::Checkpoint;
 use bfpo_lite::train::config::TrainConfig;
-use bfpo_lite::train::engine::CpuEngine;
+use bfpo_lite::train::engine::RefEngine;
 use bfpo_lite::train::gpu_engine::GpuEngine;
 use bfpo_lite::train::lora::{LoraSpec, LoraWeights, Target};
 use bfpo_lite::train::optim::AdamWConfig;
@@ -82,11 +82,11 @@ fn lora(cfg: &ModelConfig, tc: &TrainConfig) -> LoraWeights {
     LoraWeights::init(&spec, cfg).unwrap()
 }
 
-fn cpu_engine(model: &Path, tc: &TrainConfig) -> CpuEngine {
+fn cpu_engine(model: &Path, tc: &TrainConfig) -> RefEngine {
     let file = GgufFile::open(model).unwrap();
     let cfg = ModelConfig::from_gguf(&file).unwrap();
     let w = Weights::from_gguf(&file, &cfg).unwrap();
-    CpuEngine::new(
+    RefEngine::new(
         RefModel::from_weights(&cfg, &w).unwrap(),
         lora(&cfg, tc),
         AdamWConfig::default(),
@@ -363,7 +363,7 @@ fn reference_cache_is_reused_and_invalidated() {
     let cache = RefCache::open(dir.path()).unwrap();
     let id = cache.fingerprint(&model).unwrap().identity();
     let mut e = Probe::new(cpu_engine(&model, &tc));
-    let fill = |e: &mut Probe<CpuEngine>,
+    let fill = |e: &mut Probe<RefEngine>,
                 pairs: &mut [trainer::PreparedPair],
                 id: &[u8],
                 settings: &str| {
@@ -771,7 +771,7 @@ fn logged_loss_includes_the_buffer_half() {
     for set in [&mut d.train, &mut d.buffer] {
         trainer::compute_reference(&mut e, set, 8, &mut |_| {}).unwrap();
     }
-    let records = |e: &mut CpuEngine, d: &TrainData, dir: &Path| {
+    let records = |e: &mut RefEngine, d: &TrainData, dir: &Path| {
         let stop = AtomicBool::new(false);
         let mut extra = |_: &Path, _: &LoraWeights, _: usize| Ok(());
         let mut sink = CheckpointSink {

@@ -16,8 +16,10 @@ pub enum Engine {
     /// llama.cpp (CPU, or GPU with the metal/vulkan/cuda features).
     #[default]
     Llama,
-    /// bfpo-lite's own WGSL forward pass (the training engine).
+    /// bfpo-lite's own WGSL forward pass (the training engine on GPUs).
     Wgpu,
+    /// bfpo-lite's native CPU engine (the training engine on GPU-less hosts; `--threads`).
+    Cpu,
 }
 
 #[derive(clap::Args, Debug)]
@@ -205,6 +207,7 @@ fn run_inner(args: Args) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let sums = match args.engine {
         Engine::Wgpu => score_wgpu(&args, &rows, &examples, &bar)?,
+        Engine::Cpu => score_cpu(&args, &rows, &examples, &bar)?,
         Engine::Llama => model
             .score_sums_with_progress(&examples, &opts, &mut |done, _| {
                 bar.set_position((done / 2) as u64)
@@ -275,6 +278,83 @@ fn write_results(args: &Args, examples: &[Example], sums: &[f64], secs: f64) -> 
             .unwrap_or_default()
     );
     Ok(())
+}
+
+/// The adapter of `--adapter` checked against the model, its alpha times `--scale`.
+fn read_scaled_adapter(
+    args: &Args,
+    cfg: &bfpo_lite::model::ModelConfig,
+) -> anyhow::Result<Option<bfpo_lite::model::lora::LoraWeights>> {
+    let Some(path) = &args.adapter else {
+        return Ok(None);
+    };
+    let (mut w, _, arch) = bfpo_lite::export::gguf_adapter::read_adapter(path)
+        .with_context(|| format!("reading the adapter {}", path.display()))?;
+    bfpo_lite::export::check_arch(&arch, cfg, &args.model)?;
+    bfpo_lite::export::check_against(&w, cfg).with_context(|| {
+        format!(
+            "the adapter {} does not fit {}",
+            path.display(),
+            args.model.display()
+        )
+    })?;
+    // llama.cpp's user scale multiplies alpha/r.
+    w.alpha *= args.scale;
+    Ok(Some(w))
+}
+
+/// Scores with the native CPU engine, `--batch-tokens` tokens at a time.
+fn score_cpu(
+    args: &Args,
+    _rows: &[Row],
+    examples: &[Example],
+    bar: &ProgressBar,
+) -> anyhow::Result<Vec<f64>> {
+    use bfpo_lite::train::trainer::Engine as _;
+    let file = bfpo_lite::gguf::GgufFile::open(&args.model)
+        .with_context(|| format!("reading {}", args.model.display()))?;
+    let cfg = bfpo_lite::model::ModelConfig::from_gguf(&file)
+        .with_context(|| format!("reading the configuration of {}", args.model.display()))?;
+    let lora = read_scaled_adapter(args, &cfg)?;
+    let adapter = lora.is_some();
+    let lora = lora.unwrap_or(bfpo_lite::model::lora::LoraWeights {
+        rank: 1,
+        alpha: 1.0,
+        tensors: Vec::new(),
+    });
+    let threads = args.threads.unwrap_or_else(bfpo_lite::cpu::default_threads);
+    let adam = bfpo_lite::optim::AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let mut engine = bfpo_lite::cpu::NativeEngine::new(&file, &cfg, lora, adam, threads)
+        .context("loading the model into the cpu engine")?;
+    let mut out = Vec::with_capacity(examples.len());
+    let mut i = 0;
+    while i < examples.len() {
+        // Whole pairs, about --batch-tokens tokens per batch.
+        let mut j = i;
+        let mut tokens = 0;
+        while j < examples.len()
+            && (j == i || tokens + examples[j].len() <= args.batch_tokens.max(1))
+        {
+            tokens += examples[j].len();
+            j += 1;
+        }
+        if j % 2 == 1 && j < examples.len() {
+            j += 1;
+        }
+        let batch: Vec<&Example> = examples[i..j].iter().collect();
+        let s = engine
+            .score(&batch, adapter)
+            .context("scoring with the cpu engine")?;
+        out.extend(s.iter().map(|x| x.logp));
+        i = j;
+        bar.set_position((i / 2) as u64);
+    }
+    Ok(out)
 }
 
 /// Scores with bfpo-lite's own WGSL forward pass (tokenized by llama.cpp above).

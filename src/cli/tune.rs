@@ -142,9 +142,13 @@ pub struct Args {
     pub no_ref_cache: bool,
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    /// gpu (wgpu kernels, default) or cpu (the f64 reference model: tiny models only).
+    /// auto (default: wgpu on a real GPU, else the native CPU engine), wgpu, cpu (native CPU
+    /// engine), or reference (the f64 reference model: tiny models only).
     #[arg(long, value_enum)]
     pub engine: Option<EngineKind>,
+    /// Worker threads of the CPU engine (default: every core).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
     /// GPU adapter index or name (see `bfpo-lite devices`).
     #[arg(long)]
     pub device: Option<String>,
@@ -223,6 +227,9 @@ fn apply_overrides(cfg: &mut TrainConfig, a: &Args) {
     }
     if a.device.is_some() {
         cfg.device = a.device.clone();
+    }
+    if a.threads.is_some() {
+        cfg.threads = a.threads;
     }
     if let Some(m) = &a.activation_memory {
         cfg.activation_memory = m.clone();

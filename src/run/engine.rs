@@ -1,7 +1,9 @@
-//! Choosing and building a training engine: the GPU engine (our WGSL kernels through wgpu) or
-//! the CPU engine (the f64 reference model, tiny models only).
+//! Choosing and building a training engine: the GPU engine (our WGSL kernels through wgpu), the
+//! native CPU engine (`crate::cpu`), or the f64 reference model (tiny models only); `auto` picks
+//! wgpu on a real GPU and the CPU engine when the only adapter is a CPU driver or there is none.
 
 use super::{OpenModel, RunError};
+use crate::cpu::NativeEngine;
 use crate::gpu::memory::{Plan, PlanLimits};
 use crate::gpu::{DeviceOptions, Gpu};
 use crate::model::ModelConfig;
@@ -9,7 +11,7 @@ use crate::model::lora::{LoraSpec, LoraWeights, parse_layers, parse_targets};
 use crate::model::reference::RefModel;
 use crate::optim::AdamWConfig;
 use crate::train::config::{EngineKind, TrainConfig};
-use crate::train::engine::CpuEngine;
+use crate::train::engine::RefEngine;
 use crate::train::gpu_engine::GpuEngine;
 use crate::train::trainer::Engine;
 use std::sync::Arc;
@@ -77,10 +79,46 @@ fn host_available_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Builds the engine `kind` for `model` with a fresh adapter `lora`. The GPU engine first
-/// checks `plan` against the device's reported limits (wgpu does not report device memory) and
-/// may keep layers' intermediates in up to `activation_memory` (see [`activation_budget`]);
-/// the budget in bytes is returned with a GPU engine.
+/// The engine `auto` resolves to on this host, and the GPU it opened (wgpu on a real GPU; the CPU
+/// engine when wgpu finds no adapter or only a CPU driver such as lavapipe). Opening no GPU needs
+/// no Vulkan loader: wgpu then simply reports no adapter.
+pub fn resolve_engine(
+    kind: EngineKind,
+    device: Option<&str>,
+) -> Result<(EngineKind, Option<Arc<Gpu>>), RunError> {
+    match kind {
+        EngineKind::Auto => match open_gpu(device) {
+            Ok(gpu) if !gpu.is_cpu_adapter() => Ok((EngineKind::Wgpu, Some(gpu))),
+            // A device named explicitly is used even when it is a CPU driver.
+            Ok(gpu) if device.is_some() => Ok((EngineKind::Wgpu, Some(gpu))),
+            _ => Ok((EngineKind::Cpu, None)),
+        },
+        EngineKind::Wgpu => Ok((EngineKind::Wgpu, Some(open_gpu(device)?))),
+        k => Ok((k, None)),
+    }
+}
+
+/// Host bytes the CPU engine may keep for the backward under `activation_memory`: `auto` is
+/// half of the available host memory (layers beyond it are recomputed), a size is taken as is.
+pub fn cpu_activation_budget(setting: &str) -> Result<u64, RunError> {
+    if setting.trim() == "auto" {
+        return Ok(host_available_memory().map_or(4 << 30, |a| a / 2));
+    }
+    crate::util::size::parse_size(setting).map_err(|detail| {
+        RunError::Config(crate::train::config::ConfigError::Invalid {
+            key: "activation_memory",
+            value: setting.to_string(),
+            detail,
+        })
+    })
+}
+
+/// Builds the engine `kind` for `model` with a fresh adapter `lora` (`auto` is resolved with
+/// [`resolve_engine`]). The GPU engine first checks `plan` against the device's reported limits
+/// (wgpu does not report device memory) and may keep layers' intermediates in up to
+/// `activation_memory` (see [`activation_budget`]); the CPU engine checks the plan's host bytes
+/// against the available memory. The activation budget in bytes is returned with either.
+#[allow(clippy::too_many_arguments)]
 pub fn build_engine(
     kind: EngineKind,
     model: &OpenModel,
@@ -89,9 +127,11 @@ pub fn build_engine(
     device: Option<&str>,
     plan: Option<&Plan>,
     activation_memory: &str,
+    threads: Option<usize>,
 ) -> Result<(Box<dyn Engine>, Option<u64>), RunError> {
+    let (kind, gpu) = resolve_engine(kind, device)?;
     match kind {
-        EngineKind::Cpu => {
+        EngineKind::Reference => {
             let w =
                 crate::model::Weights::from_gguf(&model.file, &model.config).map_err(|source| {
                     RunError::Model {
@@ -100,10 +140,17 @@ pub fn build_engine(
                     }
                 })?;
             let m = RefModel::from_weights(&model.config, &w)?;
-            Ok((Box::new(CpuEngine::new(m, lora, adam)?), None))
+            Ok((Box::new(RefEngine::new(m, lora, adam)?), None))
         }
-        EngineKind::Gpu => {
-            let gpu = open_gpu(device)?;
+        EngineKind::Cpu | EngineKind::Auto => {
+            let budget = cpu_activation_budget(activation_memory)?;
+            let threads = threads.unwrap_or_else(crate::cpu::default_threads);
+            let engine = NativeEngine::new(&model.file, &model.config, lora, adam, threads)?
+                .with_activation_memory(budget);
+            Ok((Box::new(engine), Some(budget)))
+        }
+        EngineKind::Wgpu => {
+            let gpu = gpu.expect("resolved with a GPU");
             if let Some(plan) = plan {
                 let limits = PlanLimits {
                     max_storage_buffer_binding_size: gpu.max_binding(),

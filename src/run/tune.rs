@@ -245,6 +245,7 @@ impl TuneJob {
             cfg.device.as_deref(),
             Some(&l.plan),
             &cfg.activation_memory,
+            cfg.threads,
         )?;
         obs.event(&Event::Engine {
             description: engine.describe(),
@@ -301,7 +302,7 @@ impl TuneJob {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        let settings = format!("engine={:?};ref=adapter-off", cfg.engine);
+        let settings = format!("engine={};ref=adapter-off", engine.cache_identity());
         let batch = (4 * cfg.pairs_per_step).max(8);
         let mut sources = Vec::new();
         for (name, set) in [

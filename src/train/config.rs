@@ -35,10 +35,17 @@ pub enum ScheduleKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineKind {
-    /// Our WGSL kernels through wgpu (the product path).
-    Gpu,
-    /// The f64 CPU reference model (tiny models only: tests and cross-checks).
+    /// The wgpu engine on a real GPU, the native CPU engine when the only adapter is a CPU
+    /// driver (lavapipe, SwiftShader) or there is none.
+    Auto,
+    /// Our WGSL kernels through wgpu (`gpu` is accepted too).
+    #[serde(alias = "gpu")]
+    #[value(alias = "gpu")]
+    Wgpu,
+    /// The native CPU engine (SIMD GEMM over dequantized weight panels, threads).
     Cpu,
+    /// The f64 CPU reference model (tiny models only: tests and cross-checks).
+    Reference,
 }
 
 /// A training run's settings. Field names are the TOML keys.
@@ -103,6 +110,8 @@ pub struct TrainConfig {
     /// Where reference log-probs are cached (default: `<out>/../.bfpo-cache` or the user cache).
     pub cache_dir: Option<PathBuf>,
     pub engine: EngineKind,
+    /// Worker threads of the CPU engine (default: every core).
+    pub threads: Option<usize>,
     /// GPU adapter index or name.
     pub device: Option<String>,
     /// Stop after this many non-finite steps in a row.
@@ -166,7 +175,8 @@ impl Default for TrainConfig {
             eval_every: 50,
             no_ref_cache: false,
             cache_dir: None,
-            engine: EngineKind::Gpu,
+            engine: EngineKind::Auto,
+            threads: None,
             device: None,
             max_bad_steps: 3,
             activation_memory: "auto".into(),
@@ -190,6 +200,7 @@ pub const RESUME_MAY_CHANGE: &[&str] = &[
     "no_ref_cache",
     "cache_dir",
     "device",
+    "threads",
     "max_bad_steps",
     "activation_memory",
     "eval_harmful",

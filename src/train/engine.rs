@@ -1,4 +1,4 @@
-//! Engines for the training loop: [`CpuEngine`] runs the f64 CPU reference model (tiny models:
+//! Engines for the training loop: [`RefEngine`] runs the f64 CPU reference model (tiny models:
 //! tests and cross-checks); the GPU engine lives in `gpu_engine.rs`.
 
 use crate::data::Example;
@@ -87,7 +87,7 @@ pub fn check_trainable(lora: &LoraWeights) -> Result<(), TrainError> {
 }
 
 /// The CPU reference engine.
-pub struct CpuEngine {
+pub struct RefEngine {
     model: RefModel,
     lora: LoraWeights,
     opt: AdamW,
@@ -96,15 +96,15 @@ pub struct CpuEngine {
     dropout: Option<Dropout>,
 }
 
-impl CpuEngine {
+impl RefEngine {
     pub fn new(
         model: RefModel,
         lora: LoraWeights,
         adam: AdamWConfig,
-    ) -> Result<CpuEngine, TrainError> {
+    ) -> Result<RefEngine, TrainError> {
         check_trainable(&lora)?;
         let n = flatten_lora(&lora).len();
-        Ok(CpuEngine {
+        Ok(RefEngine {
             model,
             lora,
             opt: AdamW::new(adam, n).map_err(err)?,
@@ -115,7 +115,7 @@ impl CpuEngine {
     }
 }
 
-impl Engine for CpuEngine {
+impl Engine for RefEngine {
     fn describe(&self) -> String {
         "cpu reference (f64)".into()
     }

@@ -24,7 +24,7 @@ pub fn config(model: PathBuf, data: PathBuf, out: &Path) -> TrainConfig {
         model: Some(model),
         data: vec![data],
         out: out.to_path_buf(),
-        engine: EngineKind::Cpu,
+        engine: EngineKind::Reference,
         rank: 2,
         lora_alpha: 4.0,
         targets: "ffn_down".into(),
