@@ -157,6 +157,39 @@ impl NativeEngine {
         self.kept_layers
     }
 
+    /// Host bytes one layer's tape takes per row (f32 intermediates of [`Tape`]).
+    pub fn tape_bytes_per_row(cfg: &ModelConfig) -> u64 {
+        let (d, q, kv, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
+        let pre = if cfg.qk_norm { q + kv } else { 0 };
+        4 * (4 * d + 2 * q + 2 * kv + 3 * ff + cfg.n_head + pre) as u64
+    }
+
+    /// The least host memory a batch needs whatever the activation budget: every kept layer
+    /// input, one layer's working set, the LM head's buffers. Refuses the batch, before
+    /// allocating, when that exceeds the available memory.
+    fn check_fits(&self, b: &Batch, train: bool) -> Result<(), TrainError> {
+        let cfg = &self.model.cfg;
+        let rows = b.ids.len().div_ceil(super::gemm::MB) as u64 * super::gemm::MB as u64;
+        let scored = b.head_rows.len() as u64 + super::gemm::MB as u64;
+        let d = cfg.n_embd as u64;
+        let chunk = super::model::VOCAB_CHUNK as u64;
+        let mut need = rows * Self::tape_bytes_per_row(cfg) * 2
+            + self.threads as u64 * 4 * (rows * chunk + chunk * d)
+            + 8 * 4 * scored * d;
+        if train {
+            need += rows * d * 4 * cfg.n_layer as u64;
+        }
+        if let Some(avail) = super::host_available_memory()
+            && need > avail
+        {
+            return Err(err(CpuError::DoesNotFit {
+                need_mib: need >> 20,
+                avail_mib: avail >> 20,
+            }));
+        }
+        Ok(())
+    }
+
     /// Per-token log-probs of the scored rows and the summed log-prob of each example.
     fn run(
         &mut self,
@@ -167,6 +200,7 @@ impl NativeEngine {
         let ids: Vec<&[u32]> = examples.iter().map(|e| e.ids.as_slice()).collect();
         self.model.check_ids(&ids).map_err(err)?;
         let b = batch(examples).map_err(err)?;
+        self.check_fits(&b, train)?;
         let longest = b.seqs.len.iter().copied().max().unwrap_or(0);
         self.model.ensure_positions(longest);
         let model = &self.model;

@@ -427,7 +427,7 @@ impl CpuModel {
         let (f, ld) = self.project(l, Target::FfnDown, &s, ad, keep);
         let mut out = f;
         out.add_assign(&h);
-        let tape = keep.then(|| Tape {
+        let tape = keep.then_some(Tape {
             x,
             n1,
             q_pre,

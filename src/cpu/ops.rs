@@ -243,10 +243,10 @@ pub fn attention(
         for i in 0..len {
             let qi = &q.row(s0 + i)[h * hd..(h + 1) * hd];
             let mut m = f32::NEG_INFINITY;
-            for j in 0..=i {
+            for (j, pj) in p.iter_mut().enumerate().take(i + 1) {
                 let kj = &k.row(s0 + j)[g * hd..(g + 1) * hd];
-                p[j] = dot(qi, kj) * scale;
-                m = m.max(p[j]);
+                *pj = dot(qi, kj) * scale;
+                m = m.max(*pj);
             }
             let mut l = 0f64;
             for pj in p.iter_mut().take(i + 1) {
@@ -254,8 +254,8 @@ pub fn attention(
                 l += *pj as f64;
             }
             o.iter_mut().for_each(|x| *x = 0.0);
-            for j in 0..=i {
-                axpy(&mut o, p[j], &v.row(s0 + j)[g * hd..(g + 1) * hd]);
+            for (j, &pj) in p.iter().enumerate().take(i + 1) {
+                axpy(&mut o, pj, &v.row(s0 + j)[g * hd..(g + 1) * hd]);
             }
             let inv = (1.0 / l) as f32;
             // SAFETY: (row s0+i, head h) is written by this task only.
@@ -313,7 +313,6 @@ pub fn attention_back(
         let slice = |p: SendPtr, row: usize, w: usize, c: usize| unsafe {
             std::slice::from_raw_parts_mut(p.get().add(row * w + c * hd), hd)
         };
-        let mut dp = vec![0f32; len];
         for h in g * group..(g + 1) * group {
             for i in 0..len {
                 let row = s0 + i;
@@ -327,9 +326,9 @@ pub fn attention_back(
                     let kj = &k.row(s0 + j)[g * hd..(g + 1) * hd];
                     let vj = &v.row(s0 + j)[g * hd..(g + 1) * hd];
                     let pij = (dot(qi, kj) * scale - li).exp();
-                    dp[j] = dot(doi, vj);
+                    let dp = dot(doi, vj);
                     axpy(slice(dvp, s0 + j, kw, g), pij, doi);
-                    let ds = pij * (dp[j] - di) * scale;
+                    let ds = pij * (dp - di) * scale;
                     axpy(dqi, ds, kj);
                     axpy(slice(dkp, s0 + j, kw, g), ds, qi);
                 }

@@ -71,13 +71,7 @@ pub fn activation_budget(setting: &str, gpu: &Gpu) -> Result<u64, RunError> {
     Ok(AUTO_ACTIVATION_MEMORY_GPU)
 }
 
-/// `MemAvailable` of `/proc/meminfo` in bytes (Linux; `None` elsewhere).
-fn host_available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
+use crate::cpu::host_available_memory;
 
 /// The engine `auto` resolves to on this host, and the GPU it opened (wgpu on a real GPU; the CPU
 /// engine when wgpu finds no adapter or only a CPU driver such as lavapipe). Opening no GPU needs
