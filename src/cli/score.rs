@@ -303,18 +303,38 @@ fn read_scaled_adapter(
     Ok(Some(w))
 }
 
-/// Scores with the native CPU engine, `--batch-tokens` tokens at a time.
-fn score_cpu(
+/// The GGUF file and configuration for our own engines, after checking that no example is
+/// longer than `--ctx` (default: the model's training context).
+fn open_for_our_engine(
     args: &Args,
-    _rows: &[Row],
+    rows: &[Row],
     examples: &[Example],
-    bar: &ProgressBar,
-) -> anyhow::Result<Vec<f64>> {
-    use bfpo_lite::train::trainer::Engine as _;
+) -> anyhow::Result<(bfpo_lite::gguf::GgufFile, bfpo_lite::model::ModelConfig)> {
     let file = bfpo_lite::gguf::GgufFile::open(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
     let cfg = bfpo_lite::model::ModelConfig::from_gguf(&file)
         .with_context(|| format!("reading the configuration of {}", args.model.display()))?;
+    let max_len = args.ctx.unwrap_or(cfg.n_ctx_train);
+    if let Some(i) = examples.iter().position(|e| e.len() > max_len) {
+        let which = if i % 2 == 0 { "chosen" } else { "rejected" };
+        bail!(
+            "{} ({which}): {} tokens, longer than the limit of {max_len} (the model's training context unless --ctx is given)",
+            rows[i / 2].at,
+            examples[i].len()
+        );
+    }
+    Ok((file, cfg))
+}
+
+/// Scores with the native CPU engine, `--batch-tokens` tokens at a time.
+fn score_cpu(
+    args: &Args,
+    rows: &[Row],
+    examples: &[Example],
+    bar: &ProgressBar,
+) -> anyhow::Result<Vec<f64>> {
+    use bfpo_lite::train::trainer::Engine as _;
+    let (file, cfg) = open_for_our_engine(args, rows, examples)?;
     let lora = read_scaled_adapter(args, &cfg)?;
     let adapter = lora.is_some();
     let lora = lora.unwrap_or(bfpo_lite::model::lora::LoraWeights {
@@ -323,12 +343,7 @@ fn score_cpu(
         tensors: Vec::new(),
     });
     let threads = args.threads.unwrap_or_else(bfpo_lite::cpu::default_threads);
-    let adam = bfpo_lite::optim::AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-    };
+    let adam = bfpo_lite::optim::AdamWConfig::default(); // unused: scoring only
     let mut engine = bfpo_lite::cpu::NativeEngine::new(&file, &cfg, lora, adam, threads)
         .context("loading the model into the cpu engine")?;
     let mut out = Vec::with_capacity(examples.len());
@@ -365,36 +380,12 @@ fn score_wgpu(
     bar: &ProgressBar,
 ) -> anyhow::Result<Vec<f64>> {
     use bfpo_lite::gpu::forward::{GpuModel, ScoreBatching};
-    let file = bfpo_lite::gguf::GgufFile::open(&args.model)
-        .with_context(|| format!("reading {}", args.model.display()))?;
-    let cfg = bfpo_lite::model::ModelConfig::from_gguf(&file)
-        .with_context(|| format!("reading the configuration of {}", args.model.display()))?;
-    let max_len = args.ctx.unwrap_or(cfg.n_ctx_train);
-    if let Some(i) = examples.iter().position(|e| e.len() > max_len) {
-        let which = if i % 2 == 0 { "chosen" } else { "rejected" };
-        bail!(
-            "{} ({which}): {} tokens, longer than the limit of {max_len} (the model's training context unless --ctx is given)",
-            rows[i / 2].at,
-            examples[i].len()
-        );
-    }
+    let (file, cfg) = open_for_our_engine(args, rows, examples)?;
     let gpu = bfpo_lite::run::engine::open_gpu(args.device.as_deref())
         .context("opening a GPU for --engine wgpu")?;
     let model = GpuModel::load(&gpu, &file, &cfg).context("uploading the model to the GPU")?;
-    let lora = match &args.adapter {
-        Some(path) => {
-            let (mut w, _, arch) = bfpo_lite::export::gguf_adapter::read_adapter(path)
-                .with_context(|| format!("reading the adapter {}", path.display()))?;
-            bfpo_lite::export::check_arch(&arch, &cfg, &args.model)?;
-            bfpo_lite::export::check_against(&w, &cfg).with_context(|| {
-                format!(
-                    "the adapter {} does not fit {}",
-                    path.display(),
-                    args.model.display()
-                )
-            })?;
-            // llama.cpp's user scale multiplies alpha/r.
-            w.alpha *= args.scale;
+    let lora = match read_scaled_adapter(args, &cfg)? {
+        Some(w) => {
             let g = bfpo_lite::gpu::ops::lora::GpuLora::upload(&gpu, &w)?;
             model.check_lora(&g)?;
             Some(g)
