@@ -11,9 +11,8 @@ use crate::data::Example;
 use crate::gguf::GgufFile;
 use crate::model::ModelConfig;
 use crate::model::lora::dropout::Dropout;
-use crate::model::reference::{flatten_lora, unflatten_lora};
-use crate::optim::{AdamW, AdamWConfig, global_norm};
-use crate::train::engine::{check_trainable, pack_state, unpack_state};
+use crate::optim::AdamWConfig;
+use crate::train::engine::HostAdapter;
 use crate::train::lora::LoraWeights;
 use crate::train::trainer::{Engine, SeqScore, TrainError};
 use std::collections::BTreeMap;
@@ -89,10 +88,8 @@ struct Kept {
 /// The native CPU engine (see the module doc of [`crate::cpu`]).
 pub struct NativeEngine {
     model: CpuModel,
-    lora: LoraWeights,
+    state: HostAdapter,
     offs: Vec<(usize, usize)>,
-    opt: AdamW,
-    grads: Vec<f32>,
     dropout: Option<Dropout>,
     kept: Option<Kept>,
     pool: rayon::ThreadPool,
@@ -111,7 +108,6 @@ impl NativeEngine {
         adam: AdamWConfig,
         threads: usize,
     ) -> Result<NativeEngine, TrainError> {
-        check_trainable(&lora)?;
         let model = CpuModel::load(file, cfg).map_err(err)?;
         Adapters::new(cfg, Some(&lora)).map_err(err)?;
         let threads = threads.max(1);
@@ -125,13 +121,10 @@ impl NativeEngine {
                     detail: e.to_string(),
                 })
             })?;
-        let n = flatten_lora(&lora).len();
         Ok(NativeEngine {
             model,
             offs: grad_offsets(&lora),
-            lora,
-            opt: AdamW::new(adam, n).map_err(err)?,
-            grads: vec![0.0; n],
+            state: HostAdapter::new(lora, adam)?,
             dropout: None,
             kept: None,
             pool,
@@ -204,7 +197,7 @@ impl NativeEngine {
         let longest = b.seqs.len.iter().copied().max().unwrap_or(0);
         self.model.ensure_positions(longest);
         let model = &self.model;
-        let lora = adapter.then_some(&self.lora);
+        let lora = adapter.then_some(&self.state.lora);
         let dropout = if train { self.dropout } else { None };
         let budget = self.activation_memory;
         let (sums, kept, kept_layers, bytes) = self
@@ -227,7 +220,6 @@ impl NativeEngine {
                         x = model.layer_fwd(l, x, &b.seqs, &b.pos, &ad, false).0;
                         continue;
                     }
-                    let input = x.clone();
                     let (out, tape) = model.layer_fwd(l, x, &b.seqs, &b.pos, &ad, true);
                     let tape = tape.expect("kept");
                     let tb = tape.bytes();
@@ -236,8 +228,9 @@ impl NativeEngine {
                         n_kept += 1;
                         saved.push((l, Saved::Tape(Box::new(tape))));
                     } else {
-                        used += input.bytes();
-                        saved.push((l, Saved::Input(input)));
+                        // The tape owns the layer input: keep only that.
+                        used += tape.x.bytes();
+                        saved.push((l, Saved::Input(tape.x)));
                     }
                     x = out;
                 }
@@ -312,8 +305,8 @@ impl Engine for NativeEngine {
             )));
         }
         let model = &self.model;
-        let lora = &self.lora;
-        let grads = &mut self.grads;
+        let lora = &self.state.lora;
+        let grads = &mut self.state.grads;
         let offs = &self.offs;
         let dropout = self.dropout;
         self.pool
@@ -341,35 +334,26 @@ impl Engine for NativeEngine {
     }
 
     fn grad_norm(&mut self) -> Result<f64, TrainError> {
-        Ok(global_norm(&self.grads))
+        Ok(self.state.grad_norm())
     }
 
     fn optimizer_step(&mut self, lr: f64, grad_scale: f64) -> Result<(), TrainError> {
-        let mut p = flatten_lora(&self.lora);
-        self.opt
-            .step(&mut p, &self.grads, lr, grad_scale)
-            .map_err(err)?;
-        unflatten_lora(&p, &mut self.lora);
-        self.grads.iter_mut().for_each(|g| *g = 0.0);
-        Ok(())
+        self.state.step(lr, grad_scale)
     }
 
     fn zero_grads(&mut self) -> Result<(), TrainError> {
-        self.grads.iter_mut().for_each(|g| *g = 0.0);
+        self.state.zero_grads();
         Ok(())
     }
 
     fn lora(&mut self) -> Result<LoraWeights, TrainError> {
-        Ok(self.lora.clone())
+        Ok(self.state.lora.clone())
     }
 
     fn save_state(
         &mut self,
     ) -> Result<(BTreeMap<String, Vec<f32>>, serde_json::Value), TrainError> {
-        Ok((
-            pack_state(&self.lora, &self.opt.m, &self.opt.v),
-            serde_json::json!({ "adam_step": self.opt.step }),
-        ))
+        Ok(self.state.save_state())
     }
 
     fn load_state(
@@ -377,13 +361,7 @@ impl Engine for NativeEngine {
         tensors: &BTreeMap<String, Vec<f32>>,
         scalars: &serde_json::Value,
     ) -> Result<(), TrainError> {
-        let (m, v) = unpack_state(tensors, &mut self.lora)?;
-        self.opt.m = m;
-        self.opt.v = v;
-        self.opt.step = scalars["adam_step"]
-            .as_u64()
-            .ok_or_else(|| TrainError::Resume("state lacks adam_step".into()))?;
-        Ok(())
+        self.state.load_state(tensors, scalars)
     }
 
     fn device_memory(&self) -> Option<u64> {

@@ -187,9 +187,19 @@ pub fn matmul_back(w: &QMat, dy: &Mat, dx: &mut Mat, accumulate: bool) {
     });
 }
 
-/// `y (+)= beta · x·Bᵀ` for a dense f32 `b` `[n, k]` row-major: x `[R, k]`, y `[R, n]`; threads
-/// own row blocks.
-pub fn dense_nt(x: &Mat, b: &[f32], n: usize, y: &mut Mat, accumulate: bool, beta: f32) {
+/// `y (+)= beta · x·B` for a dense f32 `b` read with strides `b_rs` (along the reduction k) and
+/// `b_cs` (along n): x `[R, k]`, y `[R, n]`; threads own row blocks.
+#[allow(clippy::too_many_arguments)]
+fn dense(
+    x: &Mat,
+    b: &[f32],
+    n: usize,
+    b_rs: usize,
+    b_cs: usize,
+    y: &mut Mat,
+    accumulate: bool,
+    beta: f32,
+) {
     let k = x.cols;
     assert_eq!((b.len(), y.cols, y.rows), (n * k, n, x.rows));
     let xp = x.data.as_ptr() as usize;
@@ -209,39 +219,21 @@ pub fn dense_nt(x: &Mat, b: &[f32], n: usize, y: &mut Mat, accumulate: bool, bet
                 k,
                 1,
                 bp as *const f32,
-                1,
-                k,
+                b_rs,
+                b_cs,
                 beta,
             )
         });
 }
 
+/// `y (+)= beta · x·Bᵀ` for a dense f32 `b` `[n, k]` row-major: x `[R, k]`, y `[R, n]`.
+pub fn dense_nt(x: &Mat, b: &[f32], n: usize, y: &mut Mat, accumulate: bool, beta: f32) {
+    dense(x, b, n, 1, x.cols, y, accumulate, beta)
+}
+
 /// `y (+)= beta · x·B` for a dense f32 `b` `[k, n]` row-major: x `[R, k]`, y `[R, n]`.
 pub fn dense_nn(x: &Mat, b: &[f32], n: usize, y: &mut Mat, accumulate: bool, beta: f32) {
-    let k = x.cols;
-    assert_eq!((b.len(), y.cols, y.rows), (n * k, n, x.rows));
-    let xp = x.data.as_ptr() as usize;
-    let bp = b.as_ptr() as usize;
-    y.data
-        .par_chunks_mut(MB * n)
-        .enumerate()
-        .for_each(|(rb, yb)| unsafe {
-            sgemm(
-                MB,
-                n,
-                k,
-                yb.as_mut_ptr(),
-                n,
-                accumulate,
-                (xp as *const f32).add(rb * MB * k),
-                k,
-                1,
-                bp as *const f32,
-                n,
-                1,
-                beta,
-            )
-        });
+    dense(x, b, n, n, 1, y, accumulate, beta)
 }
 
 /// `g[m×n] += beta · aᵀ·b` over all rows: a `[R, m]`, b `[R, n]` (weight gradients: the

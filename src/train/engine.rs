@@ -86,12 +86,74 @@ pub fn check_trainable(lora: &LoraWeights) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// An adapter trained on the host: LoRA parameters, their accumulated gradients (in
+/// `flatten_lora` order) and the AdamW state. The reference engine and the native CPU engine
+/// share it, so their optimizer steps and checkpoints are the same code.
+pub struct HostAdapter {
+    pub lora: LoraWeights,
+    pub opt: AdamW,
+    pub grads: Vec<f32>,
+}
+
+impl HostAdapter {
+    /// Refuses adapters training cannot update ([`check_trainable`]); zero gradients and moments.
+    pub fn new(lora: LoraWeights, adam: AdamWConfig) -> Result<HostAdapter, TrainError> {
+        check_trainable(&lora)?;
+        let n = flatten_lora(&lora).len();
+        Ok(HostAdapter {
+            lora,
+            opt: AdamW::new(adam, n).map_err(err)?,
+            grads: vec![0.0; n],
+        })
+    }
+
+    pub fn grad_norm(&self) -> f64 {
+        global_norm(&self.grads)
+    }
+
+    /// One AdamW step at `lr` with gradients times `grad_scale`; zeroes the gradients.
+    pub fn step(&mut self, lr: f64, grad_scale: f64) -> Result<(), TrainError> {
+        let mut p = flatten_lora(&self.lora);
+        self.opt
+            .step(&mut p, &self.grads, lr, grad_scale)
+            .map_err(err)?;
+        unflatten_lora(&p, &mut self.lora);
+        self.zero_grads();
+        Ok(())
+    }
+
+    pub fn zero_grads(&mut self) {
+        self.grads.iter_mut().for_each(|g| *g = 0.0);
+    }
+
+    /// Parameters and moments as named tensors, the step count as a scalar.
+    pub fn save_state(&self) -> (BTreeMap<String, Vec<f32>>, serde_json::Value) {
+        (
+            pack_state(&self.lora, &self.opt.m, &self.opt.v),
+            serde_json::json!({ "adam_step": self.opt.step }),
+        )
+    }
+
+    /// Inverse of [`HostAdapter::save_state`].
+    pub fn load_state(
+        &mut self,
+        tensors: &BTreeMap<String, Vec<f32>>,
+        scalars: &serde_json::Value,
+    ) -> Result<(), TrainError> {
+        let (m, v) = unpack_state(tensors, &mut self.lora)?;
+        self.opt.m = m;
+        self.opt.v = v;
+        self.opt.step = scalars["adam_step"]
+            .as_u64()
+            .ok_or_else(|| TrainError::Resume("state lacks adam_step".into()))?;
+        Ok(())
+    }
+}
+
 /// The CPU reference engine.
 pub struct RefEngine {
     model: RefModel,
-    lora: LoraWeights,
-    opt: AdamW,
-    grads: Vec<f32>,
+    state: HostAdapter,
     last: Vec<Example>,
     dropout: Option<Dropout>,
 }
@@ -102,13 +164,9 @@ impl RefEngine {
         lora: LoraWeights,
         adam: AdamWConfig,
     ) -> Result<RefEngine, TrainError> {
-        check_trainable(&lora)?;
-        let n = flatten_lora(&lora).len();
         Ok(RefEngine {
             model,
-            lora,
-            opt: AdamW::new(adam, n).map_err(err)?,
-            grads: vec![0.0; n],
+            state: HostAdapter::new(lora, adam)?,
             last: Vec::new(),
             dropout: None,
         })
@@ -124,7 +182,7 @@ impl Engine for RefEngine {
         let owned: Vec<Example> = examples.iter().map(|e| (*e).clone()).collect();
         let lp = self
             .model
-            .sequence_logprobs(&owned, adapter.then_some(&self.lora))
+            .sequence_logprobs(&owned, adapter.then_some(&self.state.lora))
             .map_err(err)?;
         Ok(lp
             .into_iter()
@@ -150,7 +208,7 @@ impl Engine for RefEngine {
         let zeros = vec![0.0; self.last.len()];
         let (lp, _) = self
             .model
-            .lora_grads_dropout(&self.last, &zeros, &self.lora, Some(d))
+            .lora_grads_dropout(&self.last, &zeros, &self.state.lora, Some(d))
             .map_err(err)?;
         Ok(lp
             .into_iter()
@@ -166,44 +224,35 @@ impl Engine for RefEngine {
         let w: Vec<f64> = weights.iter().map(|&x| x as f64).collect();
         let (_, g) = self
             .model
-            .lora_grads_dropout(&self.last, &w, &self.lora, self.dropout)
+            .lora_grads_dropout(&self.last, &w, &self.state.lora, self.dropout)
             .map_err(err)?;
-        for (acc, x) in self.grads.iter_mut().zip(g.flatten()) {
+        for (acc, x) in self.state.grads.iter_mut().zip(g.flatten()) {
             *acc += x as f32;
         }
         Ok(())
     }
 
     fn grad_norm(&mut self) -> Result<f64, TrainError> {
-        Ok(global_norm(&self.grads))
+        Ok(self.state.grad_norm())
     }
 
     fn optimizer_step(&mut self, lr: f64, grad_scale: f64) -> Result<(), TrainError> {
-        let mut p = flatten_lora(&self.lora);
-        self.opt
-            .step(&mut p, &self.grads, lr, grad_scale)
-            .map_err(err)?;
-        unflatten_lora(&p, &mut self.lora);
-        self.grads.iter_mut().for_each(|g| *g = 0.0);
-        Ok(())
+        self.state.step(lr, grad_scale)
     }
 
     fn zero_grads(&mut self) -> Result<(), TrainError> {
-        self.grads.iter_mut().for_each(|g| *g = 0.0);
+        self.state.zero_grads();
         Ok(())
     }
 
     fn lora(&mut self) -> Result<LoraWeights, TrainError> {
-        Ok(self.lora.clone())
+        Ok(self.state.lora.clone())
     }
 
     fn save_state(
         &mut self,
     ) -> Result<(BTreeMap<String, Vec<f32>>, serde_json::Value), TrainError> {
-        Ok((
-            pack_state(&self.lora, &self.opt.m, &self.opt.v),
-            serde_json::json!({ "adam_step": self.opt.step }),
-        ))
+        Ok(self.state.save_state())
     }
 
     fn load_state(
@@ -211,12 +260,6 @@ impl Engine for RefEngine {
         tensors: &BTreeMap<String, Vec<f32>>,
         scalars: &serde_json::Value,
     ) -> Result<(), TrainError> {
-        let (m, v) = unpack_state(tensors, &mut self.lora)?;
-        self.opt.m = m;
-        self.opt.v = v;
-        self.opt.step = scalars["adam_step"]
-            .as_u64()
-            .ok_or_else(|| TrainError::Resume("state lacks adam_step".into()))?;
-        Ok(())
+        self.state.load_state(tensors, scalars)
     }
 }
