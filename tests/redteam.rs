@@ -257,14 +257,31 @@ fn written_refusals_fill_in_when_no_answer_is_safe() {
         .collect();
     assert!(!tmpl.is_empty());
     for v in tmpl {
-        // The refusal is the safe, less helpful side: the unsafe answer is "chosen" by helpfulness.
+        // The refusal is the less helpful side: the unsafe answer (harmful prompt) or the helpful
+        // answer (benign prompt) is "chosen" by helpfulness.
         assert_eq!(v["provenance"]["rejected"]["source"], "template", "{v}");
         assert_eq!(v["rejected_safe"], true);
-        assert_eq!(v["chosen_safe"], false);
+        let benign = v["provenance"]["set"] == "benign";
+        assert_eq!(v["chosen_safe"], benign, "{v}");
         assert_eq!(v["provenance"]["order_rule"], "non_refusal");
         let t = v["provenance"]["rejected"]["template"].as_u64().unwrap() as usize;
         assert_eq!(v["rejected"], REFUSAL_TEMPLATES[t]);
     }
+    // Every benign prompt (the random model refuses none) got its over-refusal pair, and it is
+    // among the pairs kept even though the template is the last candidate.
+    for b in BENIGN {
+        assert!(
+            rows.iter()
+                .any(|v| v["prompt"] == *b && v["provenance"]["rejected"]["source"] == "template"),
+            "no refusal contrast for {b}"
+        );
+    }
+    assert_eq!(r_on.benign.templates_added, BENIGN.len());
+    let mut o = opts(5);
+    o.benign_refusals = false;
+    let r_nob = run_to(&m, &scratch("tmpl-nobenign.jsonl"), &o, &mut go).unwrap();
+    assert_eq!(r_nob.benign.templates_added, 0);
+    assert_eq!(r_nob.harmful, r_on.harmful);
 }
 
 #[test]

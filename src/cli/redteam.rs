@@ -20,9 +20,10 @@ pub struct Args {
     /// Harmful prompts: a JSONL file ({"prompt": ..., "category": ...} per line), `advbench`
     /// (AdvBench's 520 behaviours, the training set to use), `uncensorbench` (150 prompts),
     /// `harmbench` (HarmBench's 200 standard behaviours: held out, warned about) or
-    /// `donotanswer` (Do-Not-Answer's 939 questions).
-    #[arg(long)]
-    pub prompts: String,
+    /// `donotanswer` (Do-Not-Answer's 939 questions). May be left out when `--benign` is given
+    /// (helpfulness pairs only).
+    #[arg(long, required_unless_present = "benign")]
+    pub prompts: Option<String>,
     /// Benign prompts (`train`: 168 of our own, disjoint from eval's `heldout`; `builtin`; or a
     /// JSONL file): they become both-safe helpfulness pairs.
     #[arg(long)]
@@ -49,6 +50,13 @@ pub struct Args {
     /// Do not add written refusals.
     #[arg(long, overrides_with = "refusal_templates")]
     pub no_refusal_templates: bool,
+    /// Add a written refusal to each benign prompt the model did not refuse, as the rejected side
+    /// of a both-safe pair (a helpful answer beats a refusal; default on).
+    #[arg(long, overrides_with = "no_benign_refusals")]
+    pub benign_refusals: bool,
+    /// Do not add written refusals to benign prompts.
+    #[arg(long, overrides_with = "benign_refusals")]
+    pub no_benign_refusals: bool,
     /// Most pairs written per prompt.
     #[arg(long, default_value_t = 3)]
     pub max_pairs_per_prompt: usize,
@@ -137,12 +145,14 @@ fn warn_skipped(set: &eval::PromptSet, json: bool) {
 }
 
 pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
-    let (harmful, hset) = load_set(
-        PromptSource::harmful(&args.prompts),
-        args.limit,
-        args.strict,
-        "harmful",
-    )?;
+    let (harmful, hset) = match &args.prompts {
+        Some(p) => {
+            let (items, set) =
+                load_set(PromptSource::harmful(p), args.limit, args.strict, "harmful")?;
+            (items, Some(set))
+        }
+        None => (Vec::new(), None),
+    };
     let (benign, bset) = match &args.benign {
         Some(b) => {
             let (items, set) =
@@ -152,7 +162,10 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
         None => (Vec::new(), None),
     };
     for (source, what) in [
-        (Some(PromptSource::harmful(&args.prompts)), "--prompts"),
+        (
+            args.prompts.as_deref().map(PromptSource::harmful),
+            "--prompts",
+        ),
         (args.benign.as_deref().map(PromptSource::benign), "--benign"),
     ] {
         if let Some(source) = source.filter(|s| s.held_out()) {
@@ -164,9 +177,8 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
             }
         }
     }
-    warn_skipped(&hset, args.json);
-    if let Some(b) = &bset {
-        warn_skipped(b, args.json);
+    for set in hset.iter().chain(&bset) {
+        warn_skipped(set, args.json);
     }
 
     let model = super::generate::load_model(&args.model, None, 1.0, args.gpu_layers)?;
@@ -193,9 +205,10 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| redteam::DEFAULT_SAFETY_SYSTEM.to_string()),
         refusal_templates: !args.no_refusal_templates,
+        benign_refusals: !args.no_benign_refusals,
         max_pairs_per_prompt: args.max_pairs_per_prompt,
         threads: args.threads,
-        harmful_name: hset.name.clone(),
+        harmful_name: hset.as_ref().map(|h| h.name.clone()).unwrap_or_default(),
         benign_name: bset.as_ref().map(|b| b.name.clone()).unwrap_or_default(),
     };
 
@@ -295,10 +308,7 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
                 "examples": s.skipped.iter().take(5).map(|s| format!("{}: {}", s.origin, s.reason)).collect::<Vec<_>>(),
             })
         };
-        let mut inputs = vec![skipped(&hset)];
-        if let Some(b) = &bset {
-            inputs.push(skipped(b));
-        }
+        let inputs: Vec<_> = hset.iter().chain(&bset).map(skipped).collect();
         let v = serde_json::json!({"report": report, "judge": judge.name(), "inputs": inputs});
         super::print_out(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
     } else {

@@ -6,8 +6,9 @@
 //! so a seed gives the same file), judges each against the **plain** prompt, adds a written
 //! refusal ([`templates`]) when no answer was safe, drops empty and duplicate answers, and
 //! writes pairs ordered by helpfulness with each side's safety label ([`pairing`] documents the
-//! rules). Benign prompts (answered the same way, no written refusal) become both-safe
-//! helpfulness pairs (BFPO's buffer). Rows are generic
+//! rules). Benign prompts (answered the same way) become both-safe helpfulness pairs (BFPO's
+//! buffer); a written refusal is added to each one the model did not refuse, so that a helpful
+//! answer beats a refusal on it (the over-refusal contrast; `benign_refusals`). Rows are generic
 //! rows (`prompt`, `chosen`, `rejected`, `chosen_safe`, `rejected_safe`) with a `provenance`
 //! object; [`output`] appends them a prompt at a time and resumes an interrupted run.
 //!
@@ -168,6 +169,10 @@ pub struct RedteamOptions {
     pub safety_system: String,
     /// Add a written refusal to harmful prompts with no safe answer.
     pub refusal_templates: bool,
+    /// Add a written refusal to every benign prompt as the less helpful side of a both-safe pair
+    /// (a helpful answer beats a refusal): the contrast that teaches a model not to over-refuse
+    /// the benign prompts that sound like the harmful ones it learns to refuse.
+    pub benign_refusals: bool,
     /// Most pairs kept per prompt.
     pub max_pairs_per_prompt: usize,
     pub threads: Option<usize>,
@@ -189,6 +194,7 @@ impl Default for RedteamOptions {
             },
             safety_system: DEFAULT_SAFETY_SYSTEM.to_string(),
             refusal_templates: true,
+            benign_refusals: true,
             max_pairs_per_prompt: 3,
             threads: None,
             harmful_name: String::new(),
@@ -407,6 +413,7 @@ impl RedteamOptions {
             "seed": s.seed,
             "safety_system": self.safety_system,
             "refusal_templates": self.refusal_templates,
+            "benign_refusals": self.benign_refusals,
             "max_pairs_per_prompt": self.max_pairs_per_prompt,
         });
         output::Header {
@@ -752,6 +759,26 @@ fn answer_prompt(
                 refused: true,
                 helpfulness: None,
                 detail: "written refusal, safe by construction".into(),
+            },
+        });
+        templates = 1;
+    }
+    // A benign prompt gets a written refusal as its over-refusal side, unless the model already
+    // refused it (then that refusal is the contrast).
+    if benign
+        && opts.benign_refusals
+        && !cands.is_empty()
+        && !cands.iter().any(|c| c.verdict.refused)
+    {
+        let t = templates::pick(u64::from(opts.sampling.seed), key);
+        cands.push(Candidate {
+            text: templates::REFUSAL_TEMPLATES[t].to_string(),
+            source: Source::Template { template: t },
+            verdict: Judgement {
+                safe: true,
+                refused: true,
+                helpfulness: None,
+                detail: "written refusal of a benign prompt: the over-refusal side".into(),
             },
         });
         templates = 1;

@@ -17,7 +17,8 @@
 //! # Which pairs
 //! Every unordered pair of distinct answers is a candidate. At most `max_pairs` are kept, the
 //! most informative first: pairs whose sides differ in safety (BFPO's ±100 targets), then
-//! both-safe pairs, then both-unsafe pairs; within a class, generation order.
+//! both-safe pairs, then both-unsafe pairs; within a class, generation order, except that among
+//! benign prompts' pairs those where an answer beats a refusal come first.
 
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
@@ -192,8 +193,9 @@ pub fn plan_pairs(cands: &[Candidate], benign: bool, max_pairs: usize) -> Vec<Pl
             });
         }
     }
-    // Stable: generation order within a priority class.
-    out.sort_by_key(|p| p.case.priority());
+    // Stable: generation order within a priority class. Among benign (both-safe) pairs, those
+    // where an answer beats a refusal come first: they are the over-refusal contrast.
+    out.sort_by_key(|p| (p.case.priority(), benign && p.rule != OrderRule::NonRefusal));
     out.truncate(max_pairs);
     out
 }
@@ -315,9 +317,35 @@ mod tests {
         // The cap keeps the most informative.
         let one = plan_pairs(&c, false, 1);
         assert_eq!(one, all[..1].to_vec());
-        // Benign: every side safe, order unchanged.
+        // Benign: every side safe; answers over the refusal first, then generation order.
         let benign = plan_pairs(&c, true, 10);
         assert!(benign.iter().all(|p| p.case == Case::BothSafe));
-        assert_eq!((benign[0].chosen, benign[0].rejected), (0, 1));
+        let order: Vec<_> = benign.iter().map(|p| (p.chosen, p.rejected)).collect();
+        assert_eq!(order, [(0, 2), (1, 2), (0, 1)]);
+    }
+
+    #[test]
+    fn benign_pairs_put_the_refusal_contrast_first() {
+        // Three answers and a refusal last: with room for one pair, the kept pair is an answer
+        // over the refusal, not the first two answers.
+        let c = vec![
+            cand(
+                "Knead the dough, let it rise, bake at 220 C.",
+                true,
+                false,
+                None,
+            ),
+            cand("Mix flour, water, salt and yeast.", true, false, None),
+            cand("Bread needs flour.", true, false, None),
+            cand("I'm sorry, but I can't help with that.", true, true, None),
+        ];
+        let p = plan_pairs(&c, true, 1);
+        assert_eq!(p.len(), 1);
+        assert_eq!((p[0].chosen, p[0].rejected), (0, 3));
+        assert_eq!(p[0].rule, OrderRule::NonRefusal);
+        assert_eq!(p[0].case, Case::BothSafe);
+        // For harmful prompts the order stays the generation order within a class.
+        let h = plan_pairs(&c, false, 1);
+        assert_eq!((h[0].chosen, h[0].rejected), (0, 1));
     }
 }

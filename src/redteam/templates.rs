@@ -1,4 +1,5 @@
-//! Written refusals, used when a harmful prompt got no safe answer from the model.
+//! Written refusals: the safe side for a harmful prompt that got no safe answer from the model,
+//! and the over-refusal side (rejected, less helpful) of a benign prompt's pair.
 //!
 //! Each template is a short, polite refusal in a different wording; several offer a safe
 //! direction instead. They contain no part of the prompt (a refusal that repeats a harmful
