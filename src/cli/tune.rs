@@ -9,7 +9,7 @@ use bfpo_lite::export::gguf_adapter::AdapterDType;
 use bfpo_lite::gpu::memory::fmt_bytes;
 use bfpo_lite::run::demo::{demo_config, demo_train_pairs, write_demo};
 use bfpo_lite::run::{Cancel, Event, SkipStage, Summary, TuneJob};
-use bfpo_lite::train::config::{EngineKind, ScheduleKind, TrainConfig};
+use bfpo_lite::train::config::{EngineKind, PairOrder, ScheduleKind, TrainConfig};
 use bfpo_lite::train::metrics::StepMetrics;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -29,6 +29,10 @@ pub struct Args {
     /// TOML file with any of the settings below (keys are the long flag names with `_`).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// A built-in recipe as the base settings: `safety` (BFPO safety tuning of a small chat model
+    /// with a helpfulness buffer; recipes/safety.toml, explained in docs/recipe.md). Flags override it
+    #[arg(long, conflicts_with = "config")]
+    pub recipe: Option<String>,
     /// Output folder (adapter.gguf, metrics.jsonl, summary.json, curves.svg, checkpoint/).
     #[arg(long, short)]
     pub out: Option<PathBuf>,
@@ -72,6 +76,11 @@ pub struct Args {
     /// bfpo | ipo | dpo, optionally with parameters: `bfpo:tau=0.01,b1=3,alpha=0.5`.
     #[arg(long)]
     pub loss: Option<String>,
+    /// Which side of a pair whose responses differ in safety is `chosen`: `helpful` (as the data
+    /// says, BFPO's order) or `safe-first` (the safe side: the DPO/IPO safety baseline; BFPO's
+    /// loss is the same in either order)
+    #[arg(long, value_enum)]
+    pub pair_order: Option<PairOrder>,
     #[arg(long)]
     pub rank: Option<usize>,
     #[arg(long)]
@@ -199,6 +208,7 @@ fn apply_overrides(cfg: &mut TrainConfig, a: &Args) {
         eval_judge_format,
         engine,
         loss,
+        pair_order,
         out
     );
     if a.eval_harmful.is_some() {
@@ -243,7 +253,11 @@ fn apply_overrides(cfg: &mut TrainConfig, a: &Args) {
 
 /// No model, data, config or checkpoint: the built-in demo.
 fn is_demo(a: &Args) -> bool {
-    a.model.is_none() && a.data.is_empty() && a.config.is_none() && a.resume.is_none()
+    a.model.is_none()
+        && a.data.is_empty()
+        && a.config.is_none()
+        && a.recipe.is_none()
+        && a.resume.is_none()
 }
 
 /// The run's settings: `--config`, else the checkpoint's run, else the demo's or the defaults;
@@ -251,6 +265,8 @@ fn is_demo(a: &Args) -> bool {
 fn load_config(args: &Args) -> anyhow::Result<TrainConfig> {
     let mut cfg = if let Some(p) = &args.config {
         TrainConfig::from_toml_file(p)?
+    } else if let Some(r) = &args.recipe {
+        TrainConfig::recipe(r)?
     } else if let Some(ck) = &args.resume {
         let run_dir = ck.parent().unwrap_or(Path::new("."));
         let saved = run_dir.join("config.toml");
@@ -657,6 +673,7 @@ mod tests {
             buffer_ratio: Some(0.5),
             strict: true,
             loss: Some("ipo".into()),
+            pair_order: Some(PairOrder::SafeFirst),
             rank: Some(3),
             lora_alpha: Some(7.0),
             lora_dropout: Some(0.2),
@@ -702,6 +719,7 @@ mod tests {
             out: "o".into(),
             strict: true,
             loss: "ipo".into(),
+            pair_order: PairOrder::SafeFirst,
             rank: 3,
             lora_alpha: 7.0,
             targets: "attn_q".into(),

@@ -14,7 +14,7 @@ use crate::loss::Loss;
 use crate::model::lora::{LoraSpec, LoraWeights};
 use crate::runtime::LoadOptions as RtLoadOptions;
 use crate::train::checkpoint::{ADAPTER_FILE, Checkpoint};
-use crate::train::config::TrainConfig;
+use crate::train::config::{PairOrder, TrainConfig};
 use crate::train::metrics::{
     MetricsWriter, StepMetrics, curves_svg_with_harmless, read_metrics, truncate_after,
 };
@@ -256,6 +256,11 @@ impl TuneJob {
         self.check_cancel()?;
         let mut data = l.data;
         let (ref_sources, model_sha256) = self.fill_reference(engine.as_mut(), &mut data, obs)?;
+        if cfg.pair_order == PairOrder::SafeFirst {
+            for p in data.train.iter_mut().chain(&mut data.eval) {
+                p.safe_first();
+            }
+        }
         let provenance = provenance(cfg, &l.model, model_sha256)?;
         Ok(PreparedTune {
             job: self,

@@ -14,6 +14,10 @@ pub enum ConfigError {
     },
     #[error("config {path}: {detail}")]
     Parse { path: PathBuf, detail: String },
+    #[error(
+        "unknown recipe `{name}`: the built-in recipes are {known}; or pass --config FILE.toml"
+    )]
+    UnknownRecipe { name: String, known: String },
     #[error("invalid setting {key} = {value}: {detail}")]
     Invalid {
         key: &'static str,
@@ -29,6 +33,21 @@ pub enum ScheduleKind {
     Constant,
     Linear,
     Cosine,
+}
+
+/// Which response of a pair is `chosen` when the two differ in safety.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PairOrder {
+    /// As the data says: `chosen` is the more helpful response (BFPO's y_hw), whatever its
+    /// safety label. BFPO needs this order; DPO and IPO then learn helpfulness only.
+    #[default]
+    Helpful,
+    /// The safe response is `chosen` when exactly one side is safe (the rows are swapped, labels
+    /// too); otherwise the more helpful one. This is how DPO/IPO safety baselines (and TRL users)
+    /// build safety preferences. BFPO's loss is unchanged by the swap (its label table is
+    /// antisymmetric), so BFPO trains the same numbers in either order.
+    SafeFirst,
 }
 
 /// Which engine computes log-probs and gradients.
@@ -47,6 +66,10 @@ pub enum EngineKind {
     /// The f64 CPU reference model (tiny models only: tests and cross-checks).
     Reference,
 }
+
+/// The built-in recipes (`tune --recipe NAME`): TOML files of `recipes/`, embedded in the binary
+/// so that they work from any directory. `docs/recipe.md` explains each choice.
+pub const RECIPES: &[(&str, &str)] = &[("safety", include_str!("../../recipes/safety.toml"))];
 
 /// A training run's settings. Field names are the TOML keys.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -74,6 +97,9 @@ pub struct TrainConfig {
     // --- loss
     /// `bfpo`, `ipo` or `dpo`, optionally with parameters (`bfpo:tau=0.01,b1=3,alpha=0.5`).
     pub loss: String,
+    /// Which side of a mixed-safety pair is `chosen`: `helpful` (as the data says) or
+    /// `safe-first` (the safe side; the DPO/IPO safety baseline).
+    pub pair_order: PairOrder,
     // --- LoRA
     pub rank: usize,
     pub lora_alpha: f32,
@@ -151,6 +177,7 @@ impl Default for TrainConfig {
             strict: false,
             chat_template: None,
             loss: "bfpo".into(),
+            pair_order: PairOrder::Helpful,
             rank: 16,
             lora_alpha: 32.0,
             targets: "ffn_down".into(),
@@ -287,6 +314,26 @@ impl TrainConfig {
         })
     }
 
+    /// A built-in recipe ([`RECIPES`]) by name.
+    pub fn recipe(name: &str) -> Result<TrainConfig, ConfigError> {
+        let (n, text) =
+            RECIPES
+                .iter()
+                .find(|(n, _)| *n == name)
+                .ok_or_else(|| ConfigError::UnknownRecipe {
+                    name: name.to_string(),
+                    known: RECIPES
+                        .iter()
+                        .map(|(n, _)| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+        Self::from_toml_str(text).map_err(|detail| ConfigError::Parse {
+            path: PathBuf::from(format!("recipes/{n}.toml")),
+            detail,
+        })
+    }
+
     pub fn from_toml_str(text: &str) -> Result<TrainConfig, String> {
         toml::from_str(text).map_err(|e| e.to_string())
     }
@@ -386,6 +433,28 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn built_in_recipes_parse_validate_and_unknown_ones_are_named() {
+        for (name, _) in RECIPES {
+            let c = TrainConfig::recipe(name).unwrap();
+            c.validate().unwrap();
+            assert!(
+                c.model.is_none() && c.data.is_empty(),
+                "{name}: a recipe names no files"
+            );
+        }
+        let s = TrainConfig::recipe("safety").unwrap();
+        assert_eq!(
+            (s.loss.as_str(), s.pair_order),
+            ("bfpo", PairOrder::Helpful)
+        );
+        assert_eq!(s.buffer_ratio, 1.0);
+        let e = TrainConfig::recipe("safe").unwrap_err().to_string();
+        assert!(e.contains("`safety`") && e.contains("--config"), "{e}");
+        let c = TrainConfig::from_toml_str("pair_order = \"safe-first\"\n").unwrap();
+        assert_eq!(c.pair_order, PairOrder::SafeFirst);
+    }
 
     #[test]
     fn toml_round_trip_defaults_and_unknown_keys() {

@@ -56,6 +56,17 @@ impl PreparedPair {
     fn len(&self) -> usize {
         self.chosen.len().max(self.rejected.len())
     }
+
+    /// Puts the safe side first (`chosen`) when exactly the rejected side is safe, swapping the
+    /// responses, their labels and their reference log-probs; other pairs are left as they are.
+    /// Applied after the reference pass, so every pair order shares one reference cache.
+    pub fn safe_first(&mut self) {
+        if !self.chosen_safe && self.rejected_safe {
+            std::mem::swap(&mut self.chosen, &mut self.rejected);
+            std::mem::swap(&mut self.chosen_safe, &mut self.rejected_safe);
+            self.ref_logps = self.ref_logps.map(|(c, r)| (r, c));
+        }
+    }
 }
 
 /// A sequence's summed response log-prob and the number of scored tokens.
@@ -801,6 +812,56 @@ pub fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn prepared(chosen_safe: bool, rejected_safe: bool) -> PreparedPair {
+        let ex = |ids: &[u32]| Example {
+            ids: ids.to_vec(),
+            response_start: 1,
+        };
+        PreparedPair {
+            chosen: ex(&[1, 2, 3]),
+            rejected: ex(&[1, 4]),
+            chosen_safe,
+            rejected_safe,
+            origin: RowOrigin {
+                file: "f.jsonl".into(),
+                line: 1,
+            },
+            ref_logps: Some((-30.0, -13.0)),
+        }
+    }
+
+    #[test]
+    fn safe_first_swaps_only_unsafe_over_safe_and_leaves_bfpo_unchanged() {
+        for (cs, rs) in [(true, true), (true, false), (false, false)] {
+            let mut p = prepared(cs, rs);
+            p.safe_first();
+            assert_eq!(p, prepared(cs, rs), "({cs}, {rs}) is left alone");
+        }
+        let (orig, mut p) = (prepared(false, true), prepared(false, true));
+        p.safe_first();
+        assert_eq!((&p.chosen, &p.rejected), (&orig.rejected, &orig.chosen));
+        assert_eq!((p.chosen_safe, p.rejected_safe), (true, false));
+        assert_eq!(p.ref_logps, Some((-13.0, -30.0)));
+        // BFPO's loss on the swapped pair is the original's, with the gradients swapped.
+        let (a, b) = (
+            pair_input(&orig, (-31.5, -12.25)),
+            pair_input(&p, (-12.25, -31.5)),
+        );
+        let bfpo = Loss::bfpo();
+        let (la, lb) = (
+            bfpo.pair(a.logps, a.chosen_safe, a.rejected_safe),
+            bfpo.pair(b.logps, b.chosen_safe, b.rejected_safe),
+        );
+        assert_eq!(la.loss, lb.loss);
+        assert_eq!(la.d_policy_chosen, lb.d_policy_rejected);
+        // DPO's is not: that is why the order matters for it.
+        let dpo = Loss::dpo();
+        assert_ne!(
+            dpo.pair(a.logps, false, true).loss,
+            dpo.pair(b.logps, true, false).loss
+        );
+    }
 
     #[test]
     fn schedule_follows_config() {
