@@ -204,6 +204,17 @@ fn end_to_end_writes_four_files_with_consistent_figures() {
         // The refusal judge: safe exactly when refused.
         assert_eq!(s["verdict"] == "safe", s["refused"] == true);
     }
+    // samples.md: every prompt once, with one line per model under it.
+    let md = std::fs::read_to_string(&w.samples_md).unwrap();
+    assert!(
+        md.contains("## harmful prompts") && md.contains("## benign prompts"),
+        "{md}"
+    );
+    assert_eq!(md.matches("\n### ").count(), 3 + 3, "{md}");
+    assert_eq!(md.matches("\n- **").count(), samples.len(), "{md}");
+    for s in &samples {
+        assert!(md.contains(&format!("- **{}** (", s["model"].as_str().unwrap())));
+    }
     // Figures agree with the samples.
     for m in &r.models {
         let of = |set: &str| {
@@ -391,7 +402,13 @@ fn cli_eval_with_a_gguf_judge_writes_the_report_and_prints_json() {
     let v: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     assert!(v["judge"].as_str().unwrap().starts_with("yes-no:"));
     assert_eq!(v["models"][0]["harmless"]["n"], 2);
-    for f in ["report.json", "report.md", "samples.jsonl", "eval.svg"] {
+    for f in [
+        "report.json",
+        "report.md",
+        "samples.jsonl",
+        "samples.md",
+        "eval.svg",
+    ] {
         assert!(out.path().join(f).is_file(), "{f} missing");
     }
     let samples = std::fs::read_to_string(out.path().join("samples.jsonl")).unwrap();

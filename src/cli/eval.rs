@@ -58,7 +58,7 @@ pub struct Args {
     /// Multiple-choice JSONL ("question", "choices", "answer"): accuracy by log-likelihood.
     #[arg(long)]
     pub mc: Option<PathBuf>,
-    /// Output folder for report.json, report.md, samples.jsonl and eval.svg.
+    /// Output folder for report.json, report.md, samples.jsonl, samples.md and eval.svg.
     #[arg(long, short = 'o')]
     pub out: PathBuf,
     /// Print report.json on stdout instead of the table; no progress bars.

@@ -8,7 +8,7 @@
 //! - [`helpful`]: ranking accuracy on held-out pairs, log-prob drift and KL against the base,
 //!   multiple-choice accuracy.
 //! - [`run`]: [`run_eval`], the whole evaluation (base and each adapter side by side).
-//! - [`report`]: `report.json`, `report.md`, `samples.jsonl`, `eval.svg`.
+//! - [`report`]: `report.json`, `report.md`, `samples.jsonl`, `samples.md`, `eval.svg`.
 //! - [`validate`]: human refusal labels (PyRIT's, vendored) and a judge's agreement, precision
 //!   and recall on them.
 //!

@@ -1,4 +1,4 @@
-//! The four output files: `report.json`, `report.md`, `samples.jsonl`, `eval.svg`.
+//! The output files: `report.json`, `report.md`, `samples.jsonl`, `samples.md`, `eval.svg`.
 
 use super::EvalError;
 use super::run::{EvalOutput, EvalReport, ModelReport, Sample};
@@ -12,6 +12,8 @@ pub struct Written {
     pub report_json: PathBuf,
     pub report_md: PathBuf,
     pub samples: PathBuf,
+    /// The answers side by side, per prompt: for reading.
+    pub samples_md: PathBuf,
     pub svg: PathBuf,
 }
 
@@ -27,6 +29,7 @@ pub fn write_outputs(dir: &Path, out: &EvalOutput) -> Result<Written, EvalError>
         report_json: dir.join("report.json"),
         report_md: dir.join("report.md"),
         samples: dir.join("samples.jsonl"),
+        samples_md: dir.join("samples.md"),
         svg: dir.join("eval.svg"),
     };
     let json = serde_json::to_string_pretty(&out.report)
@@ -34,6 +37,8 @@ pub fn write_outputs(dir: &Path, out: &EvalOutput) -> Result<Written, EvalError>
     atomic_write(&w.report_json, format!("{json}\n").as_bytes()).map_err(io(&w.report_json))?;
     atomic_write(&w.report_md, markdown(&out.report).as_bytes()).map_err(io(&w.report_md))?;
     atomic_write(&w.samples, &samples_jsonl(&out.samples)).map_err(io(&w.samples))?;
+    atomic_write(&w.samples_md, samples_markdown(&out.samples).as_bytes())
+        .map_err(io(&w.samples_md))?;
     atomic_write(&w.svg, svg(&out.report).as_bytes()).map_err(io(&w.svg))?;
     Ok(w)
 }
@@ -46,6 +51,57 @@ fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)
+}
+
+/// `samples.md`: every prompt with each model's answer and verdict under it, harmful set first,
+/// so a person can read what changed. Answers are shown whole, on one quoted line each.
+pub fn samples_markdown(samples: &[Sample]) -> String {
+    let mut s = String::from(
+        "# Answers, per prompt\n\n`refused` / `answered` is the judge's reading; `unsafe` marks an answer to a harmful prompt judged unsafe.\n",
+    );
+    let mut prompts: Vec<(&str, &str)> = Vec::new();
+    for x in samples {
+        if !prompts.contains(&(x.set.as_str(), x.prompt.as_str())) {
+            prompts.push((&x.set, &x.prompt));
+        }
+    }
+    let mut set = "";
+    let mut n = 0;
+    for (pset, prompt) in prompts {
+        if pset != set {
+            set = pset;
+            n = 0;
+            s.push_str(&format!("\n## {set} prompts\n"));
+        }
+        n += 1;
+        let rows: Vec<&Sample> = samples
+            .iter()
+            .filter(|x| x.set == set && x.prompt == prompt)
+            .collect();
+        let cat = rows[0]
+            .category
+            .as_deref()
+            .map(|c| format!(" ({c})"))
+            .unwrap_or_default();
+        s.push_str(&format!("\n### {n}. {}{cat}\n\n", one_line(prompt)));
+        for x in rows {
+            let mut tag = if x.refused { "refused" } else { "answered" }.to_string();
+            if set == "harmful" && x.verdict == "unsafe" {
+                tag.push_str(", unsafe");
+            }
+            s.push_str(&format!(
+                "- **{}** ({tag}): {}\n",
+                x.model,
+                one_line(&x.answer)
+            ));
+        }
+    }
+    s
+}
+
+fn one_line(t: &str) -> String {
+    let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
+    if t.is_empty() { "(empty)".into() } else { t }
 }
 
 /// One JSON object per line.
