@@ -4,7 +4,7 @@
 //!
 //! Semantics follow PyTorch `torch.optim.AdamW` and `torch.nn.utils.clip_grad_norm_`, and the
 //! Hugging Face `transformers` schedules, which is what the BFPO authors ran
-//! (`shared/reference/bfpo.md` §1.2, §5):
+//! (`docs/bfpo.md`, "Scale pitfalls"; `docs/bfpo-training.md` §4):
 //!
 //! ```text
 //! t      = step + 1                                   (1 for the first update)

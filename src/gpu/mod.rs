@@ -3,6 +3,9 @@
 //! `device` picks the adapter and owns the shared device; `registry` compiles kernels from
 //! `kernels/*.wgsl` once; `buffer` holds tensors, uploads, readbacks and batched dispatches;
 //! `ops/` has one launcher per kernel family, each with its CPU reference and tests.
+//!
+//! The wgpu, WGSL and lavapipe facts this relies on (requested limits, binding sizes, packed
+//! halves, subgroups, watchdogs): `docs/wgpu.md`.
 
 pub mod backward;
 pub mod buffer;

@@ -1,7 +1,7 @@
 //! Whole-model CPU forward and LoRA backward: clear, slow, f64 — the reference every GPU kernel
 //! and the GPU training step are checked against.
 //!
-//! Conventions (`shared/reference/gguf.md` §4–§5, verified against llama.cpp for llama and qwen2):
+//! Conventions (`docs/gguf.md` §4–§5, verified against llama.cpp for llama and qwen2):
 //!
 //! ```text
 //! x_0      = token_embd[ids]                                           [T, d]
