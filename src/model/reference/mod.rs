@@ -1,5 +1,6 @@
-//! Whole-model CPU forward and LoRA backward: clear, slow, f64 — the reference every GPU kernel
-//! and the GPU training step are checked against.
+//! Whole-model CPU forward and LoRA backward: clear, slow, f64 — the reference every GPU kernel,
+//! the GPU training step and the native CPU engine (`crate::cpu`) are checked against, and the
+//! model behind `train::engine::RefEngine` (`--engine reference`).
 //!
 //! Conventions (`docs/gguf.md` §4–§5, verified against llama.cpp for llama and qwen2):
 //!
