@@ -12,7 +12,7 @@
 //
 // Nothing here needs SHADER_F16: halves are read with `unpack2x16float`. Q4_0, Q5_0, Q8_0 and
 // Q6_K blocks are 18/22/34/210 bytes, so their fields are only 2-byte aligned: the `rd*` helpers
-// read 2-aligned byte offsets out of u32 words. Layouts: shared/reference/gguf.md §2.
+// read 2-aligned byte offsets out of u32 words. Layouts: docs/gguf.md §2.
 
 struct W8 {
     lo: vec4<f32>,

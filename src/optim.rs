@@ -1,10 +1,11 @@
-//! The optimiser side of a training step, as a deterministic CPU reference: AdamW with bias
-//! correction and decoupled weight decay, global-norm gradient clipping (reporting the pre-clip
-//! norm), a gradient accumulator, and learning-rate schedules with linear warmup.
+//! The optimiser side of a training step, as deterministic CPU code (what the reference and
+//! native CPU engines run, and the reference the GPU kernels are checked against): AdamW with
+//! bias correction and decoupled weight decay, global-norm gradient clipping (reporting the
+//! pre-clip norm), a gradient accumulator, and learning-rate schedules with linear warmup.
 //!
 //! Semantics follow PyTorch `torch.optim.AdamW` and `torch.nn.utils.clip_grad_norm_`, and the
 //! Hugging Face `transformers` schedules, which is what the BFPO authors ran
-//! (`shared/reference/bfpo.md` §1.2, §5):
+//! (`docs/bfpo.md`, "Scale pitfalls"; `docs/bfpo-training.md` §4):
 //!
 //! ```text
 //! t      = step + 1                                   (1 for the first update)

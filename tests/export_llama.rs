@@ -13,7 +13,7 @@
 //!   the gap is ggml rounding the activations to f16 for an F16 matmul (`vec_dot_type`) →
 //!   `TOL_F16_ADAPTER` (the task's 1e-3).
 //! * Q8_0 bases: llama.cpp's CPU matmul quantizes the activations to Q8_0 before multiplying a
-//!   Q8_0 weight, the reference does not (`shared/reference/llama-cpp.md` §4): base alone
+//!   Q8_0 weight, the reference does not (`docs/llama-cpp.md` §3): base alone
 //!   8.0e-2 – 8.4e-2, with the adapter 8.3e-2 – 1.7e-1 (F32 or F16 adapter) → `TOL_Q8`, still 3×
 //!   below the adapter's effect, which the check requires.
 //! * Merged F16 model vs base + adapter, both in llama.cpp: F32 base 4.7e-3 (f16 weights and

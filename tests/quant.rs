@@ -1,6 +1,6 @@
-//! CPU (de)quantization: hand-built blocks against the format definitions (gguf.md §2/§2.1),
-//! quantize → dequantize error bounds on seeded random data, exact round trips for the float
-//! types, and clean errors for bad lengths.
+//! CPU (de)quantization: hand-built blocks against the format definitions (`docs/gguf.md`
+//! §2/§2.1), quantize → dequantize error bounds on seeded random data, exact round trips for the
+//! float types, and clean errors for bad lengths.
 
 use bfpo_lite::gguf::GgmlType;
 use bfpo_lite::gguf::quant::{
@@ -136,7 +136,7 @@ fn q8_0_hand_block() {
 /// `j ≥ 4` branch of the unpacking must combine both parts.
 const K_SC: [u32; 8] = [3, 63, 10, 33, 17, 48, 5, 60];
 const K_M: [u32; 8] = [0, 1, 62, 20, 35, 9, 63, 16];
-/// The same pairs packed by hand (see the layout in gguf.md §2.1):
+/// The same pairs packed by hand (see the layout in `docs/gguf.md` §2.1):
 /// bytes 0..4 = sc[j] | (sc[j+4] >> 4) << 6, bytes 4..8 = m[j] | (m[j+4] >> 4) << 6,
 /// bytes 8..12 = (sc[j+4] & 15) | (m[j+4] & 15) << 4.
 const K_SCALES: [u8; 12] = [

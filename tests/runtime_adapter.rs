@@ -14,7 +14,7 @@ use common::models::tiny_model;
 use std::path::{Path, PathBuf};
 
 /// llama.cpp applies LoRA as two extra matmuls; against pre-merged f32 weights it agrees to
-/// ~4e-5 relative (reference llama-cpp.md §4).
+/// ~4e-5 relative (`docs/llama-cpp.md` §3).
 const TOL_MERGED: Tol = Tol::new(1e-4, 2e-4);
 
 fn scratch(name: &str) -> PathBuf {

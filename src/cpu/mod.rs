@@ -12,8 +12,8 @@
 //! (products against quantized and dense weights), [`ops`] (RMSNorm, RoPE, SwiGLU, attention,
 //! each with its backward), [`model`] (layers, LM head, tapes), [`engine`] (the
 //! [`Engine`](crate::train::trainer::Engine) implementation: scoring, training forward/backward,
-//! AdamW). Every op is checked against `model::reference` (the f64 reference) in
-//! `tests/cpu_engine.rs`.
+//! AdamW). The engine is checked against `model::reference` (the f64 reference) in
+//! `tests/cpu_engine.rs`: log-probs, LoRA gradients, dropout and determinism.
 
 pub mod engine;
 pub mod gemm;

@@ -1,4 +1,4 @@
-//! GGUF LoRA adapters as llama.cpp loads them (`shared/reference/llama-cpp.md` §7), and a
+//! GGUF LoRA adapters as llama.cpp loads them (`docs/llama-cpp.md` §5), and a
 //! validating reader.
 //!
 //! Metadata: `general.architecture` (the base model's), `general.type = "adapter"`,
@@ -11,9 +11,9 @@
 //! F16. In row-major terms these are exactly our A `[r, n_in]` and B `[n_out, r]`, so the bytes
 //! are written as they are. llama.cpp applies `y = W·x + (alpha/r)·B·(A·x)` with `r = lora_b.ne[0]`.
 //!
-//! Never written: a `token_embd` LoRA (aborts llama.cpp on a tied model, hazard §8.1; LoRA
-//! targets here are the seven projections only), and no Q/K row permutation (an adapter trained
-//! on GGUF weights is already in llama.cpp's row order; gguf.md §5.2).
+//! Never written: a `token_embd` LoRA (aborts llama.cpp on a tied model: `docs/llama-cpp.md` §6,
+//! hazard 1; LoRA targets here are the seven projections only), and no Q/K row permutation (an
+//! adapter trained on GGUF weights is already in llama.cpp's row order; `docs/gguf.md` §5.2).
 
 use super::{ExportError, check_against, check_lora};
 use crate::gguf::quant::{dequantize_vec, quantize};

@@ -1,6 +1,6 @@
 //! Adapter export: GGUF LoRA, PEFT safetensors, merged GGUF models.
 //!
-//! * [`gguf_adapter`]: the GGUF LoRA adapter llama.cpp loads (`shared/reference/llama-cpp.md` §7),
+//! * [`gguf_adapter`]: the GGUF LoRA adapter llama.cpp loads (`docs/llama-cpp.md` §5),
 //!   with our provenance under `bfpo.*`, and a validating reader.
 //! * [`peft`]: `adapter_model.safetensors` + `adapter_config.json` for Hugging Face PEFT.
 //! * [`merge`]: a full GGUF model with the update folded into the weights.

@@ -1,6 +1,6 @@
 //! GGUF files: reading (memory-mapped, validated), writing, type ids and CPU (de)quantization.
 //!
-//! Layout facts: `shared/reference/gguf.md`. The reader validates every count, length and offset
+//! Layout facts: `docs/gguf.md`. The reader validates every count, length and offset
 //! against the file size before allocating, and never panics on malformed input.
 
 pub mod quant;

@@ -2,7 +2,7 @@
 //!
 //! The dequantizers follow ggml's reference (`dequantize_row_*` in `ggml-quants.c`) operation
 //! for operation in f32, so they are the references the WGSL kernels are checked against. Block
-//! layouts: `shared/reference/gguf.md` §2 and §2.1. Clarity beats speed here; each block type has
+//! layouts: `docs/gguf.md` §2 and §2.1. Clarity beats speed here; each block type has
 //! one small function that reads the layout exactly as the format defines it.
 //!
 //! The quantizers are our own round-to-nearest schemes (not ggml's iterative searches). Each one

@@ -1,6 +1,6 @@
 //! Memory-mapped GGUF reader with validation.
 //!
-//! Layout: `shared/reference/gguf.md` §1. Every count and length is checked against the bytes
+//! Layout: `docs/gguf.md` §1. Every count and length is checked against the bytes
 //! that remain before anything is allocated, and all size arithmetic is checked, so malformed
 //! input yields a [`GgufError`] naming the key or tensor and the byte offset, never a panic.
 //! Memory use is bounded by a small multiple of the file size: a decoded [`Value`] takes 32

@@ -1,6 +1,6 @@
 //! ggml tensor type ids, their block layouts, and the subset bfpo-lite can train on.
 //!
-//! The table mirrors `enum ggml_type` of ggml 0.26 (see `shared/reference/gguf.md` §2). Every id
+//! The table mirrors `enum ggml_type` of ggml 0.26 (see `docs/gguf.md` §2). Every id
 //! whose block size is known is listed so the reader can size tensors of *any* real model (for
 //! `info`), while [`GgmlType`] names only the types our kernels and dequantizers support.
 

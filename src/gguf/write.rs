@@ -1,4 +1,4 @@
-//! GGUF writer whose output llama.cpp's strict loader accepts (`shared/reference/gguf.md` §1.1).
+//! GGUF writer whose output llama.cpp's strict loader accepts (`docs/gguf.md` §1.1).
 //!
 //! Layout written: magic, version 3, counts, KVs in insertion order, tensor infos, zero padding to
 //! the alignment, then the tensors contiguous in declared order, each padded with zeros to the

@@ -1,6 +1,6 @@
 //! The whole-model backward pass on the GPU: gradients of `J = Σ_s w_s·logp_s` with respect to
 //! every LoRA A and B, where `logp_s` is the summed response log-prob of sequence s and `w_s`
-//! the one number per sequence the CPU loss returns (`DESIGN.md`: the loss lives on the CPU).
+//! the one number per sequence the CPU loss returns (`ARCHITECTURE.md`: the loss lives on the CPU).
 //!
 //! # API (what the trainer calls)
 //! * [`forward_train`]: the policy forward over a batch with the adapter on, keeping every

@@ -1,8 +1,8 @@
 //! Adapter selection and the shared device.
 //!
 //! One [`Gpu`] per process is the norm ([`Gpu::shared`]); it requests the adapter's own limits
-//! (a device gets exactly the limits it asks for) so large models can use large buffers, and every
-//! launcher keeps each storage binding under [`Gpu::max_binding`].
+//! (a device gets exactly the limits it asks for: `docs/wgpu.md` §2) so large models can use large
+//! buffers, and every launcher keeps each storage binding under [`Gpu::max_binding`].
 
 use super::registry::Registry;
 use std::sync::{Arc, Mutex, OnceLock};

@@ -2,7 +2,12 @@
 //!
 //! `device` picks the adapter and owns the shared device; `registry` compiles kernels from
 //! `kernels/*.wgsl` once; `buffer` holds tensors, uploads, readbacks and batched dispatches;
-//! `ops/` has one launcher per kernel family, each with its CPU reference and tests.
+//! `ops/` has one launcher per kernel family, each with its CPU reference and tests; `forward`
+//! and `backward` are the whole-model passes; `memory` plans a run's device memory before
+//! anything is allocated; `profile` is an opt-in breakdown of GPU time per kernel family.
+//!
+//! The wgpu, WGSL and lavapipe facts this relies on (requested limits, binding sizes, packed
+//! halves, subgroups, watchdogs): `docs/wgpu.md`.
 
 pub mod backward;
 pub mod buffer;

@@ -1,4 +1,4 @@
-//! Hyperparameters read from GGUF metadata (keys: `shared/reference/gguf.md` §3).
+//! Hyperparameters read from GGUF metadata (keys: `docs/gguf.md` §3).
 //!
 //! [`ModelConfig::from_gguf`] reads what the forward pass needs and rejects, with a message naming
 //! the key and value, everything bfpo-lite cannot reproduce exactly: other architectures,

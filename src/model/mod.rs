@@ -1,5 +1,7 @@
-//! Model hyperparameters, tensor names and weight views, the `init-model` fixture factory, and
-//! a clear, slow CPU reference forward/backward used by tests.
+//! Model hyperparameters, tensor names and weight views, LoRA definitions (targets, shapes,
+//! weights, the dropout mask), the `init-model` fixture factory, and a clear, slow f64 reference
+//! forward/backward: the model of the `reference` engine and the yardstick the GPU and native CPU
+//! engines are tested against.
 
 pub mod arch;
 pub mod config;

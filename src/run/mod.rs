@@ -1,5 +1,7 @@
-//! A whole job as library calls, shared by the `tune` command, the coming `eval` and `redteam`
-//! commands, the demo and any program that embeds bfpo-lite.
+//! A whole job as library calls, shared by the `tune` command (and `plan` and `score`, for the
+//! engine and device), the demo and any program that embeds bfpo-lite. The `eval` and `redteam`
+//! commands are library calls of their own (`eval::run_eval`, `redteam::run`); a training run
+//! uses eval's generation and judges for `tune --eval-harmful` ([`harmless`]).
 //!
 //! A training run is three calls on a [`TuneJob`]:
 //!

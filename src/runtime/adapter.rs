@@ -1,7 +1,8 @@
 //! GGUF LoRA adapters: validate with our reader, load through llama.cpp, apply with a scale,
-//! remove, and free (`llama_adapter_lora_free`; the safe API never frees, hazard 3).
+//! remove, and free (`llama_adapter_lora_free`; the safe API never frees: `docs/llama-cpp.md`
+//! §6, hazard 3).
 //!
-//! Format (`shared/reference/llama-cpp.md` §7): `general.type = adapter`, `adapter.type = lora`,
+//! Format (`docs/llama-cpp.md` §5): `general.type = adapter`, `adapter.type = lora`,
 //! `adapter.lora.alpha`, tensors `<base>.lora_a` [n_in, r] and `<base>.lora_b` [r, n_out]
 //! (ggml ne order); `token_embd.weight` is special (A [r, n_vocab], B [r, n_embd]).
 

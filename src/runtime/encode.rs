@@ -1,6 +1,6 @@
 //! Training examples from text through the model's own chat template.
 //!
-//! Convention (`shared/reference/bfpo.md` §3): prompt = template(messages, with the generation
+//! Convention (`docs/bfpo-training.md` §1): prompt = template(messages, with the generation
 //! prompt, i.e. ending in the assistant header); full = template(messages + assistant response);
 //! the scored response is `full − prompt` = the response text, the end-of-turn token and
 //! whatever the template appends to close the assistant turn. BOS is added only when the

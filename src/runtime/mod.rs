@@ -2,7 +2,7 @@
 //! log-probs), generation, and LoRA adapters. This module is the only code in bfpo-lite that
 //! touches `llama-cpp-2` / `llama-cpp-sys-2`.
 //!
-//! Design (facts in `shared/reference/llama-cpp.md`):
+//! Design (facts in `docs/llama-cpp.md`; hazards are its §6):
 //! - One process-wide llama.cpp backend ([`backend`]), initialised on first use; llama.cpp's own
 //!   logging is silenced unless [`route_llama_logs_to_tracing`] was called first.
 //! - [`RtModel`] owns a memory-mapped `LlamaModel`. Contexts are created **per call** (score,

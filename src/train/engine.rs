@@ -1,5 +1,7 @@
 //! Engines for the training loop: [`RefEngine`] runs the f64 CPU reference model (tiny models:
-//! tests and cross-checks); the GPU engine lives in `gpu_engine.rs`.
+//! tests and cross-checks); [`HostAdapter`] is the host-side LoRA, gradient and AdamW state it
+//! shares with the native CPU engine (`crate::cpu::NativeEngine`). The GPU engine lives in
+//! `gpu_engine.rs`.
 
 use crate::data::Example;
 use crate::gpu::ops::dropout::Dropout;

@@ -1,4 +1,5 @@
-//! Small shared utilities: a deterministic RNG and float comparison with named tolerances.
+//! Small shared utilities: a deterministic RNG, float comparison with named tolerances, size
+//! parsing (`size`) and a private `XDG_RUNTIME_DIR` for the binary (`runtime_dir`).
 
 pub mod close;
 pub mod rng;

@@ -1,8 +1,8 @@
 //! LoRA adapters on the projections of a frozen model: `y = W·x + (alpha/r)·B·(A·x)` with
 //! A `[r, n_in]` and B `[n_out, r]` (the orientation of llama.cpp and PEFT), B zero at start.
 //!
-//! Shared by the model's CPU reference, the GPU engines, training and export, so it lives below
-//! all of them.
+//! Shared by the model's f64 reference, the GPU and native CPU engines, training and export, so
+//! it lives below all of them.
 
 pub mod dropout;
 

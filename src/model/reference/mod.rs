@@ -1,7 +1,8 @@
-//! Whole-model CPU forward and LoRA backward: clear, slow, f64 — the reference every GPU kernel
-//! and the GPU training step are checked against.
+//! Whole-model CPU forward and LoRA backward: clear, slow, f64 — the reference every GPU kernel,
+//! the GPU training step and the native CPU engine (`crate::cpu`) are checked against, and the
+//! model behind `train::engine::RefEngine` (`--engine reference`).
 //!
-//! Conventions (`shared/reference/gguf.md` §4–§5, verified against llama.cpp for llama and qwen2):
+//! Conventions (`docs/gguf.md` §4–§5, verified against llama.cpp for llama and qwen2):
 //!
 //! ```text
 //! x_0      = token_embd[ids]                                           [T, d]

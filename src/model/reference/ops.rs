@@ -176,7 +176,7 @@ pub fn rmsnorm_back(x: &[f64], n: usize, w: &[f32], eps: f64, dy: &[f64]) -> Vec
     dx
 }
 
-/// Rotary position embedding parameters (see `gguf.md` §5.1).
+/// Rotary position embedding parameters (see `docs/gguf.md` §5.1).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RopeParams {
     pub kind: RopeKind,
