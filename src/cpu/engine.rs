@@ -273,8 +273,14 @@ impl Engine for NativeEngine {
     }
 
     fn cache_identity(&self) -> String {
-        // Thread count does not change the numbers; the SIMD kernels the gemm crate picks might.
-        format!("cpu-native f32 gemm-0.19 {}", std::env::consts::ARCH)
+        // Thread count does not change the numbers; the SIMD kernels the gemm crate picks might,
+        // and so does any edit of this engine's code: its sources are part of the identity, so
+        // cached reference log-probs from an older engine are never reused.
+        format!(
+            "cpu-native f32 gemm-0.19 {} src-{}",
+            std::env::consts::ARCH,
+            source_hash()
+        )
     }
 
     fn score(&mut self, examples: &[&Example], adapter: bool) -> Result<Vec<SeqScore>, TrainError> {
@@ -368,3 +374,22 @@ impl Engine for NativeEngine {
         Some(self.peak_bytes)
     }
 }
+
+/// SHA-256 (first 8 bytes, hex) of the CPU engine's sources, as compiled in.
+fn source_hash() -> String {
+    use sha2::Digest;
+    const SOURCES: &[&str] = &[
+        include_str!("engine.rs"),
+        include_str!("gemm.rs"),
+        include_str!("mat.rs"),
+        include_str!("mod.rs"),
+        include_str!("model.rs"),
+        include_str!("ops.rs"),
+    ];
+    let mut h = sha2::Sha256::new();
+    for s in SOURCES {
+        h.update(s.as_bytes());
+    }
+    h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
