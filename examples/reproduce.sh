@@ -20,7 +20,7 @@
 # Usage: examples/reproduce.sh     (environment variables override the sizes below)
 #   MODEL=path.gguf BIN=target/release/bfpo-lite OUT=runs/reproduce THREADS=
 #   N_ADV=64 SAMPLES=2 BENIGN_SAMPLES=1 BENIGN_PAIRS=2 MAX_TOKENS=48 N_HELD_PAIRS=32 STEPS= EVAL_LIMIT=100
-#   EVAL_TOKENS=48 JUDGE=refusal-objective METHODS="bfpo dpo ipo" SEED=42
+#   EVAL_TOKENS=48 JUDGE=refusal-objective METHODS="bfpo dpo ipo" TAU= BETA=0.1 SEED=42
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,6 +37,8 @@ EVAL_LIMIT=${EVAL_LIMIT:-100}   # held-out prompts per set (HarmBench, benign), 
 EVAL_TOKENS=${EVAL_TOKENS:-48}
 JUDGE=${JUDGE:-refusal-objective}
 METHODS=${METHODS:-bfpo dpo ipo}
+TAU=${TAU:-}                     # BFPO's and IPO's tau (default: the recipe's, for IPO the same)
+BETA=${BETA:-0.1}                # DPO's beta (TRL's default)
 SEED=${SEED:-42}
 THREADS=${THREADS:+--threads $THREADS}
 FORCE=${FORCE:-0}
@@ -78,13 +80,21 @@ for m in $METHODS; do
   t=$(now)
   order=helpful
   [ "$m" = bfpo ] || order=safe-first
+  tau=${TAU:-$(sed -n 's/^loss = "bfpo:tau=\([0-9.e-]*\)".*/\1/p' recipes/safety.toml)}
+  case $m in
+    bfpo) loss="bfpo${tau:+:tau=$tau}" ;;
+    ipo) loss="ipo${tau:+:tau=$tau}" ;;
+    dpo) loss="dpo:beta=$BETA" ;;
+    *) loss=$m ;;
+  esac
   if ! done_or "$OUT/$m/summary.json"; then
-    "$BIN" tune --recipe safety --model "$MODEL" --loss "$m" --pair-order "$order" \
+    "$BIN" tune --recipe safety --model "$MODEL" --loss "$loss" --pair-order "$order" \
       --data "$OUT/pairs-advbench.jsonl" --data data/prompts/uncensorbench_lenmatched.jsonl \
       --buffer "$OUT/pairs-benign.jsonl" ${STEPS:+--max-steps $STEPS} --seed "$SEED" $THREADS \
       --out "$OUT/$m" --force --json > "$OUT/tune-$m.jsonl"
   fi
-  adapters+=(--adapter "$OUT/$m/adapter.gguf")
+  cp "$OUT/$m/adapter.gguf" "$OUT/$m.gguf"   # eval names each model by its file stem
+  adapters+=(--adapter "$OUT/$m.gguf")
   secs[tune-$m]=$(echo "$(now) - $t" | bc)
 done
 
