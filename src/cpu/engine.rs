@@ -390,6 +390,8 @@ fn source_hash() -> String {
     for s in SOURCES {
         h.update(s.as_bytes());
     }
-    h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
-
