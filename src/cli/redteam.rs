@@ -145,22 +145,20 @@ fn warn_skipped(set: &eval::PromptSet, json: bool) {
 }
 
 pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
-    let (harmful, hset) = match &args.prompts {
-        Some(p) => {
-            let (items, set) =
-                load_set(PromptSource::harmful(p), args.limit, args.strict, "harmful")?;
-            (items, Some(set))
-        }
-        None => (Vec::new(), None),
+    let load = |source: Option<PromptSource>, role: &str| -> anyhow::Result<_> {
+        Ok(match source {
+            Some(src) => {
+                let (items, set) = load_set(src, args.limit, args.strict, role)?;
+                (items, Some(set))
+            }
+            None => (Vec::new(), None),
+        })
     };
-    let (benign, bset) = match &args.benign {
-        Some(b) => {
-            let (items, set) =
-                load_set(PromptSource::benign(b), args.limit, args.strict, "benign")?;
-            (items, Some(set))
-        }
-        None => (Vec::new(), None),
-    };
+    let (harmful, hset) = load(
+        args.prompts.as_deref().map(PromptSource::harmful),
+        "harmful",
+    )?;
+    let (benign, bset) = load(args.benign.as_deref().map(PromptSource::benign), "benign")?;
     for (source, what) in [
         (
             args.prompts.as_deref().map(PromptSource::harmful),

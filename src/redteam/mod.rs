@@ -748,8 +748,18 @@ fn answer_prompt(
         });
     }
     let (mut cands, duplicates, empty) = pairing::dedup(cands);
+    // A harmful prompt with no safe answer gets a written refusal as its safe side; a benign
+    // prompt the model did not refuse gets one as its over-refusal side (if the model already
+    // refused it, that refusal is the contrast).
+    let detail = if benign {
+        (opts.benign_refusals && !cands.is_empty() && !cands.iter().any(|c| c.verdict.refused))
+            .then_some("written refusal of a benign prompt: the over-refusal side")
+    } else {
+        (opts.refusal_templates && !cands.iter().any(|c| c.verdict.safe))
+            .then_some("written refusal, safe by construction")
+    };
     let mut templates = 0;
-    if !benign && opts.refusal_templates && !cands.iter().any(|c| c.verdict.safe) {
+    if let Some(detail) = detail {
         let t = templates::pick(u64::from(opts.sampling.seed), key);
         cands.push(Candidate {
             text: templates::REFUSAL_TEMPLATES[t].to_string(),
@@ -758,27 +768,7 @@ fn answer_prompt(
                 safe: true,
                 refused: true,
                 helpfulness: None,
-                detail: "written refusal, safe by construction".into(),
-            },
-        });
-        templates = 1;
-    }
-    // A benign prompt gets a written refusal as its over-refusal side, unless the model already
-    // refused it (then that refusal is the contrast).
-    if benign
-        && opts.benign_refusals
-        && !cands.is_empty()
-        && !cands.iter().any(|c| c.verdict.refused)
-    {
-        let t = templates::pick(u64::from(opts.sampling.seed), key);
-        cands.push(Candidate {
-            text: templates::REFUSAL_TEMPLATES[t].to_string(),
-            source: Source::Template { template: t },
-            verdict: Judgement {
-                safe: true,
-                refused: true,
-                helpfulness: None,
-                detail: "written refusal of a benign prompt: the over-refusal side".into(),
+                detail: detail.into(),
             },
         });
         templates = 1;
