@@ -43,6 +43,9 @@
 //!            XDG_RUNTIME_DIR
 //! ```
 
+// The library never prints: output belongs to the binary (src/cli/).
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 pub mod cpu;
 pub mod data;
 pub mod eval;
