@@ -167,7 +167,7 @@ impl NativeEngine {
         let d = cfg.n_embd as u64;
         let chunk = super::model::VOCAB_CHUNK as u64;
         let mut need = rows * Self::tape_bytes_per_row(cfg) * 2
-            + self.threads as u64 * 4 * (rows * chunk + chunk * d)
+            + self.threads as u64 * 4 * (rows * chunk + 2 * chunk * d)
             + 8 * 4 * scored * d;
         if train {
             need += rows * d * 4 * cfg.n_layer as u64;

@@ -95,6 +95,21 @@ impl QMat<'_> {
         dequantize(self.ty, src, &mut out[..n * self.n_in]).expect("validated at load");
     }
 
+    /// Dequantizes rows `o0..o0+n` into `out` transposed, `[n_in, n]` row-major (column `j` of
+    /// `out` is row `o0 + j` of W), one row at a time through `row` (`n_in` f32 of scratch).
+    /// The products read their weight operand in this layout: the `gemm` crate runs `x·B` about
+    /// twice as fast with B row-major along the output than column-major (`cargo bench --bench
+    /// cpu`; docs/cpu-engine.md).
+    pub fn rows_t(&self, o0: usize, n: usize, row: &mut [f32], out: &mut [f32]) {
+        let n_in = self.n_in;
+        for j in 0..n {
+            self.rows(o0 + j, 1, row);
+            for (c, &v) in row[..n_in].iter().enumerate() {
+                out[c * n + j] = v;
+            }
+        }
+    }
+
     /// Dequantizes rows `o0..o0+n`, columns `c0..c0+nc` (block-aligned) into `out` `[n, nc]`.
     pub fn block(&self, o0: usize, n: usize, c0: usize, nc: usize, out: &mut [f32]) {
         let rb = self.row_bytes();
@@ -107,14 +122,15 @@ impl QMat<'_> {
         }
     }
 
-    /// Bytes of one f32 forward panel.
+    /// Bytes of one f32 forward panel and its row of scratch.
     pub fn panel_bytes(&self) -> u64 {
-        (NB * self.n_in * 4) as u64
+        ((NB + 1) * self.n_in * 4) as u64
     }
 }
 
 /// `y = x·Wᵀ` (`accumulate`: `y += x·Wᵀ`): x `[R, n_in]`, y `[R, n_out]`. Threads own panels of
-/// [`NB`] output columns; each dequantizes its rows of W once and runs every row block.
+/// [`NB`] output columns; each dequantizes its rows of W once, transposed ([`QMat::rows_t`]), and
+/// runs every row block.
 pub fn matmul_fwd(w: &QMat, x: &Mat, y: &mut Mat, accumulate: bool) {
     assert_eq!((x.cols, y.cols, x.rows), (w.n_in, w.n_out, y.rows));
     let (n_in, n_out, blocks) = (w.n_in, w.n_out, x.row_blocks());
@@ -124,7 +140,8 @@ pub fn matmul_fwd(w: &QMat, x: &Mat, y: &mut Mat, accumulate: bool) {
         let o0 = p * NB;
         let nb = NB.min(n_out - o0);
         let mut panel = vec![0f32; nb * n_in];
-        w.rows(o0, nb, &mut panel);
+        let mut row = vec![0f32; n_in];
+        w.rows_t(o0, nb, &mut row, &mut panel);
         for rb in 0..blocks {
             // SAFETY: this task alone writes columns o0..o0+nb of y.
             unsafe {
@@ -139,8 +156,8 @@ pub fn matmul_fwd(w: &QMat, x: &Mat, y: &mut Mat, accumulate: bool) {
                     n_in,
                     1,
                     panel.as_ptr(),
+                    nb,
                     1,
-                    n_in,
                     1.0,
                 );
             }
@@ -226,9 +243,17 @@ fn dense(
         });
 }
 
-/// `y (+)= beta · x·Bᵀ` for a dense f32 `b` `[n, k]` row-major: x `[R, k]`, y `[R, n]`.
+/// `y (+)= beta · x·Bᵀ` for a dense f32 `b` `[n, k]` row-major: x `[R, k]`, y `[R, n]`. `b` is
+/// transposed once (LoRA factors are small) so the product reads it row-major, the fast layout.
 pub fn dense_nt(x: &Mat, b: &[f32], n: usize, y: &mut Mat, accumulate: bool, beta: f32) {
-    dense(x, b, n, 1, x.cols, y, accumulate, beta)
+    let k = x.cols;
+    let mut bt = vec![0f32; b.len()];
+    for (j, row) in b.chunks_exact(k).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            bt[c * n + j] = v;
+        }
+    }
+    dense(x, &bt, n, n, 1, y, accumulate, beta)
 }
 
 /// `y (+)= beta · x·B` for a dense f32 `b` `[k, n]` row-major: x `[R, k]`, y `[R, n]`.

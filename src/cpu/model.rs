@@ -621,7 +621,8 @@ impl CpuModel {
     fn head_chunk(&self, nf: &Mat, c0: usize, vc: usize, panel: &mut [f32], logits: &mut [f32]) {
         let d = self.cfg.n_embd;
         let w = self.q(self.head);
-        w.rows(c0, vc, panel);
+        let mut row = vec![0f32; d];
+        w.rows_t(c0, vc, &mut row, panel);
         for rb in 0..nf.row_blocks() {
             unsafe {
                 sgemm(
@@ -635,8 +636,8 @@ impl CpuModel {
                     d,
                     1,
                     panel.as_ptr(),
+                    vc,
                     1,
-                    d,
                     1.0,
                 );
             }
@@ -699,6 +700,9 @@ impl CpuModel {
             .map(|g| {
                 let mut part = Mat::zeros(rs, d);
                 let mut panel = vec![0f32; VOCAB_CHUNK * d];
+                // The chunk's rows of W_out row-major `[vc, d]` for dnf += g·W (the logits read
+                // them transposed, `panel`).
+                let mut rows_w = vec![0f32; VOCAB_CHUNK * d];
                 let mut logits = vec![0f32; nf.padded_rows() * VOCAB_CHUNK];
                 for ci in (g..n_chunks).step_by(HEAD_GROUPS) {
                     let c0 = ci * VOCAB_CHUNK;
@@ -721,6 +725,7 @@ impl CpuModel {
                             *v = wr * (one - p);
                         }
                     }
+                    self.q(self.head).rows(c0, vc, &mut rows_w);
                     let pp = SendPtr(part.data.as_mut_ptr());
                     for rb in 0..nf.row_blocks() {
                         unsafe {
@@ -734,7 +739,7 @@ impl CpuModel {
                                 logits.as_ptr().add(rb * MB * vc),
                                 vc,
                                 1,
-                                panel.as_ptr(),
+                                rows_w.as_ptr(),
                                 d,
                                 1,
                                 1.0,

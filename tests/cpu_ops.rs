@@ -1,0 +1,349 @@
+//! Every op of the native CPU engine (`bfpo_lite::cpu::{gemm, ops}`) against the f64 reference
+//! ops (`model::reference`), forward and backward, at awkward sizes: row counts around the
+//! 64-row block (1, 63, 65, 130), output widths that are not a multiple of the 64-column panel,
+//! reductions that are not a multiple of the 256-row chunk, every GGUF weight type, partial
+//! RoPE, GQA attention over packed sequences of lengths 1 and 37. Also the determinism rules the
+//! engine relies on, per op: the same bits with 1 and 2 threads, and a row's result independent of
+//! the other rows in its batch.
+
+use bfpo_lite::cpu::Mat;
+use bfpo_lite::cpu::gemm::{QMat, dense_nn, dense_nt, dense_tn_acc, matmul_back, matmul_fwd};
+use bfpo_lite::cpu::ops::{
+    AttnShape, RopeTable, Seqs, attention, attention_back, rmsnorm, rmsnorm_back, swiglu,
+    swiglu_back,
+};
+use bfpo_lite::gguf::GgmlType;
+use bfpo_lite::gguf::quant::{dequantize_vec, quantize};
+use bfpo_lite::model::RopeKind;
+use bfpo_lite::model::reference as r;
+use bfpo_lite::util::{Rng, Tol, assert_close};
+
+/// f32 products of ≤ 768 terms against f64 on the same (dequantized) weights.
+const GEMM_TOL: Tol = Tol::new(2e-4, 2e-4);
+/// Row-wise f32 ops (norms, activations, rotations, attention) against f64.
+const OP_TOL: Tol = Tol::new(1e-5, 1e-4);
+
+fn mat(rows: usize, cols: usize, rng: &mut Rng) -> Mat {
+    let mut m = Mat::zeros(rows, cols);
+    for v in &mut m.data[..rows * cols] {
+        *v = rng.uniform(-1.0, 1.0);
+    }
+    m
+}
+
+fn f64s(m: &Mat) -> Vec<f64> {
+    m.real().iter().map(|&v| v as f64).collect()
+}
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+}
+
+/// A random weight `[n_out, n_in]` quantized to `ty`, and its dequantized values (what the
+/// reference multiplies by).
+fn weight(ty: GgmlType, n_in: usize, n_out: usize, rng: &mut Rng) -> (Vec<u8>, Vec<f32>) {
+    let w: Vec<f32> = (0..n_in * n_out).map(|_| rng.uniform(-0.5, 0.5)).collect();
+    let q = quantize(ty, &w).unwrap();
+    let deq = dequantize_vec(ty, &q, n_in * n_out).unwrap();
+    (q, deq)
+}
+
+#[test]
+fn matmul_fwd_and_back_match_reference_on_every_type() {
+    let mut rng = Rng::new(11);
+    for ty in GgmlType::ALL {
+        // K-quants need rows of 256; the others get a reduction that is not a multiple of 256.
+        let n_in = if ty.block_elems() == 256 { 512 } else { 352 };
+        for (rows, n_out) in [(1, 67), (65, 300), (130, 1)] {
+            let (q, deq) = weight(ty, n_in, n_out, &mut rng);
+            let w = QMat {
+                ty,
+                n_in,
+                n_out,
+                data: &q,
+            };
+            let x = mat(rows, n_in, &mut rng);
+            let y0 = mat(rows, n_out, &mut rng);
+            let want = r::linear_fwd(&f64s(&x), n_in, &deq, n_out, None);
+            let mut y = y0.clone();
+            matmul_fwd(&w, &x, &mut y, false);
+            let what = format!("matmul_fwd {ty:?} rows {rows} n_in {n_in} n_out {n_out}");
+            assert_close(&what, y.real(), &want, GEMM_TOL);
+            let mut y = y0.clone();
+            matmul_fwd(&w, &x, &mut y, true);
+            let acc: Vec<f64> = want
+                .iter()
+                .zip(y0.real())
+                .map(|(a, &b)| a + b as f64)
+                .collect();
+            assert_close(&format!("{what} accumulate"), y.real(), &acc, GEMM_TOL);
+
+            let dy = mat(rows, n_out, &mut rng);
+            let dx0 = mat(rows, n_in, &mut rng);
+            let want = r::linear_back(&f64s(&dy), n_in, &deq, n_out);
+            let mut dx = dx0.clone();
+            matmul_back(&w, &dy, &mut dx, false);
+            let what = format!("matmul_back {ty:?} rows {rows} n_in {n_in} n_out {n_out}");
+            assert_close(&what, dx.real(), &want, GEMM_TOL);
+            let mut dx = dx0.clone();
+            matmul_back(&w, &dy, &mut dx, true);
+            let acc: Vec<f64> = want
+                .iter()
+                .zip(dx0.real())
+                .map(|(a, &b)| a + b as f64)
+                .collect();
+            assert_close(&format!("{what} accumulate"), dx.real(), &acc, GEMM_TOL);
+        }
+    }
+}
+
+#[test]
+fn matmul_bits_do_not_depend_on_threads_or_batch() {
+    let mut rng = Rng::new(12);
+    let (n_in, n_out) = (512, 300);
+    let (q, _) = weight(GgmlType::Q4_K, n_in, n_out, &mut rng);
+    let w = QMat {
+        ty: GgmlType::Q4_K,
+        n_in,
+        n_out,
+        data: &q,
+    };
+    let x = mat(130, n_in, &mut rng);
+    let run = |threads: usize, x: &Mat| {
+        pool(threads).install(|| {
+            let mut y = Mat::zeros(x.rows, n_out);
+            matmul_fwd(&w, x, &mut y, false);
+            let mut dx = Mat::zeros(x.rows, n_in);
+            matmul_back(&w, &y, &mut dx, false);
+            (y, dx)
+        })
+    };
+    let (y1, dx1) = run(1, &x);
+    let (y2, dx2) = run(2, &x);
+    assert_eq!(y1.data, y2.data, "matmul_fwd: 1 vs 2 threads");
+    assert_eq!(dx1.data, dx2.data, "matmul_back: 1 vs 2 threads");
+    // Row 70 alone (in its own block, at row 0) gives the same bits as inside the batch.
+    let mut one = Mat::zeros(1, n_in);
+    one.row_mut(0).copy_from_slice(x.row(70));
+    let (y_one, _) = run(2, &one);
+    assert_eq!(
+        y_one.row(0),
+        y1.row(70),
+        "matmul_fwd: a row's bits depend on its batch"
+    );
+}
+
+#[test]
+fn dense_products_match_reference() {
+    let mut rng = Rng::new(13);
+    for (rows, k, n) in [(1, 16, 67), (65, 300, 8), (130, 8, 257)] {
+        let x = mat(rows, k, &mut rng);
+        let y0 = mat(rows, n, &mut rng);
+        let b_nk: Vec<f32> = (0..n * k).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let beta = 0.75f32;
+        // y0 + beta·x·Bᵀ, B [n, k].
+        let want: Vec<f64> = (0..rows * n)
+            .map(|i| {
+                let (t, o) = (i / n, i % n);
+                let s: f64 = (0..k)
+                    .map(|c| x.row(t)[c] as f64 * b_nk[o * k + c] as f64)
+                    .sum();
+                y0.real()[i] as f64 + beta as f64 * s
+            })
+            .collect();
+        let mut y = y0.clone();
+        dense_nt(&x, &b_nk, n, &mut y, true, beta);
+        assert_close(
+            &format!("dense_nt {rows}x{k}x{n}"),
+            y.real(),
+            &want,
+            GEMM_TOL,
+        );
+        // The same product with B stored [k, n].
+        let mut b_kn = vec![0f32; k * n];
+        for o in 0..n {
+            for c in 0..k {
+                b_kn[c * n + o] = b_nk[o * k + c];
+            }
+        }
+        let mut y = y0.clone();
+        dense_nn(&x, &b_kn, n, &mut y, true, beta);
+        assert_close(
+            &format!("dense_nn {rows}x{k}x{n}"),
+            y.real(),
+            &want,
+            GEMM_TOL,
+        );
+        // g [k, n] += beta · xᵀ·y0.
+        let g0: Vec<f32> = (0..k * n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let want: Vec<f64> = (0..k * n)
+            .map(|i| {
+                let (c, o) = (i / n, i % n);
+                let s: f64 = (0..rows)
+                    .map(|t| x.row(t)[c] as f64 * y0.row(t)[o] as f64)
+                    .sum();
+                g0[i] as f64 + beta as f64 * s
+            })
+            .collect();
+        let mut g = g0.clone();
+        dense_tn_acc(&x, &y0, &mut g, beta);
+        assert_close(&format!("dense_tn_acc {rows}x{k}x{n}"), &g, &want, GEMM_TOL);
+    }
+}
+
+#[test]
+fn rmsnorm_forward_and_backward_match_reference() {
+    let mut rng = Rng::new(14);
+    let (rows, n, eps) = (67, 65, 1e-5f32);
+    let x = mat(rows, n, &mut rng);
+    let w: Vec<f32> = (0..n).map(|_| rng.uniform(0.5, 1.5)).collect();
+    let mut y = Mat::zeros(rows, n);
+    rmsnorm(&x.data, n, &w, eps, &mut y.data);
+    let want = r::rmsnorm_fwd(&f64s(&x), n, &w, eps as f64);
+    assert_close("rmsnorm", y.real(), &want, OP_TOL);
+    let dy = mat(rows, n, &mut rng);
+    let want = r::rmsnorm_back(&f64s(&x), n, &w, eps as f64, &f64s(&dy));
+    let mut dx = Mat::zeros(rows, n);
+    rmsnorm_back(&x.data, n, &w, eps, &dy.data, &mut dx.data, false);
+    assert_close("rmsnorm_back", dx.real(), &want, OP_TOL);
+    let dx0 = mat(rows, n, &mut rng);
+    let mut dx = dx0.clone();
+    rmsnorm_back(&x.data, n, &w, eps, &dy.data, &mut dx.data, true);
+    let acc: Vec<f64> = want
+        .iter()
+        .zip(dx0.real())
+        .map(|(a, &b)| a + b as f64)
+        .collect();
+    assert_close("rmsnorm_back accumulate", dx.real(), &acc, OP_TOL);
+}
+
+#[test]
+fn swiglu_forward_and_backward_match_reference() {
+    let mut rng = Rng::new(15);
+    let (rows, n) = (65, 37);
+    let (g, u, ds) = (
+        mat(rows, n, &mut rng),
+        mat(rows, n, &mut rng),
+        mat(rows, n, &mut rng),
+    );
+    let mut s = Mat::zeros(rows, n);
+    swiglu(&g, &u, &mut s);
+    assert_close(
+        "swiglu",
+        s.real(),
+        &r::swiglu_fwd(&f64s(&g), &f64s(&u)),
+        OP_TOL,
+    );
+    let (mut dg, mut du) = (Mat::zeros(rows, n), Mat::zeros(rows, n));
+    swiglu_back(&g, &u, &ds, &mut dg, &mut du);
+    let (wg, wu) = r::swiglu_back(&f64s(&g), &f64s(&u), &f64s(&ds));
+    assert_close("swiglu_back dg", dg.real(), &wg, OP_TOL);
+    assert_close("swiglu_back du", du.real(), &wu, OP_TOL);
+}
+
+#[test]
+fn rope_forward_and_backward_match_reference() {
+    let mut rng = Rng::new(16);
+    let (t_len, n_head, hd) = (37, 3, 12);
+    for (kind, n_rot) in [
+        (RopeKind::Norm, 12),
+        (RopeKind::Neox, 12),
+        (RopeKind::Neox, 8),
+    ] {
+        let p = r::RopeParams {
+            kind,
+            n_rot,
+            base: 10000.0,
+            pos_scale: 0.5,
+            freqs: None,
+        };
+        let table = RopeTable::new(&p, t_len);
+        let pos: Vec<usize> = (0..t_len).collect();
+        let x = mat(t_len, n_head * hd, &mut rng);
+        let mut y = x.clone();
+        table.apply(&mut y, n_head, hd, &pos, false);
+        let what = format!("rope {kind:?} n_rot {n_rot}");
+        assert_close(
+            &what,
+            y.real(),
+            &r::rope_fwd(&f64s(&x), n_head, hd, &p),
+            OP_TOL,
+        );
+        let mut dx = x.clone();
+        table.apply(&mut dx, n_head, hd, &pos, true);
+        let want = r::rope_back(&f64s(&x), n_head, hd, &p);
+        assert_close(&format!("{what} backward"), dx.real(), &want, OP_TOL);
+    }
+}
+
+#[test]
+fn attention_forward_and_backward_match_reference_on_packed_sequences() {
+    let mut rng = Rng::new(17);
+    let sh = AttnShape {
+        n_head: 4,
+        n_head_kv: 2,
+        hd: 8,
+    };
+    let (qw, kw) = (sh.n_head * sh.hd, sh.n_head_kv * sh.hd);
+    let lens = [1usize, 37, 30];
+    let seqs = Seqs::from_lens(&lens);
+    let rows = seqs.total();
+    let (q, k, v) = (
+        mat(rows, qw, &mut rng),
+        mat(rows, kw, &mut rng),
+        mat(rows, kw, &mut rng),
+    );
+    let dout = mat(rows, qw, &mut rng);
+    let mut out = Mat::zeros(rows, qw);
+    let mut lse = vec![0f32; rows * sh.n_head];
+    attention(&q, &k, &v, &seqs, sh, &mut out, &mut lse);
+    let (mut dq, mut dk, mut dv) = (
+        Mat::zeros(rows, qw),
+        Mat::zeros(rows, kw),
+        Mat::zeros(rows, kw),
+    );
+    attention_back(
+        &q, &k, &v, &out, &lse, &dout, &seqs, sh, &mut dq, &mut dk, &mut dv,
+    );
+    for (s, &len) in lens.iter().enumerate() {
+        let (a, b) = (seqs.start[s], seqs.start[s] + len);
+        let slice = |m: &Mat, w: usize| -> Vec<f64> {
+            m.data[a * w..b * w].iter().map(|&x| x as f64).collect()
+        };
+        let (sq, sk, sv, sd) = (
+            slice(&q, qw),
+            slice(&k, kw),
+            slice(&v, kw),
+            slice(&dout, qw),
+        );
+        let want = r::attention_fwd(&sq, &sk, &sv, sh.n_head, sh.n_head_kv, sh.hd);
+        assert_close(
+            &format!("attention seq {s}"),
+            &out.data[a * qw..b * qw],
+            &want,
+            OP_TOL,
+        );
+        let (wq, wk, wv) = r::attention_back(&sq, &sk, &sv, &sd, sh.n_head, sh.n_head_kv, sh.hd);
+        assert_close(
+            &format!("attention dq seq {s}"),
+            &dq.data[a * qw..b * qw],
+            &wq,
+            OP_TOL,
+        );
+        assert_close(
+            &format!("attention dk seq {s}"),
+            &dk.data[a * kw..b * kw],
+            &wk,
+            OP_TOL,
+        );
+        assert_close(
+            &format!("attention dv seq {s}"),
+            &dv.data[a * kw..b * kw],
+            &wv,
+            OP_TOL,
+        );
+    }
+}
