@@ -24,6 +24,8 @@ pub const NB: usize = 64;
 pub const NC: usize = 256;
 /// Chunk of the reduction over a weight's output dimension in `dx = dy·W`.
 pub const KO: usize = 256;
+/// Rows of W dequantized together when a panel is written transposed ([`QMat::rows_t`]).
+pub const TT: usize = 16;
 
 /// `C[m×n] = alpha·C + beta·A·B` for one call. Strides in elements: A is `a_rs`/`a_cs`
 /// (row/column), B is `b_rs` (along the reduction) / `b_cs` (along n), C row-major `ldc`.
@@ -96,16 +98,20 @@ impl QMat<'_> {
     }
 
     /// Dequantizes rows `o0..o0+n` into `out` transposed, `[n_in, n]` row-major (column `j` of
-    /// `out` is row `o0 + j` of W), one row at a time through `row` (`n_in` f32 of scratch).
-    /// The products read their weight operand in this layout: the `gemm` crate runs `x·B` about
-    /// twice as fast with B row-major along the output than column-major (`cargo bench --bench
-    /// cpu`; docs/cpu-engine.md).
-    pub fn rows_t(&self, o0: usize, n: usize, row: &mut [f32], out: &mut [f32]) {
+    /// `out` is row `o0 + j` of W), [`TT`] rows at a time through `scratch` (`TT · n_in` f32),
+    /// so each output row gets `TT` contiguous values per pass. The products read their weight
+    /// operand in this layout: the `gemm` crate runs `x·B` about twice as fast with B row-major
+    /// along the output than column-major (`cargo bench --bench cpu`; docs/cpu-engine.md).
+    pub fn rows_t(&self, o0: usize, n: usize, scratch: &mut [f32], out: &mut [f32]) {
         let n_in = self.n_in;
-        for j in 0..n {
-            self.rows(o0 + j, 1, row);
-            for (c, &v) in row[..n_in].iter().enumerate() {
-                out[c * n + j] = v;
+        for j0 in (0..n).step_by(TT) {
+            let tt = TT.min(n - j0);
+            self.rows(o0 + j0, tt, scratch);
+            for c in 0..n_in {
+                let dst = &mut out[c * n + j0..c * n + j0 + tt];
+                for (j, d) in dst.iter_mut().enumerate() {
+                    *d = scratch[j * n_in + c];
+                }
             }
         }
     }
@@ -122,9 +128,9 @@ impl QMat<'_> {
         }
     }
 
-    /// Bytes of one f32 forward panel and its row of scratch.
+    /// Bytes of one f32 forward panel and its scratch.
     pub fn panel_bytes(&self) -> u64 {
-        ((NB + 1) * self.n_in * 4) as u64
+        ((NB + TT) * self.n_in * 4) as u64
     }
 }
 
@@ -140,8 +146,8 @@ pub fn matmul_fwd(w: &QMat, x: &Mat, y: &mut Mat, accumulate: bool) {
         let o0 = p * NB;
         let nb = NB.min(n_out - o0);
         let mut panel = vec![0f32; nb * n_in];
-        let mut row = vec![0f32; n_in];
-        w.rows_t(o0, nb, &mut row, &mut panel);
+        let mut scratch = vec![0f32; TT * n_in];
+        w.rows_t(o0, nb, &mut scratch, &mut panel);
         for rb in 0..blocks {
             // SAFETY: this task alone writes columns o0..o0+nb of y.
             unsafe {

@@ -621,8 +621,8 @@ impl CpuModel {
     fn head_chunk(&self, nf: &Mat, c0: usize, vc: usize, panel: &mut [f32], logits: &mut [f32]) {
         let d = self.cfg.n_embd;
         let w = self.q(self.head);
-        let mut row = vec![0f32; d];
-        w.rows_t(c0, vc, &mut row, panel);
+        let mut scratch = vec![0f32; super::gemm::TT * d];
+        w.rows_t(c0, vc, &mut scratch, panel);
         for rb in 0..nf.row_blocks() {
             unsafe {
                 sgemm(
