@@ -2,7 +2,8 @@
 //! ops (`model::reference`), forward and backward, at awkward sizes: row counts around the
 //! 64-row block (1, 63, 65, 130), output widths that are not a multiple of the 64-column panel,
 //! reductions that are not a multiple of the 256-row chunk, every GGUF weight type, partial
-//! RoPE, GQA attention over packed sequences of lengths 1 and 37. Also the determinism rules the
+//! RoPE, GQA attention over packed sequences of lengths 1, 37 and 150 (one row, one partial
+//! query block, several blocks). Also the determinism rules the
 //! engine relies on, per op: the same bits with 1 and 2 threads, and a row's result independent of
 //! the other rows in its batch.
 
@@ -288,7 +289,8 @@ fn attention_forward_and_backward_match_reference_on_packed_sequences() {
         hd: 8,
     };
     let (qw, kw) = (sh.n_head * sh.hd, sh.n_head_kv * sh.hd);
-    let lens = [1usize, 37, 30];
+    // 1: a single key; 37: one partial block; 150: two full blocks of 64 and a partial one.
+    let lens = [1usize, 37, 150];
     let seqs = Seqs::from_lens(&lens);
     let rows = seqs.total();
     let (q, k, v) = (

@@ -5,6 +5,7 @@
 //! compare against. Every op is independent per row (attention: per query row over its keys in
 //! position order), so results do not depend on batch composition or thread count.
 
+use super::gemm::sgemm;
 use super::mat::{Mat, SendPtr};
 use crate::model::reference::RopeParams;
 use rayon::prelude::*;
@@ -197,12 +198,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (yv, xv) in y.iter_mut().zip(x) {
-        *yv += a * xv;
-    }
-}
-
 /// Attention shapes: query heads, KV heads, head dimension.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
@@ -211,9 +206,38 @@ pub struct AttnShape {
     pub hd: usize,
 }
 
+/// Query rows per attention block: each block's scores against its keys are one product.
+pub const QB: usize = 64;
+
+/// Head `c` (width `hd`) of rows `s0..s0+len` of `m`, transposed to `[hd, len]` row-major.
+fn head_t(m: &Mat, s0: usize, len: usize, c: usize, hd: usize) -> Vec<f32> {
+    let mut t = vec![0f32; hd * len];
+    for j in 0..len {
+        for (d, &x) in m.row(s0 + j)[c * hd..(c + 1) * hd].iter().enumerate() {
+            t[d * len + j] = x;
+        }
+    }
+    t
+}
+
+/// `[rows, cols]` row-major → `[cols, rows]` row-major.
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = a[r * cols + c];
+        }
+    }
+    t
+}
+
 /// Causal GQA attention over packed sequences: q `[R, n_head·hd]`, k, v `[R, n_head_kv·hd]` →
 /// out `[R, n_head·hd]` and the log-sum-exp of every (row, head) `[R·n_head]` (kept for the
-/// backward). Tasks are (sequence, head).
+/// backward). Tasks are (sequence, head); each runs its sequence in blocks of [`QB`] query rows:
+/// the scores of a block against keys `0..i1` (its last row's position + 1) are one product,
+/// then a row-wise softmax (masked above the diagonal; sum in f64), then one product with V.
+/// Blocks start at the sequence's first row, so a row's result depends only on its sequence.
+/// Memory: `QB × len` scores per task (linear in sequence length).
 pub fn attention(
     q: &Mat,
     k: &Mat,
@@ -237,43 +261,91 @@ pub fn attention(
         .collect();
     tasks.par_iter().for_each(|&(s, h)| {
         let (s0, len) = (seqs.start[s], seqs.len[s]);
+        if len == 0 {
+            return;
+        }
         let g = h / (n_head / n_head_kv);
-        let mut p = vec![0f32; len];
-        let mut o = vec![0f32; hd];
-        for i in 0..len {
-            let qi = &q.row(s0 + i)[h * hd..(h + 1) * hd];
-            let mut m = f32::NEG_INFINITY;
-            for (j, pj) in p.iter_mut().enumerate().take(i + 1) {
-                let kj = &k.row(s0 + j)[g * hd..(g + 1) * hd];
-                *pj = dot(qi, kj) * scale;
-                m = m.max(*pj);
-            }
-            let mut l = 0f64;
-            for pj in p.iter_mut().take(i + 1) {
-                *pj = (*pj - m).exp();
-                l += *pj as f64;
-            }
-            o.iter_mut().for_each(|x| *x = 0.0);
-            for (j, &pj) in p.iter().enumerate().take(i + 1) {
-                axpy(&mut o, pj, &v.row(s0 + j)[g * hd..(g + 1) * hd]);
-            }
-            let inv = (1.0 / l) as f32;
-            // SAFETY: (row s0+i, head h) is written by this task only.
+        let kt = head_t(k, s0, len, g, hd);
+        let mut sc = vec![0f32; QB * len];
+        let mut o = vec![0f32; QB * hd];
+        for i0 in (0..len).step_by(QB) {
+            let (b, i1) = (QB.min(len - i0), (i0 + QB).min(len));
+            // SAFETY: shapes and strides address q's rows s0+i0.., kt and sc as sized above.
             unsafe {
-                let dst = op.get().add((s0 + i) * qw + h * hd);
-                for (d, &x) in o.iter().enumerate() {
-                    *dst.add(d) = x * inv;
+                sgemm(
+                    b,
+                    i1,
+                    hd,
+                    sc.as_mut_ptr(),
+                    i1,
+                    false,
+                    q.data.as_ptr().add((s0 + i0) * qw + h * hd),
+                    qw,
+                    1,
+                    kt.as_ptr(),
+                    len,
+                    1,
+                    scale,
+                );
+            }
+            let mut stats = [(0f32, 0f64); QB];
+            for r in 0..b {
+                let row = &mut sc[r * i1..(r + 1) * i1];
+                let n = i0 + r + 1;
+                let m = row[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut l = 0f64;
+                for x in &mut row[..n] {
+                    *x = (*x - m).exp();
+                    l += *x as f64;
                 }
-                *lp.get().add((s0 + i) * n_head + h) = m + (l.ln() as f32);
+                row[n..].iter_mut().for_each(|x| *x = 0.0);
+                stats[r] = (m, l);
+            }
+            // SAFETY: as above, with v's rows s0..s0+i1 and o [b, hd].
+            unsafe {
+                sgemm(
+                    b,
+                    hd,
+                    i1,
+                    o.as_mut_ptr(),
+                    hd,
+                    false,
+                    sc.as_ptr(),
+                    i1,
+                    1,
+                    v.data.as_ptr().add(s0 * kw + g * hd),
+                    kw,
+                    1,
+                    1.0,
+                );
+            }
+            for (r, &(m, l)) in stats.iter().enumerate().take(b) {
+                let row = s0 + i0 + r;
+                let inv = (1.0 / l) as f32;
+                // SAFETY: (row, head h) is written by this task only.
+                unsafe {
+                    let dst = op.get().add(row * qw + h * hd);
+                    for (d, &x) in o[r * hd..(r + 1) * hd].iter().enumerate() {
+                        *dst.add(d) = x * inv;
+                    }
+                    *lp.get().add(row * n_head + h) = m + (l.ln() as f32);
+                }
             }
         }
-        let _ = kw;
     });
 }
 
 /// Backward of [`attention`] (see `model::reference::attention_back`): probabilities are
-/// recomputed from `lse`. Tasks are (sequence, KV head): each owns dk, dv of its KV head and dq
-/// of the query heads that read it. dq, dk, dv are overwritten.
+/// recomputed from `lse`, block by block as in the forward. Tasks are (sequence, KV head): each
+/// owns dk, dv of its KV head (accumulated over its query heads and blocks in order) and dq of
+/// the query heads that read it. Per block of query rows `i0..i0+b` against keys `0..i1`:
+///
+/// ```text
+/// P  = exp(scale·Q·Kᵀ − lse)        (0 above the diagonal)
+/// dP = dO·Vᵀ,   dS = P ⊙ (dP − rowsum(dO ⊙ O))·scale
+/// dQ = dS·K,    dK += dSᵀ·Q,        dV += Pᵀ·dO
+/// ```
+/// dq, dk, dv are overwritten.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_back(
     q: &Mat,
@@ -309,28 +381,119 @@ pub fn attention_back(
         .collect();
     tasks.par_iter().for_each(|&(s, g)| {
         let (s0, len) = (seqs.start[s], seqs.len[s]);
-        // This task's slices of dk/dv (KV head g of sequence s) and dq (heads of group g).
-        let slice = |p: SendPtr, row: usize, w: usize, c: usize| unsafe {
-            std::slice::from_raw_parts_mut(p.get().add(row * w + c * hd), hd)
-        };
+        if len == 0 {
+            return;
+        }
+        let (kt, vt) = (head_t(k, s0, len, g, hd), head_t(v, s0, len, g, hd));
+        let mut p = vec![0f32; QB * len];
+        let mut dp = vec![0f32; QB * len];
         for h in g * group..(g + 1) * group {
-            for i in 0..len {
-                let row = s0 + i;
-                let qi = &q.row(row)[h * hd..(h + 1) * hd];
-                let doi = &dout.row(row)[h * hd..(h + 1) * hd];
-                let oi = &out.row(row)[h * hd..(h + 1) * hd];
-                let li = lse[row * n_head + h];
-                let di = dot(doi, oi);
-                let dqi = slice(dqp, row, qw, h);
-                for j in 0..=i {
-                    let kj = &k.row(s0 + j)[g * hd..(g + 1) * hd];
-                    let vj = &v.row(s0 + j)[g * hd..(g + 1) * hd];
-                    let pij = (dot(qi, kj) * scale - li).exp();
-                    let dp = dot(doi, vj);
-                    axpy(slice(dvp, s0 + j, kw, g), pij, doi);
-                    let ds = pij * (dp - di) * scale;
-                    axpy(dqi, ds, kj);
-                    axpy(slice(dkp, s0 + j, kw, g), ds, qi);
+            for i0 in (0..len).step_by(QB) {
+                let (b, i1) = (QB.min(len - i0), (i0 + QB).min(len));
+                let (qb, dob) = (
+                    q.data[(s0 + i0) * qw..].as_ptr(),
+                    dout.data[(s0 + i0) * qw..].as_ptr(),
+                );
+                // SAFETY (every product below): pointers and strides address the rows of this
+                // sequence and the buffers sized above; dq/dk/dv slices belong to this task.
+                unsafe {
+                    sgemm(
+                        b,
+                        i1,
+                        hd,
+                        p.as_mut_ptr(),
+                        i1,
+                        false,
+                        qb.add(h * hd),
+                        qw,
+                        1,
+                        kt.as_ptr(),
+                        len,
+                        1,
+                        scale,
+                    );
+                    sgemm(
+                        b,
+                        i1,
+                        hd,
+                        dp.as_mut_ptr(),
+                        i1,
+                        false,
+                        dob.add(h * hd),
+                        qw,
+                        1,
+                        vt.as_ptr(),
+                        len,
+                        1,
+                        1.0,
+                    );
+                }
+                for r in 0..b {
+                    let row = s0 + i0 + r;
+                    let n = i0 + r + 1;
+                    let li = lse[row * n_head + h];
+                    let di = dot(
+                        &dout.row(row)[h * hd..(h + 1) * hd],
+                        &out.row(row)[h * hd..(h + 1) * hd],
+                    );
+                    let (pr, dr) = (&mut p[r * i1..(r + 1) * i1], &mut dp[r * i1..(r + 1) * i1]);
+                    for j in 0..n {
+                        pr[j] = (pr[j] - li).exp();
+                        dr[j] = pr[j] * (dr[j] - di) * scale;
+                    }
+                    pr[n..].iter_mut().for_each(|x| *x = 0.0);
+                    dr[n..].iter_mut().for_each(|x| *x = 0.0);
+                }
+                let (pt, dst) = (
+                    transpose(&p[..b * i1], b, i1),
+                    transpose(&dp[..b * i1], b, i1),
+                );
+                unsafe {
+                    sgemm(
+                        b,
+                        hd,
+                        i1,
+                        dqp.get().add((s0 + i0) * qw + h * hd),
+                        qw,
+                        false,
+                        dp.as_ptr(),
+                        i1,
+                        1,
+                        k.data.as_ptr().add(s0 * kw + g * hd),
+                        kw,
+                        1,
+                        1.0,
+                    );
+                    sgemm(
+                        i1,
+                        hd,
+                        b,
+                        dkp.get().add(s0 * kw + g * hd),
+                        kw,
+                        true,
+                        dst.as_ptr(),
+                        b,
+                        1,
+                        qb.add(h * hd),
+                        qw,
+                        1,
+                        1.0,
+                    );
+                    sgemm(
+                        i1,
+                        hd,
+                        b,
+                        dvp.get().add(s0 * kw + g * hd),
+                        kw,
+                        true,
+                        pt.as_ptr(),
+                        b,
+                        1,
+                        dob.add(h * hd),
+                        qw,
+                        1,
+                        1.0,
+                    );
                 }
             }
         }
