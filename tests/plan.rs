@@ -307,3 +307,69 @@ fn plan_command_reports_kept_activations() {
     let v = run(&[]);
     assert_eq!(v["activations"]["budget_bytes"].as_u64().unwrap(), 2 << 30);
 }
+
+#[test]
+fn host_plan_is_linear_in_rows_and_refuses_with_what_to_reduce() {
+    use bfpo_lite::cpu::NativeEngine;
+    use bfpo_lite::cpu::engine::{HostPlan, min_host_bytes};
+    let cfg = shape_config("qwen2.5-0.5b").unwrap();
+    let f = |rows| min_host_bytes(&cfg, rows, rows, 2, true);
+    // Linear in the packed rows (multiples of the 64-row block): equal increments.
+    assert_eq!(f(2048) - f(1024), f(3072) - f(2048));
+    assert!(f(1024) > 0);
+    let p = HostPlan::new(&cfg, 500 << 20, 1000, 2);
+    assert_eq!(p.rows, 1000);
+    assert_eq!(p.min_bytes, f(1000));
+    assert_eq!(
+        p.all_tapes_bytes,
+        1024 * NativeEngine::tape_bytes_per_row(&cfg) * cfg.n_layer as u64
+    );
+    let tight = HostPlan {
+        available_bytes: Some(p.min_bytes - 1),
+        ..p.clone()
+    };
+    let err = tight.check().unwrap_err().to_string();
+    assert!(
+        err.contains("MiB of host memory")
+            && err.contains("reduce --pairs-per-step or --max-length"),
+        "{err}"
+    );
+    let roomy = HostPlan {
+        available_bytes: Some(p.min_bytes),
+        ..p
+    };
+    assert!(roomy.check().is_ok());
+}
+
+/// `tune --dry-run` on the built-in demo: the CPU engine's host plan covers the longest
+/// micro-step, `2 · ceil(pairs per step / grad-accum)` sequences of the longest length.
+#[test]
+fn tune_dry_run_reports_the_cpu_host_plan_of_the_longest_micro_step() {
+    let rows = |pairs: &str, accum: &str| -> u64 {
+        let out = bin()
+            .args(["tune", "--engine", "cpu", "--dry-run", "--json"])
+            .args(["--pairs-per-step", pairs, "--grad-accum", accum])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let last = text.lines().last().unwrap();
+        let v: serde_json::Value = serde_json::from_str(last).unwrap();
+        let hp = &v["dry_run"]["host_plan"];
+        assert!(hp["min_bytes"].as_u64().unwrap() > 0, "{hp}");
+        assert!(hp["weights_mapped_bytes"].as_u64().unwrap() > 0, "{hp}");
+        hp["rows"].as_u64().unwrap()
+    };
+    let two = rows("2", "1");
+    assert_eq!(
+        two % 4,
+        0,
+        "2 pairs = 4 sequences of the longest length: {two}"
+    );
+    assert_eq!(rows("4", "1"), 2 * two);
+    assert_eq!(rows("4", "2"), two);
+}

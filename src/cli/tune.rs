@@ -467,11 +467,21 @@ impl View {
                 largest_binding,
                 largest_binding_bytes,
             } => self.line(format!(
-                "memory plan: {} on the device ({} weights as stored); largest binding {} ({})",
+                "memory plan (wgpu engine): {} on the device ({} weights as stored); largest binding {} ({})",
                 fmt_bytes(*total_bytes),
                 fmt_bytes(*weights_bytes),
                 fmt_bytes(*largest_binding_bytes),
                 largest_binding
+            )),
+            Event::HostPlan { plan } => self.line(format!(
+                "memory plan (cpu engine): {} of weights mapped from the file; the longest micro-step ({} rows) needs at least {} on the heap, {} more to keep every layer's activations (within --activation-memory){}",
+                fmt_bytes(plan.weights_mapped_bytes),
+                plan.rows,
+                fmt_bytes(plan.min_bytes),
+                fmt_bytes(plan.all_tapes_bytes),
+                plan.available_bytes
+                    .map(|a| format!("; {} available", fmt_bytes(a)))
+                    .unwrap_or_default()
             )),
             Event::Engine { description } => self.line(format!("engine: {description}")),
             Event::Activations {

@@ -85,6 +85,80 @@ struct Kept {
     lse: Vec<f32>,
 }
 
+/// The least host memory (bytes, beside the memory-mapped weights) one batch of `rows` packed
+/// rows with `scored` scored rows needs on `threads` threads whatever the activation budget:
+/// two layers' tapes as working set, the LM head's per-thread logits and panels, the head's row
+/// buffers and, when training, every layer's input (the backward recomputes from it).
+pub fn min_host_bytes(
+    cfg: &ModelConfig,
+    rows: usize,
+    scored: usize,
+    threads: usize,
+    train: bool,
+) -> u64 {
+    let mb = super::gemm::MB as u64;
+    let rows = (rows as u64).div_ceil(mb) * mb;
+    let scored = scored as u64 + mb;
+    let d = cfg.n_embd as u64;
+    let chunk = super::model::VOCAB_CHUNK as u64;
+    let mut need = rows * NativeEngine::tape_bytes_per_row(cfg) * 2
+        + threads as u64 * 4 * (rows * chunk + 2 * chunk * d)
+        + 8 * 4 * scored * d;
+    if train {
+        need += rows * d * 4 * cfg.n_layer as u64;
+    }
+    need
+}
+
+/// The host-memory plan of a CPU-engine run, before anything is allocated (`tune` shows it,
+/// `tune --dry-run` reports it).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HostPlan {
+    /// Weight bytes read from the memory-mapped file (page cache, not the heap).
+    pub weights_mapped_bytes: u64,
+    /// Packed rows of the longest micro-step.
+    pub rows: usize,
+    /// The least the longest micro-step needs on the heap ([`min_host_bytes`]).
+    pub min_bytes: u64,
+    /// What keeping every layer's tape adds for that micro-step (bounded by
+    /// `--activation-memory`; layers beyond it are recomputed).
+    pub all_tapes_bytes: u64,
+    /// `MemAvailable` now, where the platform reports it.
+    pub available_bytes: Option<u64>,
+}
+
+impl HostPlan {
+    /// The plan for micro-steps of up to `rows` packed rows, every row scored (an upper bound).
+    pub fn new(
+        cfg: &ModelConfig,
+        weights_mapped_bytes: u64,
+        rows: usize,
+        threads: usize,
+    ) -> HostPlan {
+        let padded = rows.div_ceil(super::gemm::MB) * super::gemm::MB;
+        HostPlan {
+            weights_mapped_bytes,
+            rows,
+            min_bytes: min_host_bytes(cfg, rows, rows, threads, true),
+            all_tapes_bytes: padded as u64
+                * NativeEngine::tape_bytes_per_row(cfg)
+                * cfg.n_layer as u64,
+            available_bytes: super::host_available_memory(),
+        }
+    }
+
+    /// Refuses, with what to reduce, a plan whose least need exceeds the available memory.
+    pub fn check(&self) -> Result<(), CpuError> {
+        match self.available_bytes {
+            Some(avail) if self.min_bytes > avail => Err(CpuError::DoesNotFit {
+                need_mib: self.min_bytes >> 20,
+                avail_mib: avail >> 20,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The native CPU engine (see the module doc of [`crate::cpu`]).
 pub struct NativeEngine {
     model: CpuModel,
@@ -161,17 +235,13 @@ impl NativeEngine {
     /// input, one layer's working set, the LM head's buffers. Refuses the batch, before
     /// allocating, when that exceeds the available memory.
     fn check_fits(&self, b: &Batch, train: bool) -> Result<(), TrainError> {
-        let cfg = &self.model.cfg;
-        let rows = b.ids.len().div_ceil(super::gemm::MB) as u64 * super::gemm::MB as u64;
-        let scored = b.head_rows.len() as u64 + super::gemm::MB as u64;
-        let d = cfg.n_embd as u64;
-        let chunk = super::model::VOCAB_CHUNK as u64;
-        let mut need = rows * Self::tape_bytes_per_row(cfg) * 2
-            + self.threads as u64 * 4 * (rows * chunk + 2 * chunk * d)
-            + 8 * 4 * scored * d;
-        if train {
-            need += rows * d * 4 * cfg.n_layer as u64;
-        }
+        let need = min_host_bytes(
+            &self.model.cfg,
+            b.ids.len(),
+            b.head_rows.len(),
+            self.threads,
+            train,
+        );
         if let Some(avail) = super::host_available_memory()
             && need > avail
         {

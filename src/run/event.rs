@@ -78,13 +78,16 @@ pub enum Event {
     DataLoaded(DataLoaded),
     /// Something the user should know that does not stop the run.
     Warning { message: String },
-    /// The device-memory plan (before anything is allocated).
+    /// The wgpu engine's device-memory plan (before anything is allocated).
     Plan {
         total_bytes: u64,
         weights_bytes: u64,
         largest_binding: String,
         largest_binding_bytes: u64,
     },
+    /// The CPU engine's host-memory plan (before anything is allocated): shown when the engine
+    /// is `cpu` or `auto` (which picks the CPU engine on hosts without a usable GPU).
+    HostPlan { plan: crate::cpu::engine::HostPlan },
     /// The training engine is ready.
     Engine { description: String },
     /// How the GPU engine holds activations between forward and backward: `kept_layers` of the

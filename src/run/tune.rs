@@ -6,6 +6,7 @@ use super::engine::{adam_config, build_engine, lora_spec};
 use super::harmless::{self, HarmlessPoint};
 use super::model::{OpenModel, open_model};
 use super::{Cancel, Event, Observer, RunError, io_err};
+use crate::cpu::engine::HostPlan;
 use crate::data::refcache::RefCache;
 use crate::eval::EvalOptions;
 use crate::export::gguf_adapter::{AdapterDType, Provenance, write_adapter};
@@ -14,7 +15,7 @@ use crate::loss::Loss;
 use crate::model::lora::{LoraSpec, LoraWeights};
 use crate::runtime::LoadOptions as RtLoadOptions;
 use crate::train::checkpoint::{ADAPTER_FILE, Checkpoint};
-use crate::train::config::{PairOrder, TrainConfig};
+use crate::train::config::{EngineKind, PairOrder, TrainConfig};
 use crate::train::metrics::{
     MetricsWriter, StepMetrics, curves_svg_with_harmless, read_metrics, truncate_after,
 };
@@ -63,7 +64,11 @@ pub struct Summary {
 /// What `tune --dry-run` reports: the plan and the data, without touching a device.
 #[derive(Clone, Debug, Serialize)]
 pub struct DryRun {
+    /// The wgpu engine's device memory.
     pub plan: Plan,
+    /// The CPU engine's host memory (engine `cpu` or `auto`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_plan: Option<HostPlan>,
     pub data: PrepareReport,
     pub train_pairs: usize,
     pub eval_pairs: usize,
@@ -88,6 +93,7 @@ struct Loaded {
     report: PrepareReport,
     spec: LoraSpec,
     plan: Plan,
+    host_plan: Option<HostPlan>,
     harmless: Option<EvalOptions>,
 }
 
@@ -198,10 +204,15 @@ impl TuneJob {
             largest_binding: plan.largest_binding.name.clone(),
             largest_binding_bytes: plan.largest_binding.bytes,
         });
+        let host_plan = host_plan(cfg, &model, &plan, &data)?;
+        if let Some(p) = &host_plan {
+            obs.event(&Event::HostPlan { plan: p.clone() });
+        }
         Ok(Loaded {
             model,
             data,
             report,
+            host_plan,
             spec: lora,
             plan,
             harmless,
@@ -216,6 +227,7 @@ impl TuneJob {
             train_pairs: l.data.train.len(),
             eval_pairs: l.data.eval.len(),
             plan: l.plan,
+            host_plan: l.host_plan,
             data: l.report,
         })
     }
@@ -390,6 +402,40 @@ fn plan_memory(
     input.targets = lora.targets.clone();
     input.lora_layers = lora.layers.len();
     Ok(memory::plan(&input)?)
+}
+
+/// The CPU engine's host-memory plan for engines `cpu` and `auto` (None for the others); an
+/// explicit `--engine cpu` run whose longest micro-step cannot fit is refused here, before the
+/// engine exists, with what to reduce.
+fn host_plan(
+    cfg: &TrainConfig,
+    model: &OpenModel,
+    plan: &Plan,
+    data: &TrainData,
+) -> Result<Option<HostPlan>, RunError> {
+    if !matches!(cfg.engine, EngineKind::Cpu | EngineKind::Auto) {
+        return Ok(None);
+    }
+    let per_step = cfg.pairs_per_step
+        + if data.buffer.is_empty() {
+            0
+        } else {
+            ((cfg.pairs_per_step as f64) * cfg.buffer_ratio).round() as usize
+        };
+    let rows = 2 * per_step.div_ceil(cfg.grad_accum.max(1)) * longest_sequence(data);
+    let threads = cfg.threads.unwrap_or_else(crate::cpu::default_threads);
+    let hp = HostPlan::new(
+        &model.config,
+        plan.item("weights").unwrap_or(0),
+        rows,
+        threads,
+    );
+    if cfg.engine == EngineKind::Cpu {
+        hp.check().map_err(|e| {
+            RunError::Train(crate::train::trainer::TrainError::Engine(e.to_string()))
+        })?;
+    }
+    Ok(Some(hp))
 }
 
 /// The adapter's provenance: loss and its parameters, base model, data, training settings.
