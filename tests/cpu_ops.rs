@@ -283,11 +283,7 @@ fn rope_forward_and_backward_match_reference() {
 #[test]
 fn attention_forward_and_backward_match_reference_on_packed_sequences() {
     let mut rng = Rng::new(17);
-    let sh = AttnShape {
-        n_head: 4,
-        n_head_kv: 2,
-        hd: 8,
-    };
+    let sh = AttnShape::causal(4, 2, 8);
     let (qw, kw) = (sh.n_head * sh.hd, sh.n_head_kv * sh.hd);
     // 1: a single key; 37: one partial block; 150: two full blocks of 64 and a partial one.
     let lens = [1usize, 37, 150];
@@ -347,5 +343,111 @@ fn attention_forward_and_backward_match_reference_on_packed_sequences() {
             &wv,
             OP_TOL,
         );
+    }
+}
+
+/// Windowed attention of one sequence in f64, written out directly (query i sees keys
+/// `max(0, i+1−w)..=i`): returns (out, dq, dk, dv) for an upstream gradient `dout`.
+#[allow(clippy::type_complexity)]
+fn windowed_f64(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    dout: &[f64],
+    sh: AttnShape,
+    len: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (nh, hd, w) = (sh.n_head, sh.hd, sh.window.unwrap());
+    let (qw, kw, group) = (nh * hd, sh.n_head_kv * hd, sh.n_head / sh.n_head_kv);
+    let scale = sh.scale as f64;
+    let (mut out, mut dq) = (vec![0.0; len * qw], vec![0.0; len * qw]);
+    let (mut dk, mut dv) = (vec![0.0; len * kw], vec![0.0; len * kw]);
+    let dotp = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    for h in 0..nh {
+        let g = h / group;
+        let (qs, ks) = (
+            |i: usize| &q[i * qw + h * hd..][..hd],
+            |j: usize| &k[j * kw + g * hd..][..hd],
+        );
+        let vs = |j: usize| &v[j * kw + g * hd..][..hd];
+        for i in 0..len {
+            let lo = (i + 1).saturating_sub(w);
+            let s: Vec<f64> = (lo..=i).map(|j| scale * dotp(qs(i), ks(j))).collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            let p: Vec<f64> = e.iter().map(|x| x / z).collect();
+            let doi = &dout[i * qw + h * hd..][..hd];
+            let dp: Vec<f64> = (lo..=i).map(|j| dotp(doi, vs(j))).collect();
+            let pdp: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+            for (n, j) in (lo..=i).enumerate() {
+                let ds = p[n] * (dp[n] - pdp) * scale;
+                for d in 0..hd {
+                    out[i * qw + h * hd + d] += p[n] * vs(j)[d];
+                    dq[i * qw + h * hd + d] += ds * ks(j)[d];
+                    dk[j * kw + g * hd + d] += ds * qs(i)[d];
+                    dv[j * kw + g * hd + d] += p[n] * doi[d];
+                }
+            }
+        }
+    }
+    (out, dq, dk, dv)
+}
+
+#[test]
+fn windowed_attention_matches_a_direct_f64_computation() {
+    let mut rng = Rng::new(18);
+    // Windows smaller than, equal to and crossing the 64-row query block; a custom scale.
+    for window in [1usize, 5, 64, 100] {
+        let sh = AttnShape {
+            scale: 0.3,
+            window: Some(window),
+            ..AttnShape::causal(2, 1, 8)
+        };
+        let (qw, kw) = (sh.n_head * sh.hd, sh.n_head_kv * sh.hd);
+        let lens = [3usize, 150];
+        let seqs = Seqs::from_lens(&lens);
+        let rows = seqs.total();
+        let (q, k, v) = (
+            mat(rows, qw, &mut rng),
+            mat(rows, kw, &mut rng),
+            mat(rows, kw, &mut rng),
+        );
+        let dout = mat(rows, qw, &mut rng);
+        let mut out = Mat::zeros(rows, qw);
+        let mut lse = vec![0f32; rows * sh.n_head];
+        attention(&q, &k, &v, &seqs, sh, &mut out, &mut lse);
+        let (mut dq, mut dk, mut dv) = (
+            Mat::zeros(rows, qw),
+            Mat::zeros(rows, kw),
+            Mat::zeros(rows, kw),
+        );
+        attention_back(
+            &q, &k, &v, &out, &lse, &dout, &seqs, sh, &mut dq, &mut dk, &mut dv,
+        );
+        for (s, &len) in lens.iter().enumerate() {
+            let (a, b) = (seqs.start[s], seqs.start[s] + len);
+            let slice = |m: &Mat, w: usize| -> Vec<f64> {
+                m.data[a * w..b * w].iter().map(|&x| x as f64).collect()
+            };
+            let (wo, wq, wk, wv) = windowed_f64(
+                &slice(&q, qw),
+                &slice(&k, kw),
+                &slice(&v, kw),
+                &slice(&dout, qw),
+                sh,
+                len,
+            );
+            let what = format!("window {window} seq {s}");
+            assert_close(
+                &format!("{what} out"),
+                &out.data[a * qw..b * qw],
+                &wo,
+                OP_TOL,
+            );
+            assert_close(&format!("{what} dq"), &dq.data[a * qw..b * qw], &wq, OP_TOL);
+            assert_close(&format!("{what} dk"), &dk.data[a * kw..b * kw], &wk, OP_TOL);
+            assert_close(&format!("{what} dv"), &dv.data[a * kw..b * kw], &wv, OP_TOL);
+        }
     }
 }

@@ -407,11 +407,7 @@ impl CpuModel {
         }
         self.rope.apply(&mut q, c.n_head, hd, pos, false);
         self.rope.apply(&mut k, c.n_head_kv, hd, pos, false);
-        let sh = AttnShape {
-            n_head: c.n_head,
-            n_head_kv: c.n_head_kv,
-            hd,
-        };
+        let sh = AttnShape::causal(c.n_head, c.n_head_kv, hd);
         let mut att = Mat::zeros(rows, c.n_head * hd);
         let mut lse = vec![0f32; rows * c.n_head];
         attention(&q, &k, &v, seqs, sh, &mut att, &mut lse);
@@ -528,11 +524,7 @@ impl CpuModel {
             grads,
             offs,
         );
-        let sh = AttnShape {
-            n_head: c.n_head,
-            n_head_kv: c.n_head_kv,
-            hd,
-        };
+        let sh = AttnShape::causal(c.n_head, c.n_head_kv, hd);
         let (mut dq, mut dk, mut dv) = (
             Mat::zeros(rows, c.n_head * hd),
             Mat::zeros(rows, c.kv_dim()),

@@ -198,12 +198,36 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// Attention shapes: query heads, KV heads, head dimension.
+/// Attention shapes: query heads, KV heads, head dimension; the factor on q·k and the sliding
+/// window (query i sees keys j with `i − j < window`; `None`: all earlier keys).
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
     pub n_head: usize,
     pub n_head_kv: usize,
     pub hd: usize,
+    pub scale: f32,
+    pub window: Option<usize>,
+}
+
+impl AttnShape {
+    /// The usual shape: scale `1/√hd`, no window.
+    pub fn causal(n_head: usize, n_head_kv: usize, hd: usize) -> AttnShape {
+        AttnShape {
+            n_head,
+            n_head_kv,
+            hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+            window: None,
+        }
+    }
+
+    /// The first key position query `i` sees.
+    pub fn first_key(&self, i: usize) -> usize {
+        match self.window {
+            Some(w) => (i + 1).saturating_sub(w.max(1)),
+            None => 0,
+        }
+    }
 }
 
 /// Query rows per attention block: each block's scores against its keys are one product.
@@ -234,7 +258,8 @@ fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// Causal GQA attention over packed sequences: q `[R, n_head·hd]`, k, v `[R, n_head_kv·hd]` →
 /// out `[R, n_head·hd]` and the log-sum-exp of every (row, head) `[R·n_head]` (kept for the
 /// backward). Tasks are (sequence, head); each runs its sequence in blocks of [`QB`] query rows:
-/// the scores of a block against keys `0..i1` (its last row's position + 1) are one product,
+/// the scores of a block against its keys (from the first key its first row sees, through its
+/// last row: all earlier keys, or the sliding window of [`AttnShape`]) are one product,
 /// then a row-wise softmax (masked above the diagonal; sum in f64), then one product with V.
 /// Blocks start at the sequence's first row, so a row's result depends only on its sequence.
 /// Memory: `QB × len` scores per task (linear in sequence length).
@@ -251,9 +276,10 @@ pub fn attention(
         n_head,
         n_head_kv,
         hd,
+        scale,
+        ..
     } = sh;
     let (qw, kw) = (n_head * hd, n_head_kv * hd);
-    let scale = 1.0 / (hd as f32).sqrt();
     let op = SendPtr(out.data.as_mut_ptr());
     let lp = SendPtr(lse.as_mut_ptr());
     let tasks: Vec<(usize, usize)> = (0..seqs.len.len())
@@ -269,20 +295,22 @@ pub fn attention(
         let mut sc = vec![0f32; QB * len];
         let mut o = vec![0f32; QB * hd];
         for i0 in (0..len).step_by(QB) {
-            let (b, i1) = (QB.min(len - i0), (i0 + QB).min(len));
+            // Keys j0..i1: from the first key the block's first row sees to its last row.
+            let (b, i1, j0) = (QB.min(len - i0), (i0 + QB).min(len), sh.first_key(i0));
+            let nk = i1 - j0;
             // SAFETY: shapes and strides address q's rows s0+i0.., kt and sc as sized above.
             unsafe {
                 sgemm(
                     b,
-                    i1,
+                    nk,
                     hd,
                     sc.as_mut_ptr(),
-                    i1,
+                    nk,
                     false,
                     q.data.as_ptr().add((s0 + i0) * qw + h * hd),
                     qw,
                     1,
-                    kt.as_ptr(),
+                    kt.as_ptr().add(j0),
                     len,
                     1,
                     scale,
@@ -290,30 +318,32 @@ pub fn attention(
             }
             let mut stats = [(0f32, 0f64); QB];
             for r in 0..b {
-                let row = &mut sc[r * i1..(r + 1) * i1];
-                let n = i0 + r + 1;
-                let m = row[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let row = &mut sc[r * nk..(r + 1) * nk];
+                // Row r sees keys lo..=i0+r, at columns lo−j0..n.
+                let (lo, n) = (sh.first_key(i0 + r) - j0, i0 + r + 1 - j0);
+                let m = row[lo..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut l = 0f64;
-                for x in &mut row[..n] {
+                for x in &mut row[lo..n] {
                     *x = (*x - m).exp();
                     l += *x as f64;
                 }
+                row[..lo].iter_mut().for_each(|x| *x = 0.0);
                 row[n..].iter_mut().for_each(|x| *x = 0.0);
                 stats[r] = (m, l);
             }
-            // SAFETY: as above, with v's rows s0..s0+i1 and o [b, hd].
+            // SAFETY: as above, with v's rows s0+j0..s0+i1 and o [b, hd].
             unsafe {
                 sgemm(
                     b,
                     hd,
-                    i1,
+                    nk,
                     o.as_mut_ptr(),
                     hd,
                     false,
                     sc.as_ptr(),
-                    i1,
+                    nk,
                     1,
-                    v.data.as_ptr().add(s0 * kw + g * hd),
+                    v.data.as_ptr().add((s0 + j0) * kw + g * hd),
                     kw,
                     1,
                     1.0,
@@ -338,7 +368,7 @@ pub fn attention(
 /// Backward of [`attention`] (see `model::reference::attention_back`): probabilities are
 /// recomputed from `lse`, block by block as in the forward. Tasks are (sequence, KV head): each
 /// owns dk, dv of its KV head (accumulated over its query heads and blocks in order) and dq of
-/// the query heads that read it. Per block of query rows `i0..i0+b` against keys `0..i1`:
+/// the query heads that read it. Per block of query rows `i0..i0+b` against its keys `j0..i1` (see [`attention`]):
 ///
 /// ```text
 /// P  = exp(scale·Q·Kᵀ − lse)        (0 above the diagonal)
@@ -364,10 +394,11 @@ pub fn attention_back(
         n_head,
         n_head_kv,
         hd,
+        scale,
+        ..
     } = sh;
     let (qw, kw) = (n_head * hd, n_head_kv * hd);
     let group = n_head / n_head_kv;
-    let scale = 1.0 / (hd as f32).sqrt();
     dq.data.iter_mut().for_each(|x| *x = 0.0);
     dk.data.iter_mut().for_each(|x| *x = 0.0);
     dv.data.iter_mut().for_each(|x| *x = 0.0);
@@ -389,7 +420,8 @@ pub fn attention_back(
         let mut dp = vec![0f32; QB * len];
         for h in g * group..(g + 1) * group {
             for i0 in (0..len).step_by(QB) {
-                let (b, i1) = (QB.min(len - i0), (i0 + QB).min(len));
+                let (b, i1, j0) = (QB.min(len - i0), (i0 + QB).min(len), sh.first_key(i0));
+                let nk = i1 - j0;
                 let (qb, dob) = (
                     q.data[(s0 + i0) * qw..].as_ptr(),
                     dout.data[(s0 + i0) * qw..].as_ptr(),
@@ -399,30 +431,30 @@ pub fn attention_back(
                 unsafe {
                     sgemm(
                         b,
-                        i1,
+                        nk,
                         hd,
                         p.as_mut_ptr(),
-                        i1,
+                        nk,
                         false,
                         qb.add(h * hd),
                         qw,
                         1,
-                        kt.as_ptr(),
+                        kt.as_ptr().add(j0),
                         len,
                         1,
                         scale,
                     );
                     sgemm(
                         b,
-                        i1,
+                        nk,
                         hd,
                         dp.as_mut_ptr(),
-                        i1,
+                        nk,
                         false,
                         dob.add(h * hd),
                         qw,
                         1,
-                        vt.as_ptr(),
+                        vt.as_ptr().add(j0),
                         len,
                         1,
                         1.0,
@@ -430,45 +462,47 @@ pub fn attention_back(
                 }
                 for r in 0..b {
                     let row = s0 + i0 + r;
-                    let n = i0 + r + 1;
+                    let (lo, n) = (sh.first_key(i0 + r) - j0, i0 + r + 1 - j0);
                     let li = lse[row * n_head + h];
                     let di = dot(
                         &dout.row(row)[h * hd..(h + 1) * hd],
                         &out.row(row)[h * hd..(h + 1) * hd],
                     );
-                    let (pr, dr) = (&mut p[r * i1..(r + 1) * i1], &mut dp[r * i1..(r + 1) * i1]);
-                    for j in 0..n {
+                    let (pr, dr) = (&mut p[r * nk..(r + 1) * nk], &mut dp[r * nk..(r + 1) * nk]);
+                    for j in lo..n {
                         pr[j] = (pr[j] - li).exp();
                         dr[j] = pr[j] * (dr[j] - di) * scale;
                     }
-                    pr[n..].iter_mut().for_each(|x| *x = 0.0);
-                    dr[n..].iter_mut().for_each(|x| *x = 0.0);
+                    for buf in [pr, dr] {
+                        buf[..lo].iter_mut().for_each(|x| *x = 0.0);
+                        buf[n..].iter_mut().for_each(|x| *x = 0.0);
+                    }
                 }
                 let (pt, dst) = (
-                    transpose(&p[..b * i1], b, i1),
-                    transpose(&dp[..b * i1], b, i1),
+                    transpose(&p[..b * nk], b, nk),
+                    transpose(&dp[..b * nk], b, nk),
                 );
                 unsafe {
                     sgemm(
                         b,
                         hd,
-                        i1,
+                        nk,
                         dqp.get().add((s0 + i0) * qw + h * hd),
                         qw,
                         false,
                         dp.as_ptr(),
-                        i1,
+                        nk,
                         1,
-                        k.data.as_ptr().add(s0 * kw + g * hd),
+                        k.data.as_ptr().add((s0 + j0) * kw + g * hd),
                         kw,
                         1,
                         1.0,
                     );
                     sgemm(
-                        i1,
+                        nk,
                         hd,
                         b,
-                        dkp.get().add(s0 * kw + g * hd),
+                        dkp.get().add((s0 + j0) * kw + g * hd),
                         kw,
                         true,
                         dst.as_ptr(),
@@ -480,10 +514,10 @@ pub fn attention_back(
                         1.0,
                     );
                     sgemm(
-                        i1,
+                        nk,
                         hd,
                         b,
-                        dvp.get().add(s0 * kw + g * hd),
+                        dvp.get().add((s0 + j0) * kw + g * hd),
                         kw,
                         true,
                         pt.as_ptr(),
