@@ -90,8 +90,15 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
         GgufFile::open(&model_path).with_context(|| format!("reading {}", model_path.display()))?;
     let mcfg = ModelConfig::from_gguf(&file)
         .with_context(|| format!("{} is not a model bfpo-lite supports", model_path.display()))?;
-    let rt = RtModel::load(&model_path, &RtLoadOptions::default())
+    let mut rt = RtModel::load(&model_path, &RtLoadOptions::default())
         .with_context(|| format!("loading {} in llama.cpp", model_path.display()))?;
+    // The run's template, as `tune` rendered the data.
+    if let Some(spec) = &cfg.chat_template {
+        let t = bfpo_lite::template::ChatTemplate::resolve(spec)
+            .with_context(|| format!("chat_template {spec:?} in {}", cfg_path.display()))?;
+        rt.set_chat_template(t);
+    }
+    rt.set_enable_thinking(cfg.enable_thinking);
 
     // Data, exactly as `tune` prepares it.
     let format = <Format as clap::ValueEnum>::from_str(&cfg.format, true).map_err(|_| {

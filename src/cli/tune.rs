@@ -2,6 +2,7 @@
 //! built-in demo: a tiny quantized model made by `init-model` and a synthetic safety preference
 //! set in PKU-SafeRLHF's schema, finishing in under a minute on a laptop CPU.
 
+use super::generate::ThinkingArgs;
 use super::print_out;
 use anyhow::Context;
 use bfpo_lite::data::formats::Format;
@@ -70,9 +71,11 @@ pub struct Args {
     #[arg(long)]
     pub assume_safe: bool,
     /// Chat template instead of the model's own: a Jinja file, or a built-in name (chatml,
-    /// chatml-smollm2, zephyr, llama3, gemma).
+    /// chatml-smollm2, zephyr, llama3, gemma, gemma3, qwen3).
     #[arg(long, value_name = "FILE|NAME")]
     pub chat_template: Option<String>,
+    #[command(flatten)]
+    pub thinking: ThinkingArgs,
     /// bfpo | ipo | dpo, optionally with parameters: `bfpo:tau=0.01,b1=3,alpha=0.5`.
     #[arg(long)]
     pub loss: Option<String>,
@@ -246,6 +249,9 @@ fn apply_overrides(cfg: &mut TrainConfig, a: &Args) {
     }
     if a.chat_template.is_some() {
         cfg.chat_template = a.chat_template.clone();
+    }
+    if let Some(t) = a.thinking.value() {
+        cfg.enable_thinking = Some(t);
     }
     cfg.strict |= a.strict;
     cfg.no_ref_cache |= a.no_ref_cache;
