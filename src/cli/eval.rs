@@ -12,8 +12,8 @@ use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// GGUF model (the base).
-    #[arg(long, short = 'm')]
+    /// GGUF model (the base). A path, or a Hugging Face cache reference org/name[:FILE].
+    #[arg(long, short = 'm', value_parser = super::hub::model_arg)]
     pub model: PathBuf,
     /// GGUF LoRA adapter to evaluate beside the base (repeat for several).
     #[arg(long)]

@@ -33,7 +33,8 @@ pub struct Args {
     #[arg(value_name = "CHECKPOINT_OR_ADAPTER")]
     pub input: PathBuf,
     /// The base GGUF model the adapter was trained on.
-    #[arg(long, value_name = "MODEL.gguf")]
+    /// A path, or a Hugging Face cache reference org/name[:FILE].
+    #[arg(long, value_name = "MODEL.gguf", value_parser = super::hub::model_arg)]
     pub model: PathBuf,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Gguf)]

@@ -38,7 +38,7 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// The GGUF model (default: `model` of the run's config).
-    #[arg(long, value_name = "MODEL.gguf")]
+    #[arg(long, value_name = "MODEL.gguf", value_parser = super::hub::model_arg)]
     pub model: Option<PathBuf>,
     /// Treat rows without safety labels as safe (as `tune --assume-safe`).
     #[arg(long)]

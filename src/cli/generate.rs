@@ -19,8 +19,8 @@ pub const DEFAULT_GPU_LAYERS: u32 =
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompts"])))]
 pub struct Args {
-    /// GGUF model.
-    #[arg(long, short = 'm')]
+    /// GGUF model. A path, or a Hugging Face cache reference org/name[:FILE].
+    #[arg(long, short = 'm', value_parser = super::hub::model_arg)]
     pub model: PathBuf,
     /// GGUF LoRA adapter to apply.
     #[arg(long)]

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The GGUF model file.
-    #[arg(value_name = "MODEL.gguf")]
+    /// The GGUF model file. A path, or a Hugging Face cache reference org/name[:FILE].
+    #[arg(value_name = "MODEL.gguf", value_parser = super::hub::model_arg)]
     pub model: PathBuf,
     /// List every tensor: name, type, shape, bytes.
     #[arg(long)]

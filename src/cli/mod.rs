@@ -9,6 +9,7 @@ pub mod eval_judge;
 pub mod export;
 pub mod export_run;
 pub mod generate;
+pub mod hub;
 pub mod import_peft;
 pub mod info;
 pub mod init_model;

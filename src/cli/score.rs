@@ -26,8 +26,8 @@ pub enum Engine {
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// GGUF model.
-    #[arg(long, short = 'm')]
+    /// GGUF model. A path, or a Hugging Face cache reference org/name[:FILE].
+    #[arg(long, short = 'm', value_parser = super::hub::model_arg)]
     pub model: PathBuf,
     /// GGUF LoRA adapter to apply.
     #[arg(long)]
@@ -37,7 +37,7 @@ pub struct Args {
     pub scale: f32,
     /// JSONL of pairs: one object per line with "prompt" (a string or a list of
     /// {"role","content"} messages), "chosen" and "rejected" (strings).
-    #[arg(long, short = 'd')]
+    #[arg(long, short = 'd', value_parser = super::hub::data_arg)]
     pub data: PathBuf,
     /// Scoring engine.
     #[arg(long, value_enum, default_value_t = Engine::Llama)]
