@@ -7,6 +7,7 @@ pub mod devices;
 pub mod eval;
 pub mod eval_judge;
 pub mod export;
+pub mod export_card;
 pub mod export_run;
 pub mod generate;
 pub mod hub;
