@@ -240,6 +240,16 @@ fn errors_list_what_the_cache_holds() {
             && err.contains("cached datasets: acme/pairs, acme/score-pairs"),
         "{err}"
     );
+    // A judge model is looked up the same way (eval, eval-judge, redteam, tune --eval-judge).
+    let err = fails(&run(
+        &c,
+        cwd.path(),
+        &["eval-judge", "--judge", "acme/judge-GGUF"],
+    ));
+    assert!(
+        err.contains("--judge: ") && err.contains("no model acme/judge-GGUF"),
+        "{err}"
+    );
     // An empty cache says so.
     let empty = tempfile::tempdir().unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_bfpo-lite"))

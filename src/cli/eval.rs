@@ -81,7 +81,8 @@ impl Args {
             JudgeSpec::RefusalObjective
         } else {
             JudgeSpec::Model {
-                path: PathBuf::from(&self.judge),
+                path: super::hub::model_arg(&self.judge)
+                    .map_err(|e| anyhow::anyhow!("--judge: {e}"))?,
                 format: JudgeFormat::parse(&self.judge_format)?,
             }
         };

@@ -311,6 +311,11 @@ fn resolve_hub_refs(cfg: &mut TrainConfig) -> anyhow::Result<()> {
     if let Some(b) = &cfg.buffer {
         cfg.buffer = Some(resolve(b, Dataset).context("buffer")?);
     }
+    let judge = cfg.eval_judge.to_ascii_lowercase();
+    if judge != "refusal" && judge != "refusal-objective" {
+        let path = resolve(Path::new(&cfg.eval_judge), Model).context("eval_judge")?;
+        cfg.eval_judge = path.display().to_string();
+    }
     Ok(())
 }
 
