@@ -70,6 +70,13 @@ pub struct Args {
     /// Layers to offload to the GPU (builds with the metal/vulkan/cuda features).
     #[arg(long, default_value_t = DEFAULT_GPU_LAYERS)]
     pub gpu_layers: u32,
+    /// Chat template instead of the model's own: a Jinja file, or a built-in name (chatml,
+    /// chatml-smollm2, zephyr, llama3, gemma, gemma3, qwen3); use the one the adapter was
+    /// trained with.
+    #[arg(long, value_name = "FILE|NAME")]
+    pub chat_template: Option<String>,
+    #[command(flatten)]
+    pub thinking: super::generate::ThinkingArgs,
 }
 
 impl Args {
@@ -99,6 +106,8 @@ impl Args {
         o.mc = self.mc.clone();
         o.threads = self.threads;
         o.gpu_layers = self.gpu_layers;
+        o.chat_template = self.chat_template.clone();
+        o.enable_thinking = self.thinking.value();
         Ok(o)
     }
 }
