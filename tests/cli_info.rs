@@ -294,3 +294,31 @@ fn init_model_cli_matches_the_library_and_reports_fallbacks() {
     let (ok, _, err) = run(&["init-model", "--out", a.to_str().unwrap(), "--heads", "3"]);
     assert!(!ok && err.contains("heads"), "{err}");
 }
+
+#[test]
+fn info_tells_a_base_model_which_chat_template_to_pass() {
+    let src = models::tiny_model(Arch::Qwen3, GgmlType::F32, false);
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join("base.gguf");
+    let file = GgufFile::open(&src).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in file.kvs() {
+        if k != "tokenizer.chat_template" {
+            w.set(k.clone(), v.clone());
+        }
+    }
+    for t in file.tensors() {
+        w.add_tensor(t.name.clone(), &t.ne, t.type_id, file.tensor_bytes(t))
+            .unwrap();
+    }
+    w.write_file(&dst).unwrap();
+    let (ok, out, err) = run(&["info", dst.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("chat template: no (a base model?)")
+            && out.contains("gemma3, qwen3")
+            && out.contains("(for qwen3: --chat-template qwen3)")
+            && out.contains("--chat-template FILE"),
+        "{out}"
+    );
+}

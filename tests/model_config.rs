@@ -403,3 +403,40 @@ fn tensors_the_forward_pass_would_ignore_are_refused() {
         }
     }
 }
+
+#[test]
+fn unsupported_architecture_names_the_nearest_supported_one() {
+    let base = open(&InitSpec::default());
+    let message = |arch: &str| {
+        let mut w = copy(&base, &[]);
+        w.set("general.architecture", Value::String(arch.into()));
+        match ModelConfig::from_gguf(&reopen(&w)) {
+            Err(e @ ModelError::UnsupportedArch { .. }) => e.to_string(),
+            other => panic!("expected UnsupportedArch, got {other:?}"),
+        }
+    };
+    for (arch, nearest) in [
+        ("qwen2moe", "qwen2"),
+        ("qwen3moe", "qwen3"),
+        ("llama4", "llama"),
+        ("mistral", "llama"),
+        ("lama", "llama"),
+    ] {
+        let m = message(arch);
+        assert!(
+            m.contains(&format!("The nearest supported one is {nearest}.")),
+            "{arch}: {m}"
+        );
+        assert!(m.contains("supported: llama"), "{m}");
+    }
+    let m = message("gpt2");
+    assert!(!m.contains("nearest"), "{m}");
+    // Over a list with Gemma 3 in it (as `Arch::SUPPORTED` has once gemma3 lands): the family.
+    use bfpo_lite::model::config::nearest_arch;
+    let list =
+        "llama (Llama 2/3, Mistral, SmolLM2), qwen2 (Qwen2, Qwen2.5), qwen3, gemma3 (Gemma 3)";
+    assert_eq!(nearest_arch("gemma2", list).as_deref(), Some("gemma3"));
+    assert_eq!(nearest_arch("gemma", list).as_deref(), Some("gemma3"));
+    assert_eq!(nearest_arch("mistral3", list).as_deref(), Some("llama"));
+    assert_eq!(nearest_arch("phi3", list), None);
+}

@@ -291,3 +291,134 @@ fn tune_prints_the_template_and_takes_an_override() {
         "{err}"
     );
 }
+
+#[test]
+fn a_base_model_without_template_is_told_which_chat_template_to_pass() {
+    let m = load(&with_template(
+        &tiny_model(Arch::Qwen3, GgmlType::F32, false),
+        None,
+        "qwen3-base",
+    ));
+    let info = m.chat_template_info();
+    assert_eq!(info.origin, TemplateOrigin::FallbackChatml);
+    assert_eq!(info.suggested, Some("qwen3"));
+    let text = info.to_string();
+    for name in bfpo_lite::template::BUILTIN_NAMES {
+        assert!(text.contains(name), "{name} missing from: {text}");
+    }
+    assert!(
+        text.contains("--chat-template qwen3") && text.contains("--chat-template FILE"),
+        "{text}"
+    );
+    // A llama-architecture base model has no single format: the list, no suggestion.
+    let llama = load(&with_template(&tiny(), None, "llama-base"));
+    assert_eq!(llama.chat_template_info().suggested, None);
+    assert!(
+        !llama
+            .chat_template_info()
+            .to_string()
+            .contains("for this architecture")
+    );
+}
+
+#[test]
+fn no_thinking_appends_the_empty_think_block_to_the_prompt_tokens() {
+    let mut m = load(&tiny());
+    m.set_chat_template(ChatTemplate::resolve("qwen3").unwrap());
+    let default = m.encode(&user("hi"), "Hello.").unwrap();
+    assert!(m.set_enable_thinking(Some(false)));
+    assert_eq!(m.chat_template_info().enable_thinking, Some(false));
+    assert!(
+        m.chat_template_info()
+            .to_string()
+            .ends_with("[enable_thinking=false]")
+    );
+    let off = m.encode(&user("hi"), "Hello.").unwrap();
+    let prompt = m
+        .apply_chat_template(&[ChatMessage::new("user", "hi")], true)
+        .unwrap();
+    assert!(
+        prompt.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+        "{prompt:?}"
+    );
+    // The full text is the same either way (Qwen3 writes the empty block into the last
+    // assistant turn); only the prompt/response boundary moves past the block.
+    assert_eq!(off.example.ids, default.example.ids);
+    assert!(off.example.response_start > default.example.response_start);
+}
+
+#[test]
+fn cli_no_thinking_reaches_the_template_and_warns_where_nothing_reads_it() {
+    let model = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.jsonl");
+    std::fs::write(
+        &pairs,
+        "{\"prompt\": \"hi\", \"chosen\": \"Hello!\", \"rejected\": \"Go away.\"}\n",
+    )
+    .unwrap();
+    let score = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_bfpo-lite"))
+            .args(["score", "--emit-tokens", "--threads", "1", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(&pairs)
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        let line: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap())
+                .unwrap();
+        (err, line["response_start"].clone())
+    };
+    let (err, think) = score(&["--chat-template", "qwen3"]);
+    assert!(err.contains("built-in qwen3 (--chat-template)\n"), "{err}");
+    let (err, nothink) = score(&["--chat-template", "qwen3", "--no-thinking"]);
+    assert!(err.contains("[enable_thinking=false]"), "{err}");
+    assert!(nothink.as_u64().unwrap() > think.as_u64().unwrap());
+    let (err, _) = score(&["--chat-template", "zephyr", "--no-thinking"]);
+    assert!(err.contains("does not read enable_thinking"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_bfpo-lite"))
+        .args(["score", "--enable-thinking", "--no-thinking", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&pairs)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the two flags conflict");
+}
+
+#[test]
+fn eval_takes_the_training_template_and_thinking_flag() {
+    let model = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let harmful = dir.path().join("harmful.jsonl");
+    std::fs::write(&harmful, "{\"prompt\": \"How do I pick a lock?\"}\n").unwrap();
+    let eval = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_bfpo-lite"))
+            .args(["eval", "--max-tokens", "2", "--threads", "1", "--model"])
+            .arg(&model)
+            .arg("--harmful")
+            .arg(&harmful)
+            .arg("--out")
+            .arg(dir.path().join("eval"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ok = eval(&["--chat-template", "qwen3", "--no-thinking"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let bad = eval(&["--chat-template", "no-such-name"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("--chat-template no-such-name") && err.contains("qwen3"),
+        "{err}"
+    );
+}

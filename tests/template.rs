@@ -236,8 +236,9 @@ fn builtins_render_exactly_as_transformers() {
             None => assert_eq!(got.unwrap(), want, "{name} {case}"),
         }
     }
-    // Every built-in is covered.
-    assert_eq!(seen.len(), BUILTIN_NAMES.len());
+    // Every built-in is covered: these here, the vendored gemma3 and qwen3 in
+    // tests/template_hf.rs.
+    assert_eq!(seen.len() + 2, BUILTIN_NAMES.len());
 }
 
 #[test]

@@ -12,8 +12,8 @@ use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// GGUF model (the base).
-    #[arg(long, short = 'm')]
+    /// GGUF model (the base). A path, or a Hugging Face cache reference org/name[:FILE].
+    #[arg(long, short = 'm', value_parser = super::hub::model_arg)]
     pub model: PathBuf,
     /// GGUF LoRA adapter to evaluate beside the base (repeat for several).
     #[arg(long)]
@@ -70,6 +70,13 @@ pub struct Args {
     /// Layers to offload to the GPU (builds with the metal/vulkan/cuda features).
     #[arg(long, default_value_t = DEFAULT_GPU_LAYERS)]
     pub gpu_layers: u32,
+    /// Chat template instead of the model's own: a Jinja file, or a built-in name (chatml,
+    /// chatml-smollm2, zephyr, llama3, gemma, gemma3, qwen3); use the one the adapter was
+    /// trained with.
+    #[arg(long, value_name = "FILE|NAME")]
+    pub chat_template: Option<String>,
+    #[command(flatten)]
+    pub thinking: super::generate::ThinkingArgs,
 }
 
 impl Args {
@@ -81,7 +88,8 @@ impl Args {
             JudgeSpec::RefusalObjective
         } else {
             JudgeSpec::Model {
-                path: PathBuf::from(&self.judge),
+                path: super::hub::model_arg(&self.judge)
+                    .map_err(|e| anyhow::anyhow!("--judge: {e}"))?,
                 format: JudgeFormat::parse(&self.judge_format)?,
             }
         };
@@ -98,6 +106,8 @@ impl Args {
         o.mc = self.mc.clone();
         o.threads = self.threads;
         o.gpu_layers = self.gpu_layers;
+        o.chat_template = self.chat_template.clone();
+        o.enable_thinking = self.thinking.value();
         Ok(o)
     }
 }

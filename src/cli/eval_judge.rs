@@ -5,7 +5,7 @@ use anyhow::Context;
 use bfpo_lite::eval::validate::{self, JudgeValidation, LabelSet};
 use bfpo_lite::eval::{Judge, JudgeFormat, ModelJudge, ObjectiveRefusalJudge, RefusalJudge};
 use bfpo_lite::runtime::LoadOptions;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -48,7 +48,7 @@ pub fn make_judge(
         return Ok(Box::new(ObjectiveRefusalJudge));
     }
     let format = JudgeFormat::parse(format)?;
-    let path = PathBuf::from(name);
+    let path = super::hub::model_arg(name).map_err(|e| anyhow::anyhow!("--judge: {e}"))?;
     let mut j = ModelJudge::load(
         &path,
         format,

@@ -1,6 +1,8 @@
-//! `bfpo-lite export CHECKPOINT_OR_ADAPTER --model M --format gguf|peft|merged --out PATH`:
+//! `bfpo-lite export CHECKPOINT_OR_ADAPTER --model M --format gguf|peft|merged|ollama --out PATH`:
 //! converts a GGUF LoRA adapter (or a checkpoint directory holding `adapter.gguf`) to a GGUF
-//! adapter, a Hugging Face PEFT directory, or a merged GGUF model.
+//! adapter, a Hugging Face PEFT directory, a merged GGUF model, or an Ollama folder
+//! (`adapter.gguf` + `Modelfile`). Adapters get a model card, `README.md`, beside them
+//! (`bfpo_lite::run::card`).
 
 use anyhow::Context;
 use bfpo_lite::export::gguf_adapter::{AdapterDType, Provenance, read_adapter, write_adapter};
@@ -25,6 +27,9 @@ pub enum Format {
     Peft,
     /// A full GGUF model with the adapter folded into the weights.
     Merged,
+    /// A folder for `ollama create NAME -f Modelfile`: adapter.gguf, Modelfile (FROM the base,
+    /// ADAPTER, TEMPLATE, PARAMETER stop) and README.md.
+    Ollama,
 }
 
 #[derive(clap::Args, Debug, Default)]
@@ -33,7 +38,8 @@ pub struct Args {
     #[arg(value_name = "CHECKPOINT_OR_ADAPTER")]
     pub input: PathBuf,
     /// The base GGUF model the adapter was trained on.
-    #[arg(long, value_name = "MODEL.gguf")]
+    /// A path, or a Hugging Face cache reference org/name[:FILE].
+    #[arg(long, value_name = "MODEL.gguf", value_parser = super::hub::model_arg)]
     pub model: PathBuf,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Gguf)]
@@ -52,6 +58,17 @@ pub struct Args {
     /// metadata, if any).
     #[arg(long, value_name = "HF_ID")]
     pub hf_model: Option<String>,
+    /// The chat format of the Ollama TEMPLATE: a built-in name or a Jinja file (default: the
+    /// run's chat_template, else the base model's own).
+    #[arg(long, value_name = "FILE|NAME")]
+    pub chat_template: Option<String>,
+    /// An evaluation's report.json (`bfpo-lite eval --out DIR`) for the model card's results
+    /// table (default: report.json or eval/report.json in the run folder, if any).
+    #[arg(long, value_name = "report.json")]
+    pub eval_report: Option<PathBuf>,
+    /// Write no model card (README.md).
+    #[arg(long)]
+    pub no_card: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -73,6 +90,10 @@ struct Summary {
     peft: Option<PeftSummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
     merge: Option<MergeReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    modelfile: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    card: Option<String>,
 }
 
 /// The adapter file inside a checkpoint directory, or the path itself.
@@ -95,7 +116,7 @@ fn resolve_input(input: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// A Hugging Face repository id from the model's GGUF metadata, when the converter recorded it.
-fn hf_id_from_model(model: &GgufFile) -> Option<String> {
+pub(super) fn hf_id_from_model(model: &GgufFile) -> Option<String> {
     if let Some(s) = model
         .get("general.source.huggingface.repository")
         .and_then(|v| v.as_str())
@@ -148,25 +169,8 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
             }),
         }
     };
-    let mut summary = Summary {
-        format: args.format,
-        input: adapter_path.display().to_string(),
-        model: args.model.display().to_string(),
-        out: args.out.display().to_string(),
-        arch: arch.clone(),
-        rank: lora.rank,
-        alpha: lora.alpha,
-        n_lora_tensors: lora.tensors.len(),
-        outtype: String::new(),
-        provenance: prov.clone(),
-        peft: None,
-        merge: None,
-    };
-    let what = match args.format {
-        Format::Gguf => "GGUF adapter",
-        Format::Peft => "PEFT adapter",
-        Format::Merged => "merged model",
-    };
+    let mut summary = new_summary(&args, &adapter_path, &lora, &prov, &arch);
+    let what = what(args.format);
     let ctx = || format!("writing the {what} {}", args.out.display());
     match args.format {
         Format::Gguf => {
@@ -195,12 +199,61 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
         Format::Merged => {
             summary.merge = Some(write_merged(&args, &model, &arch, &lora, &mut summary)?);
         }
+        Format::Ollama => {
+            let dtype = adapter_dtype()?;
+            summary.outtype = format!("{:?}", dtype).to_lowercase();
+            let ollama = super::export_card::Ollama {
+                args: &args,
+                adapter_path: &adapter_path,
+                model: &model,
+                cfg: &cfg,
+            };
+            let modelfile = ollama.write(&lora, &prov, dtype).with_context(ctx)?;
+            summary.modelfile = Some(modelfile.display().to_string());
+        }
+    }
+    if args.format != Format::Merged && !args.no_card {
+        summary.card = super::export_card::write_card(&super::export_card::CardArgs {
+            args: &args,
+            adapter_path: &adapter_path,
+            model: &model,
+            lora: &lora,
+            prov: &prov,
+            arch: &arch,
+        })?
+        .map(|p| p.display().to_string());
     }
 
     if args.json {
         return super::print_out(&(serde_json::to_string_pretty(&summary)? + "\n"));
     }
     super::print_out(&render(&summary))
+}
+
+/// The summary before anything is written.
+fn new_summary(
+    args: &Args,
+    adapter_path: &Path,
+    lora: &LoraWeights,
+    prov: &Provenance,
+    arch: &str,
+) -> Summary {
+    Summary {
+        format: args.format,
+        input: adapter_path.display().to_string(),
+        model: args.model.display().to_string(),
+        out: args.out.display().to_string(),
+        arch: arch.to_string(),
+        rank: lora.rank,
+        alpha: lora.alpha,
+        n_lora_tensors: lora.tensors.len(),
+        outtype: String::new(),
+        provenance: prov.clone(),
+        peft: None,
+        merge: None,
+        modelfile: None,
+        card: None,
+    }
 }
 
 /// `--format merged`: the base model with the adapter folded in, at `--outtype` (default F16).
@@ -241,20 +294,31 @@ fn write_merged(
     report.context("the merge produced no report")
 }
 
+pub(super) fn what(f: Format) -> &'static str {
+    match f {
+        Format::Gguf => "GGUF adapter",
+        Format::Peft => "PEFT adapter",
+        Format::Merged => "merged model",
+        Format::Ollama => "Ollama model folder",
+    }
+}
+
 fn render(s: &Summary) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
         "wrote {} ({}, {}) from {}",
         s.out,
-        match s.format {
-            Format::Gguf => "GGUF adapter",
-            Format::Peft => "PEFT adapter",
-            Format::Merged => "merged model",
-        },
+        what(s.format),
         s.outtype,
         s.input
     );
+    if let Some(m) = &s.modelfile {
+        let _ = writeln!(o, "  Modelfile: {m} (ollama create NAME -f {m})");
+    }
+    if let Some(c) = &s.card {
+        let _ = writeln!(o, "  model card: {c}");
+    }
     let _ = writeln!(
         o,
         "  {} LoRA tensors, rank {}, alpha {} (scale {}), arch {}",

@@ -38,7 +38,7 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// The GGUF model (default: `model` of the run's config).
-    #[arg(long, value_name = "MODEL.gguf")]
+    #[arg(long, value_name = "MODEL.gguf", value_parser = super::hub::model_arg)]
     pub model: Option<PathBuf>,
     /// Treat rows without safety labels as safe (as `tune --assume-safe`).
     #[arg(long)]
@@ -70,6 +70,20 @@ fn run_config(run: &Path) -> anyhow::Result<(TrainConfig, PathBuf)> {
     Ok((cfg, path))
 }
 
+/// The model in llama.cpp with the run's chat template and `enable_thinking`, as `tune`
+/// rendered the data.
+fn load_runtime(model: &Path, cfg: &TrainConfig, cfg_path: &Path) -> anyhow::Result<RtModel> {
+    let mut rt = RtModel::load(model, &RtLoadOptions::default())
+        .with_context(|| format!("loading {} in llama.cpp", model.display()))?;
+    if let Some(spec) = &cfg.chat_template {
+        let t = bfpo_lite::template::ChatTemplate::resolve(spec)
+            .with_context(|| format!("chat_template {spec:?} in {}", cfg_path.display()))?;
+        rt.set_chat_template(t);
+    }
+    rt.set_enable_thinking(cfg.enable_thinking);
+    Ok(rt)
+}
+
 pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
     let Target::Trl = args.to;
     let (cfg, cfg_path) = run_config(&args.run)?;
@@ -90,8 +104,7 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
         GgufFile::open(&model_path).with_context(|| format!("reading {}", model_path.display()))?;
     let mcfg = ModelConfig::from_gguf(&file)
         .with_context(|| format!("{} is not a model bfpo-lite supports", model_path.display()))?;
-    let rt = RtModel::load(&model_path, &RtLoadOptions::default())
-        .with_context(|| format!("loading {} in llama.cpp", model_path.display()))?;
+    let rt = load_runtime(&model_path, &cfg, &cfg_path)?;
 
     // Data, exactly as `tune` prepares it.
     let format = <Format as clap::ValueEnum>::from_str(&cfg.format, true).map_err(|_| {

@@ -19,8 +19,8 @@ pub const DEFAULT_GPU_LAYERS: u32 =
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompts"])))]
 pub struct Args {
-    /// GGUF model.
-    #[arg(long, short = 'm')]
+    /// GGUF model. A path, or a Hugging Face cache reference org/name[:FILE].
+    #[arg(long, short = 'm', value_parser = super::hub::model_arg)]
     pub model: PathBuf,
     /// GGUF LoRA adapter to apply.
     #[arg(long)]
@@ -72,18 +72,56 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Chat template instead of the model's own: a Jinja file, or a built-in name (chatml,
-    /// chatml-smollm2, zephyr, llama3, gemma).
+    /// chatml-smollm2, zephyr, llama3, gemma, gemma3, qwen3).
     #[arg(long, value_name = "FILE|NAME")]
     pub chat_template: Option<String>,
+    #[command(flatten)]
+    pub thinking: ThinkingArgs,
 }
 
-/// Applies `--chat-template FILE|NAME` (if given) and says on stderr which template renders
-/// the conversations, and whether it is a fallback.
-pub fn choose_chat_template(model: &mut RtModel, spec: Option<&str>) -> anyhow::Result<()> {
+/// `--enable-thinking` / `--no-thinking`: the chat template's `enable_thinking` variable, as
+/// transformers' `apply_chat_template(..., enable_thinking=...)` passes it.
+#[derive(clap::Args, Debug, Default, Clone, Copy)]
+pub struct ThinkingArgs {
+    /// Render the chat template with enable_thinking=true (Qwen3: the model may think first).
+    /// Neither flag: the variable stays undefined and the template's own default applies
+    /// (Qwen3's is thinking on), as in transformers.
+    #[arg(long, conflicts_with = "no_thinking")]
+    pub enable_thinking: bool,
+    /// Render the chat template with enable_thinking=false (Qwen3: an empty <think></think>
+    /// block after the generation prompt, so the model answers without thinking).
+    #[arg(long)]
+    pub no_thinking: bool,
+}
+
+impl ThinkingArgs {
+    /// `Some(true)`, `Some(false)`, or `None` when neither flag is given.
+    pub fn value(&self) -> Option<bool> {
+        match (self.enable_thinking, self.no_thinking) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// Applies `--chat-template FILE|NAME` (if given) and `--enable-thinking`/`--no-thinking`, and
+/// says on stderr which template renders the conversations, and whether it is a fallback.
+pub fn choose_chat_template(
+    model: &mut RtModel,
+    spec: Option<&str>,
+    thinking: ThinkingArgs,
+) -> anyhow::Result<()> {
     if let Some(spec) = spec {
         let t = bfpo_lite::template::ChatTemplate::resolve(spec)
             .with_context(|| format!("--chat-template {spec}"))?;
         model.set_chat_template(t);
+    }
+    let reads = model.set_enable_thinking(thinking.value());
+    if thinking.value().is_some() && !reads {
+        eprintln!(
+            "warning: the chat template in use does not read enable_thinking; --enable-thinking/--no-thinking change nothing"
+        );
     }
     eprintln!("chat template: {}", model.chat_template_info());
     Ok(())
@@ -204,7 +242,7 @@ fn run_inner(args: Args) -> anyhow::Result<()> {
         args.scale,
         args.gpu_layers,
     )?;
-    choose_chat_template(&mut model, args.chat_template.as_deref())?;
+    choose_chat_template(&mut model, args.chat_template.as_deref(), args.thinking)?;
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,
         sampling: Sampling {

@@ -16,7 +16,7 @@ pub struct Args {
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
     /// The GGUF model converted from the Hugging Face model the adapter was trained on.
-    #[arg(long, value_name = "MODEL.gguf")]
+    #[arg(long, value_name = "MODEL.gguf", value_parser = super::hub::model_arg)]
     pub model: PathBuf,
     /// Output GGUF adapter.
     #[arg(long, value_name = "ADAPTER.gguf")]

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The GGUF model file.
-    #[arg(value_name = "MODEL.gguf")]
+    /// The GGUF model file. A path, or a Hugging Face cache reference org/name[:FILE].
+    #[arg(value_name = "MODEL.gguf", value_parser = super::hub::model_arg)]
     pub model: PathBuf,
     /// List every tensor: name, type, shape, bytes.
     #[arg(long)]
@@ -362,7 +362,11 @@ fn render_text(info: &Info) -> String {
         format!(
             "{kind}, {} tokens, chat template: {}",
             t.n_tokens.map_or("no".to_string(), |n| n.to_string()),
-            if t.chat_template { "yes" } else { "no" }
+            if t.chat_template {
+                "yes".to_string()
+            } else {
+                no_template_hint(info.architecture.as_deref())
+            }
         ),
     );
     match &info.reason {
@@ -383,4 +387,17 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
         render_text(&info)
     };
     super::print_out(&text)
+}
+
+/// "no" and what to pass instead: a base model renders conversations with `--chat-template`.
+fn no_template_hint(arch: Option<&str>) -> String {
+    use bfpo_lite::template::{BUILTIN_NAMES, builtin_for_arch};
+    let fit = arch
+        .and_then(builtin_for_arch)
+        .map(|n| format!(" (for {}: --chat-template {n})", arch.unwrap_or_default()))
+        .unwrap_or_default();
+    format!(
+        "no (a base model?); pass --chat-template NAME, one of {}{fit}, or --chat-template FILE with Jinja text",
+        BUILTIN_NAMES.join(", ")
+    )
 }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 #[derive(clap::Args, Debug, Default)]
 pub struct Args {
     /// A GGUF model file to plan for.
-    #[arg(long, conflicts_with = "shape", required_unless_present = "shape")]
+    #[arg(long, conflicts_with = "shape", required_unless_present = "shape", value_parser = super::hub::model_arg)]
     pub model: Option<PathBuf>,
     /// Plan for a known model shape without a file: qwen2.5-0.5b, qwen2.5-1.5b, qwen3-0.6b,
     /// llama-3.2-1b, smollm2-135m.

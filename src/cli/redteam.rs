@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// GGUF model that answers the prompts (the model you will tune).
-    #[arg(long, short = 'm')]
+    /// A path, or a Hugging Face cache reference org/name[:FILE].
+    #[arg(long, short = 'm', value_parser = super::hub::model_arg)]
     pub model: PathBuf,
     /// Harmful prompts: a JSONL file ({"prompt": ..., "category": ...} per line), `advbench`
     /// (AdvBench's 520 behaviours, the training set to use), `uncensorbench` (150 prompts),

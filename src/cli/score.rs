@@ -1,7 +1,9 @@
 //! `bfpo-lite score`: summed response log-probs of the chosen and rejected response of every
 //! preference pair, one JSON line per pair.
 
-use super::generate::{DEFAULT_GPU_LAYERS, choose_chat_template, ignore_broken_pipe, load_model};
+use super::generate::{
+    DEFAULT_GPU_LAYERS, ThinkingArgs, choose_chat_template, ignore_broken_pipe, load_model,
+};
 use anyhow::{Context, bail};
 use bfpo_lite::data::{ChatMessage, Example, Prompt};
 use bfpo_lite::runtime::ScoreOptions;
@@ -24,8 +26,8 @@ pub enum Engine {
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// GGUF model.
-    #[arg(long, short = 'm')]
+    /// GGUF model. A path, or a Hugging Face cache reference org/name[:FILE].
+    #[arg(long, short = 'm', value_parser = super::hub::model_arg)]
     pub model: PathBuf,
     /// GGUF LoRA adapter to apply.
     #[arg(long)]
@@ -35,15 +37,17 @@ pub struct Args {
     pub scale: f32,
     /// JSONL of pairs: one object per line with "prompt" (a string or a list of
     /// {"role","content"} messages), "chosen" and "rejected" (strings).
-    #[arg(long, short = 'd')]
+    #[arg(long, short = 'd', value_parser = super::hub::data_arg)]
     pub data: PathBuf,
     /// Scoring engine.
     #[arg(long, value_enum, default_value_t = Engine::Llama)]
     pub engine: Engine,
     /// Chat template instead of the model's own: a Jinja file, or a built-in name (chatml,
-    /// chatml-smollm2, zephyr, llama3, gemma).
+    /// chatml-smollm2, zephyr, llama3, gemma, gemma3, qwen3).
     #[arg(long, value_name = "FILE|NAME")]
     pub chat_template: Option<String>,
+    #[command(flatten)]
+    pub thinking: ThinkingArgs,
     /// GPU adapter index or name for `--engine wgpu` (see `bfpo-lite devices`).
     #[arg(long)]
     pub device: Option<String>,
@@ -174,7 +178,7 @@ fn run_inner(args: Args) -> anyhow::Result<()> {
         args.scale,
         args.gpu_layers,
     )?;
-    choose_chat_template(&mut model, args.chat_template.as_deref())?;
+    choose_chat_template(&mut model, args.chat_template.as_deref(), args.thinking)?;
     // Interleaved: chosen_0, rejected_0, chosen_1, …
     let mut examples: Vec<Example> = Vec::with_capacity(rows.len() * 2);
     for r in &rows {

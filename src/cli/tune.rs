@@ -2,6 +2,7 @@
 //! built-in demo: a tiny quantized model made by `init-model` and a synthetic safety preference
 //! set in PKU-SafeRLHF's schema, finishing in under a minute on a laptop CPU.
 
+use super::generate::ThinkingArgs;
 use super::print_out;
 use anyhow::Context;
 use bfpo_lite::data::formats::Format;
@@ -18,13 +19,14 @@ use std::path::{Path, PathBuf};
 #[derive(clap::Args, Debug, Default)]
 pub struct Args {
     /// GGUF model to tune. Omit --model and --data to run the built-in demo.
-    #[arg(long)]
+    /// A path, or a Hugging Face cache reference org/name[:FILE].
+    #[arg(long, value_parser = super::hub::model_arg)]
     pub model: Option<PathBuf>,
     /// Safety preference data (JSONL, .jsonl.gz, .jsonl.xz, Parquet, JSON array); repeatable.
     /// Rows need safety labels (PKU-SafeRLHF, red-team, generic rows with chosen_safe and
     /// rejected_safe); helpfulness-only rows (TRL, UltraFeedback, HH) need --assume-safe or go
-    /// in --buffer.
-    #[arg(long)]
+    /// in --buffer. A path, or a Hugging Face dataset in the local cache: org/name[:FILE].
+    #[arg(long, value_parser = super::hub::data_arg)]
     pub data: Vec<PathBuf>,
     /// TOML file with any of the settings below (keys are the long flag names with `_`).
     #[arg(long)]
@@ -52,13 +54,13 @@ pub struct Args {
     /// Dataset format (default: detected from the fields).
     #[arg(long, value_enum)]
     pub format: Option<Format>,
-    #[arg(long)]
+    #[arg(long, value_parser = super::hub::data_arg)]
     pub eval_data: Option<PathBuf>,
     #[arg(long)]
     pub eval_fraction: Option<f64>,
     /// Helpfulness data mixed into every step (BFPO's buffered training): TRL, UltraFeedback or HH
     /// rows, both responses counted as safe.
-    #[arg(long)]
+    #[arg(long, value_parser = super::hub::data_arg)]
     pub buffer: Option<PathBuf>,
     #[arg(long)]
     pub buffer_ratio: Option<f64>,
@@ -70,9 +72,11 @@ pub struct Args {
     #[arg(long)]
     pub assume_safe: bool,
     /// Chat template instead of the model's own: a Jinja file, or a built-in name (chatml,
-    /// chatml-smollm2, zephyr, llama3, gemma).
+    /// chatml-smollm2, zephyr, llama3, gemma, gemma3, qwen3).
     #[arg(long, value_name = "FILE|NAME")]
     pub chat_template: Option<String>,
+    #[command(flatten)]
+    pub thinking: ThinkingArgs,
     /// bfpo | ipo | dpo, optionally with parameters: `bfpo:tau=0.01,b1=3,alpha=0.5`.
     #[arg(long)]
     pub loss: Option<String>,
@@ -247,6 +251,9 @@ fn apply_overrides(cfg: &mut TrainConfig, a: &Args) {
     if a.chat_template.is_some() {
         cfg.chat_template = a.chat_template.clone();
     }
+    if let Some(t) = a.thinking.value() {
+        cfg.enable_thinking = Some(t);
+    }
     cfg.strict |= a.strict;
     cfg.no_ref_cache |= a.no_ref_cache;
 }
@@ -283,7 +290,33 @@ fn load_config(args: &Args) -> anyhow::Result<TrainConfig> {
         TrainConfig::default()
     };
     apply_overrides(&mut cfg, args);
+    resolve_hub_refs(&mut cfg)?;
     Ok(cfg)
+}
+
+/// Hugging Face cache references in a config file (`model = "org/name"`, `data = [...]`)
+/// become the cached files' paths, as on the command line.
+fn resolve_hub_refs(cfg: &mut TrainConfig) -> anyhow::Result<()> {
+    use super::hub::resolve_config_path as resolve;
+    use bfpo_lite::util::hf_cache::RepoKind::{Dataset, Model};
+    if let Some(m) = &cfg.model {
+        cfg.model = Some(resolve(m, Model).context("model")?);
+    }
+    for d in cfg.data.iter_mut() {
+        *d = resolve(d, Dataset).context("data")?;
+    }
+    if let Some(e) = &cfg.eval_data {
+        cfg.eval_data = Some(resolve(e, Dataset).context("eval_data")?);
+    }
+    if let Some(b) = &cfg.buffer {
+        cfg.buffer = Some(resolve(b, Dataset).context("buffer")?);
+    }
+    let judge = cfg.eval_judge.to_ascii_lowercase();
+    if judge != "refusal" && judge != "refusal-objective" {
+        let path = resolve(Path::new(&cfg.eval_judge), Model).context("eval_judge")?;
+        cfg.eval_judge = path.display().to_string();
+    }
+    Ok(())
 }
 
 /// Ctrl-C asks the run to stop (it checkpoints); a second Ctrl-C exits at once.

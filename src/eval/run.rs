@@ -48,6 +48,10 @@ pub struct EvalOptions {
     pub mc: Option<PathBuf>,
     pub threads: Option<usize>,
     pub gpu_layers: u32,
+    /// Chat template instead of the model's own (`--chat-template FILE|NAME`).
+    pub chat_template: Option<String>,
+    /// The template's `enable_thinking` (`None`: undefined, the template's default).
+    pub enable_thinking: Option<bool>,
 }
 
 impl EvalOptions {
@@ -68,6 +72,8 @@ impl EvalOptions {
             mc: None,
             threads: None,
             gpu_layers: 0,
+            chat_template: None,
+            enable_thinking: None,
         }
     }
 }
@@ -360,6 +366,12 @@ pub fn run_eval(
     };
     let mut model = RtModel::load(&opts.model, &load)
         .map_err(rt(format!("loading model {}", opts.model.display())))?;
+    if let Some(spec) = &opts.chat_template {
+        let t = crate::template::ChatTemplate::resolve(spec)
+            .map_err(|e| EvalError::Other(format!("--chat-template {spec}: {e}")))?;
+        model.set_chat_template(t);
+    }
+    model.set_enable_thinking(opts.enable_thinking);
     let mut adapter_ids: Vec<AdapterId> = Vec::new();
     for a in &opts.adapters {
         let id = model.load_adapter(a).map_err(rt(format!(

@@ -4,9 +4,11 @@
 //!   with our provenance under `bfpo.*`, and a validating reader.
 //! * [`peft`]: `adapter_model.safetensors` + `adapter_config.json` for Hugging Face PEFT.
 //! * [`merge`]: a full GGUF model with the update folded into the weights.
+//! * [`ollama`]: a `Modelfile` (`FROM` base, `ADAPTER`, `TEMPLATE`, stop tokens) for Ollama.
 
 pub mod gguf_adapter;
 pub mod merge;
+pub mod ollama;
 pub mod peft;
 pub mod peft_import;
 pub mod trl;
@@ -80,6 +82,16 @@ pub enum ExportError {
     BadLora { tensor: String, detail: String },
     #[error("bad provenance field {field}: {detail}")]
     BadProvenance { field: String, detail: String },
+    #[error(
+        "the chat template looks like {looks_like}, for which bfpo-lite writes no Ollama template; it writes them for {}; pass --chat-template NAME to choose the format",
+        ollama::OLLAMA_FORMATS.join(", ")
+    )]
+    OllamaFormat { looks_like: String },
+    #[error(
+        "the base model {model} has no chat template (tokenizer.chat_template), so the Ollama TEMPLATE cannot be chosen; pass --chat-template NAME, one of {}, or a Jinja FILE",
+        crate::template::BUILTIN_NAMES.join(", ")
+    )]
+    NoChatTemplate { model: PathBuf },
     #[error("{path} already exists; pass --force to overwrite it")]
     OutputExists { path: PathBuf },
     #[error("{0}")]

@@ -9,13 +9,103 @@ use super::arch::{Arch, RopeKind};
 use crate::gguf::{GgmlType, GgufError, GgufFile, Value};
 use serde::{Deserialize, Serialize};
 
+/// The text of [`ModelError::UnsupportedArch`]: what is supported and, when one is close, the
+/// nearest supported architecture ([`nearest_arch`]).
+fn unsupported_arch_message(found: &str, supported: &str) -> String {
+    let mut m = format!("architecture {found:?} is not supported; supported: {supported}.");
+    if let Some(n) = nearest_arch(found, supported) {
+        m.push_str(&format!(" The nearest supported one is {n}."));
+    }
+    m.push_str(" Convert or pick a model of a supported architecture");
+    m
+}
+
+/// The supported architecture nearest to `found`, from a list like `Arch::SUPPORTED`
+/// (`name (Family, Family), name, …`): one whose description names `found`'s family
+/// (`mistral` → `llama`), else the closest of the same family prefix (`qwen2moe` → `qwen2`,
+/// `gemma2` → `gemma3`), else one within a small edit distance (`lama` → `llama`).
+pub fn nearest_arch(found: &str, supported: &str) -> Option<String> {
+    let found = found.to_ascii_lowercase();
+    let family = |s: &str| -> String {
+        s.chars()
+            .take_while(|c| c.is_ascii_alphabetic())
+            .collect::<String>()
+    };
+    let fam = family(&found);
+    let entries = supported_entries(supported);
+    let by_distance = |cands: Vec<&(String, String)>| {
+        cands
+            .into_iter()
+            .min_by_key(|(n, _)| edit_distance(&found, n))
+            .map(|(n, _)| n.clone())
+    };
+    if fam.len() >= 3 {
+        let described: Vec<&(String, String)> = entries
+            .iter()
+            .filter(|(n, d)| {
+                family(n) != fam
+                    && d.split(|c: char| !c.is_ascii_alphanumeric())
+                        .any(|w| family(&w.to_ascii_lowercase()) == fam)
+            })
+            .collect();
+        let same: Vec<&(String, String)> =
+            entries.iter().filter(|(n, _)| family(n) == fam).collect();
+        if let Some(n) = by_distance(same).or_else(|| by_distance(described)) {
+            return Some(n);
+        }
+    }
+    let limit = (found.len() / 3).max(1);
+    entries
+        .iter()
+        .map(|(n, _)| (edit_distance(&found, n), n))
+        .filter(|(d, _)| *d <= limit)
+        .min()
+        .map(|(_, n)| n.clone())
+}
+
+/// `(name, description)` of each comma-separated entry at the top level of `supported`.
+fn supported_entries(supported: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let (mut depth, mut cur) = (0usize, String::new());
+    for c in supported.chars().chain(std::iter::once(',')) {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if c == ',' && depth == 0 {
+            let e = cur.trim();
+            if let Some(name) = e.split_whitespace().next() {
+                out.push((name.to_ascii_lowercase(), e[name.len()..].to_string()));
+            }
+            cur.clear();
+        } else {
+            cur.push(c);
+        }
+    }
+    out
+}
+
+/// Levenshtein distance in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut row = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            row.push(sub.min(prev[j + 1] + 1).min(row[j] + 1));
+        }
+        prev = row;
+    }
+    prev[b.len()]
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
-    #[error(
-        "architecture {found:?} is not supported; supported: {supported}. Convert or pick a model of a supported architecture"
-    )]
+    #[error("{}", unsupported_arch_message(found, supported))]
     UnsupportedArch {
         found: String,
         supported: &'static str,

@@ -130,6 +130,9 @@ pub(crate) fn check(cfg: &TrainConfig, model: &Path) -> Result<Option<EvalOption
     o.max_tokens = cfg.eval_max_tokens;
     o.limit = cfg.eval_harmful_limit;
     o.seed = cfg.seed as u32;
+    // Answers rendered as the training data was.
+    o.chat_template = cfg.chat_template.clone();
+    o.enable_thinking = cfg.enable_thinking;
     Ok(Some(o))
 }
 

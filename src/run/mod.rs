@@ -21,6 +21,7 @@
 //! [`data`] (load and encode pairs with a report), [`engine`] (choose and build a training
 //! engine), and [`demo`] (the built-in demo's model and data).
 
+pub mod card;
 pub mod data;
 pub mod demo;
 pub mod engine;

@@ -67,12 +67,14 @@ impl OpenModel {
 
 /// Opens `path`: reads its GGUF header and configuration (errors name what cannot be trained)
 /// and loads it in llama.cpp for its vocabulary and chat template (`chat_template`, a Jinja
-/// file or built-in name, replaces the model's own). Emits
+/// file or built-in name, replaces the model's own; `enable_thinking` is passed to it when set).
+/// Emits
 /// [`Event::ModelOpened`].
 pub fn open_model(
     path: &Path,
     opts: &LoadOptions,
     chat_template: Option<&str>,
+    enable_thinking: Option<bool>,
     obs: &mut dyn Observer,
 ) -> Result<OpenModel, RunError> {
     let file = GgufFile::open(path).map_err(|source| RunError::Gguf {
@@ -94,6 +96,7 @@ pub fn open_model(
         })?;
         rt.set_chat_template(t);
     }
+    rt.set_enable_thinking(enable_thinking);
     let m = OpenModel {
         path: path.to_path_buf(),
         file,

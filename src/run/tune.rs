@@ -188,6 +188,7 @@ impl TuneJob {
             self.model_path(),
             &RtLoadOptions::default(),
             self.cfg.chat_template.as_deref(),
+            self.cfg.enable_thinking,
             obs,
         )?;
         self.check_cancel()?;

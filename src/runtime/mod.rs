@@ -267,7 +267,10 @@ impl RtModel {
         let arch = model
             .meta_val_str("general.architecture")
             .unwrap_or_default();
-        let (chat, template_info) = model_template(&model);
+        let (chat, mut template_info) = model_template(&model);
+        if template_info.origin == TemplateOrigin::FallbackChatml {
+            template_info.suggested = template::builtin_for_arch(&arch);
+        }
         tracing::debug!(path = %path.display(), %arch, template = %template_info, "loaded model");
         Ok(RtModel {
             model,
@@ -333,6 +336,19 @@ impl RtModel {
         self.template_info = template.info();
         self.chat = ChatRenderer::Jinja(Box::new(template));
         self.fallback_warned.store(false, Ordering::Relaxed);
+    }
+    /// Sets the template variable `enable_thinking` (`None`: undefined, the template's default).
+    /// Returns whether the template in use reads it (false for templates without it and for
+    /// llama.cpp's guess, which takes no variables).
+    pub fn set_enable_thinking(&mut self, value: Option<bool>) -> bool {
+        match &mut self.chat {
+            ChatRenderer::Jinja(t) => {
+                t.set_enable_thinking(value);
+                self.template_info.enable_thinking = value;
+                t.reads_enable_thinking()
+            }
+            ChatRenderer::LlamaGuess(_) => false,
+        }
     }
     /// The special-token texts templates see as `bos_token` / `eos_token`.
     pub fn special_tokens(&self) -> SpecialTokens {
@@ -545,6 +561,8 @@ fn model_template(model: &LlamaModel) -> (ChatRenderer, TemplateInfo) {
                     reason: e.to_string(),
                 },
                 name: guess,
+                enable_thinking: None,
+                suggested: None,
             };
             (ChatRenderer::LlamaGuess(raw), info)
         }

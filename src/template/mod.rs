@@ -22,7 +22,7 @@
 mod builtin;
 mod strftime;
 
-pub use builtin::{BUILTIN_NAMES, builtin_source};
+pub use builtin::{BUILTIN_NAMES, builtin_for_arch, builtin_source};
 
 use crate::data::ChatMessage;
 use minijinja::value::Value;
@@ -114,6 +114,11 @@ pub struct TemplateInfo {
     /// A short name: the format the template text looks like (`chatml`, `llama3`, …), the
     /// built-in name or the file name.
     pub name: String,
+    /// The `enable_thinking` variable it is rendered with (`None`: undefined).
+    pub enable_thinking: Option<bool>,
+    /// For [`TemplateOrigin::FallbackChatml`]: the built-in for the model's architecture, if
+    /// one fits ([`builtin_for_arch`]).
+    pub suggested: Option<&'static str>,
 }
 
 impl TemplateInfo {
@@ -128,6 +133,16 @@ impl TemplateInfo {
 
 impl fmt::Display for TemplateInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_origin(f)?;
+        match self.enable_thinking {
+            Some(t) => write!(f, " [enable_thinking={t}]"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl TemplateInfo {
+    fn fmt_origin(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.origin {
             TemplateOrigin::Model if self.name == UNKNOWN_FORMAT => write!(
                 f,
@@ -140,10 +155,20 @@ impl fmt::Display for TemplateInfo {
             ),
             TemplateOrigin::File(p) => write!(f, "file {} (--chat-template)", p.display()),
             TemplateOrigin::Builtin(n) => write!(f, "built-in {n} (--chat-template)"),
-            TemplateOrigin::FallbackChatml => write!(
-                f,
-                "FALLBACK ChatML: the model has no tokenizer.chat_template (pass --chat-template FILE|NAME to choose one)"
-            ),
+            TemplateOrigin::FallbackChatml => {
+                write!(
+                    f,
+                    "FALLBACK ChatML: the model has no tokenizer.chat_template (a base model?). Pass --chat-template NAME, a built-in: {}",
+                    BUILTIN_NAMES.join(", ")
+                )?;
+                if let Some(s) = self.suggested {
+                    write!(f, " (for this architecture: --chat-template {s})")?;
+                }
+                write!(
+                    f,
+                    "; or --chat-template FILE, a Jinja file (the `chat_template` string of the instruct model's tokenizer_config.json)"
+                )
+            }
             TemplateOrigin::FallbackLlamaGuess { guess, reason } => write!(
                 f,
                 "FALLBACK llama.cpp's built-in guess ({guess}-like): the model's template cannot be rendered with minijinja ({reason}); the rendering may differ from Hugging Face's (pass --chat-template FILE|NAME to choose one)"
@@ -165,6 +190,7 @@ pub struct ChatTemplate {
     origin: TemplateOrigin,
     source: String,
     env: Environment<'static>,
+    enable_thinking: Option<bool>,
 }
 
 impl fmt::Debug for ChatTemplate {
@@ -193,6 +219,7 @@ impl ChatTemplate {
             origin,
             source,
             env,
+            enable_thinking: None,
         })
     }
 
@@ -245,6 +272,21 @@ impl ChatTemplate {
         })
     }
 
+    /// Sets the Jinja variable `enable_thinking` (what `apply_chat_template(...,
+    /// enable_thinking=...)` passes in transformers; Qwen3's template reads it). `None` leaves
+    /// it undefined, so the template's own default applies (Qwen3: thinking on).
+    pub fn set_enable_thinking(&mut self, value: Option<bool>) {
+        self.enable_thinking = value;
+    }
+    /// The `enable_thinking` the template is rendered with (`None`: undefined).
+    pub fn enable_thinking(&self) -> Option<bool> {
+        self.enable_thinking
+    }
+    /// True when the template reads `enable_thinking` (so the flag changes its output).
+    pub fn reads_enable_thinking(&self) -> bool {
+        self.source.contains("enable_thinking")
+    }
+
     /// The name used in errors.
     pub fn name(&self) -> &str {
         &self.name
@@ -269,11 +311,13 @@ impl ChatTemplate {
         TemplateInfo {
             origin: self.origin.clone(),
             name,
+            enable_thinking: self.enable_thinking,
+            suggested: None,
         }
     }
 
     /// Renders `messages` as `tokenizer.apply_chat_template(messages, tokenize=False,
-    /// add_generation_prompt=...)` does.
+    /// add_generation_prompt=...)` does (with `enable_thinking=...` when it is set).
     pub fn render(
         &self,
         messages: &[ChatMessage],
@@ -302,6 +346,9 @@ impl ChatTemplate {
         }
         if let Some(e) = &tokens.eos_token {
             ctx.insert("eos_token".into(), Value::from(e.as_str()));
+        }
+        if let Some(t) = self.enable_thinking {
+            ctx.insert("enable_thinking".into(), Value::from(t));
         }
         let tmpl = self
             .env

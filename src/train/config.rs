@@ -92,8 +92,12 @@ pub struct TrainConfig {
     /// Stop at the first bad row instead of skipping and counting it.
     pub strict: bool,
     /// Chat template instead of the model's own: a Jinja file or a built-in name
-    /// (`chatml`, `chatml-smollm2`, `zephyr`, `llama3`, `gemma`).
+    /// (`chatml`, `chatml-smollm2`, `zephyr`, `llama3`, `gemma`, `gemma3`, `qwen3`).
     pub chat_template: Option<String>,
+    /// The chat template's `enable_thinking` variable (Qwen3): unset leaves the template's own
+    /// default (Qwen3: thinking on); `false` renders an empty `<think>` block after the
+    /// generation prompt.
+    pub enable_thinking: Option<bool>,
     // --- loss
     /// `bfpo`, `ipo` or `dpo`, optionally with parameters (`bfpo:tau=0.01,b1=3,alpha=0.5`).
     pub loss: String,
@@ -176,6 +180,7 @@ impl Default for TrainConfig {
             out: PathBuf::from("runs/bfpo"),
             strict: false,
             chat_template: None,
+            enable_thinking: None,
             loss: "bfpo".into(),
             pair_order: PairOrder::Helpful,
             rank: 16,

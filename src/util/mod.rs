@@ -2,6 +2,7 @@
 //! parsing (`size`) and a private `XDG_RUNTIME_DIR` for the binary (`runtime_dir`).
 
 pub mod close;
+pub mod hf_cache;
 pub mod rng;
 pub mod runtime_dir;
 pub mod size;
