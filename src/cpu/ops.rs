@@ -1,5 +1,5 @@
 //! Row-wise ops of the CPU engine (f32; reductions in f64 or in a fixed order): RMSNorm, RoPE,
-//! SwiGLU, causal GQA attention (flash-style: only a per-row log-sum-exp is kept, probabilities
+//! SwiGLU, GeGLU, causal GQA attention (optionally within a sliding window) (flash-style: only a per-row log-sum-exp is kept, probabilities
 //! are recomputed in the backward, memory linear in sequence length), each forward with its
 //! backward. The derivatives are those of `model::reference` (documented there), which the tests
 //! compare against. Every op is independent per row (attention: per query row over its keys in
@@ -147,6 +147,46 @@ impl RopeTable {
     }
 }
 
+/// √(2/π) and the cubic coefficient of the tanh approximation of GELU.
+const GELU_C: f32 = 0.797_884_6;
+const GELU_A: f32 = 0.044_715;
+
+fn gelu_tanh(z: f32) -> f32 {
+    0.5 * z * (1.0 + (GELU_C * (z + GELU_A * z * z * z)).tanh())
+}
+
+/// `s = gelu_tanh(g) ⊙ u` (GeGLU, gemma3).
+pub fn geglu(g: &Mat, u: &Mat, s: &mut Mat) {
+    s.data
+        .par_chunks_mut(4096)
+        .zip(g.data.par_chunks(4096).zip(u.data.par_chunks(4096)))
+        .for_each(|(sb, (gb, ub))| {
+            for i in 0..sb.len() {
+                sb[i] = gelu_tanh(gb[i]) * ub[i];
+            }
+        });
+}
+
+/// Backward of [`geglu`]: `dg = ds·u·gelu_tanh'(g)`, `du = ds·gelu_tanh(g)`, with
+/// `gelu_tanh'(z) = ½(1 + t) + ½z(1 − t²)·c·(1 + 3a·z²)`, t = tanh(c·(z + a·z³)).
+pub fn geglu_back(g: &Mat, u: &Mat, ds: &Mat, dg: &mut Mat, du: &mut Mat) {
+    dg.data
+        .par_chunks_mut(4096)
+        .zip(du.data.par_chunks_mut(4096))
+        .enumerate()
+        .for_each(|(c, (dgb, dub))| {
+            let o = c * 4096;
+            for i in 0..dgb.len() {
+                let (z, uv, d) = (g.data[o + i], u.data[o + i], ds.data[o + i]);
+                let t = (GELU_C * (z + GELU_A * z * z * z)).tanh();
+                let grad = 0.5 * (1.0 + t)
+                    + 0.5 * z * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * z * z);
+                dgb[i] = d * uv * grad;
+                dub[i] = d * 0.5 * z * (1.0 + t);
+            }
+        });
+}
+
 fn sigmoid(z: f32) -> f32 {
     1.0 / (1.0 + (-z).exp())
 }
@@ -203,12 +243,25 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// Attention shapes: query heads, KV heads, head dimension.
+/// Attention shapes: query heads, KV heads, head dimension; the factor on q·k and the sliding
+/// window (query i sees keys j with `i − j < window`; `None`: all earlier keys).
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
     pub n_head: usize,
     pub n_head_kv: usize,
     pub hd: usize,
+    pub scale: f32,
+    pub window: Option<usize>,
+}
+
+impl AttnShape {
+    /// The first key position query `i` sees.
+    fn first_key(&self, i: usize) -> usize {
+        match self.window {
+            Some(w) => (i + 1).saturating_sub(w.max(1)),
+            None => 0,
+        }
+    }
 }
 
 /// Causal GQA attention over packed sequences: q `[R, n_head·hd]`, k, v `[R, n_head_kv·hd]` →
@@ -227,9 +280,10 @@ pub fn attention(
         n_head,
         n_head_kv,
         hd,
+        scale,
+        ..
     } = sh;
     let (qw, kw) = (n_head * hd, n_head_kv * hd);
-    let scale = 1.0 / (hd as f32).sqrt();
     let op = SendPtr(out.data.as_mut_ptr());
     let lp = SendPtr(lse.as_mut_ptr());
     let tasks: Vec<(usize, usize)> = (0..seqs.len.len())
@@ -242,19 +296,20 @@ pub fn attention(
         let mut o = vec![0f32; hd];
         for i in 0..len {
             let qi = &q.row(s0 + i)[h * hd..(h + 1) * hd];
+            let lo = sh.first_key(i);
             let mut m = f32::NEG_INFINITY;
-            for (j, pj) in p.iter_mut().enumerate().take(i + 1) {
+            for (j, pj) in p.iter_mut().enumerate().take(i + 1).skip(lo) {
                 let kj = &k.row(s0 + j)[g * hd..(g + 1) * hd];
                 *pj = dot(qi, kj) * scale;
                 m = m.max(*pj);
             }
             let mut l = 0f64;
-            for pj in p.iter_mut().take(i + 1) {
+            for pj in p.iter_mut().take(i + 1).skip(lo) {
                 *pj = (*pj - m).exp();
                 l += *pj as f64;
             }
             o.iter_mut().for_each(|x| *x = 0.0);
-            for (j, &pj) in p.iter().enumerate().take(i + 1) {
+            for (j, &pj) in p.iter().enumerate().take(i + 1).skip(lo) {
                 axpy(&mut o, pj, &v.row(s0 + j)[g * hd..(g + 1) * hd]);
             }
             let inv = (1.0 / l) as f32;
@@ -292,10 +347,11 @@ pub fn attention_back(
         n_head,
         n_head_kv,
         hd,
+        scale,
+        ..
     } = sh;
     let (qw, kw) = (n_head * hd, n_head_kv * hd);
     let group = n_head / n_head_kv;
-    let scale = 1.0 / (hd as f32).sqrt();
     dq.data.iter_mut().for_each(|x| *x = 0.0);
     dk.data.iter_mut().for_each(|x| *x = 0.0);
     dv.data.iter_mut().for_each(|x| *x = 0.0);
@@ -322,7 +378,7 @@ pub fn attention_back(
                 let li = lse[row * n_head + h];
                 let di = dot(doi, oi);
                 let dqi = slice(dqp, row, qw, h);
-                for j in 0..=i {
+                for j in sh.first_key(i)..=i {
                     let kj = &k.row(s0 + j)[g * hd..(g + 1) * hd];
                     let vj = &v.row(s0 + j)[g * hd..(g + 1) * hd];
                     let pij = (dot(qi, kj) * scale - li).exp();

@@ -312,6 +312,7 @@ pub fn shape_config(name: &str) -> Option<ModelConfig> {
             tied: true,
             qkv_bias: arch == Arch::Qwen2,
             qk_norm: arch == Arch::Qwen3,
+            gemma3: None,
         }
     }
     let c = match name.to_ascii_lowercase().as_str() {
