@@ -210,6 +210,8 @@ fn matches_reference_llama_q4_k_tied() {
 #[test]
 fn base_logprobs_every_type() {
     for ty in [
+        GgmlType::F16,
+        GgmlType::Q4_K,
         GgmlType::BF16,
         GgmlType::Q4_0,
         GgmlType::Q4_1,

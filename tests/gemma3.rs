@@ -1,7 +1,8 @@
 //! Gemma 3 on `init-model` tiny models (dim 64, 2 layers: layer 0 local with a window of 4,
 //! layer 1 global; rope bases 1e4 local / 1e6 global): the config read from GGUF, errors naming a
 //! missing key or tensor, llama.cpp (the oracle) against the f64 reference with and without an
-//! exported GGUF adapter, PEFT names for `Gemma3ForCausalLM`, `info` calling it trainable.
+//! exported GGUF adapter, PEFT names for `Gemma3ForCausalLM` (and import back), `info` calling it
+//! trainable.
 //!
 //! Tolerances (max |Δ log-prob| over the 23 scored tokens, 24-token sequences, so most queries of
 //! the local layer see only 4 keys), measured with
@@ -19,7 +20,8 @@ mod common;
 
 use bfpo_lite::data::Example;
 use bfpo_lite::export::gguf_adapter::{AdapterDType, Provenance, read_adapter, write_adapter};
-use bfpo_lite::export::peft::{peft_config, peft_tensors};
+use bfpo_lite::export::peft::{PeftOptions, peft_config, peft_tensors, write_peft};
+use bfpo_lite::export::peft_import::read_peft;
 use bfpo_lite::gguf::{GgmlType, GgufFile, GgufWriter, Value};
 use bfpo_lite::model::init::InitSpec;
 use bfpo_lite::model::reference::RefModel;
@@ -118,6 +120,37 @@ fn config_of_a_tiny_gemma3() {
     assert!(w.layers.iter().all(|l| l.post_attn_norm.is_some()
         && l.post_ffn_norm.is_some()
         && l.attn_q_norm.is_some()));
+    // Every tensor of the file is used, and the parameter count agrees.
+    assert_eq!(w.all().len(), file.tensors().len());
+    let n: u64 = file.tensors().iter().map(|t| t.n_elements()).sum();
+    assert_eq!(cfg.n_params(), n);
+    // init-model's scales: next-token distributions neither uniform nor one-hot. Tied, the
+    // head reads back the √d-scaled input embedding that dominates the residual stream, so the
+    // model leans towards repeating its input token (lower entropy than untied).
+    for (tied, lo) in [(false, 0.2), (true, 0.05)] {
+        let file = GgufFile::open(&models::tiny_model(Arch::Gemma3, GgmlType::F32, tied)).unwrap();
+        let cfg = ModelConfig::from_gguf(&file).unwrap();
+        let m = RefModel::new(&cfg, &Weights::from_gguf(&file, &cfg).unwrap()).unwrap();
+        let logits = m.logits(&example(cfg.n_vocab).ids, None).unwrap();
+        let entropy = |l: &[f64]| {
+            let mx = l.iter().cloned().fold(f64::MIN, f64::max);
+            let z: f64 = l.iter().map(|v| (v - mx).exp()).sum();
+            -l.iter()
+                .map(|v| {
+                    let p = (v - mx).exp() / z;
+                    if p > 0.0 { p * p.ln() } else { 0.0 }
+                })
+                .sum::<f64>()
+        };
+        let frac = logits.iter().map(|l| entropy(l)).sum::<f64>()
+            / logits.len() as f64
+            / (cfg.n_vocab as f64).ln();
+        eprintln!("gemma3 tied={tied}: mean entropy {frac:.3} of ln(vocab)");
+        assert!(
+            (lo..=0.9).contains(&frac),
+            "tied={tied}: mean entropy {frac:.3} of ln(vocab)"
+        );
+    }
 }
 
 /// llama.cpp's rule without `sliding_window_pattern`: every 6th layer (5, 11, …) is global.
@@ -176,6 +209,13 @@ fn missing_keys_and_tensors_are_named() {
         let e = load_err(&file);
         assert!(e.contains(t), "{t}: {e}");
     }
+    let mut w = copy(&src, &[], &[]);
+    w.set("gemma3.attention.sliding_window_pattern", Value::U32(1));
+    let e = load_err(&GgufFile::from_bytes(w.to_bytes()).unwrap());
+    assert!(
+        e.contains("sliding_window_pattern") && e.contains("no layer is local"),
+        "{e}"
+    );
     let mut w = copy(&src, &[], &[]);
     w.set("gemma3.final_logit_softcapping", Value::F32(30.0));
     let e = load_err(&GgufFile::from_bytes(w.to_bytes()).unwrap());
@@ -308,6 +348,19 @@ fn peft_names_follow_gemma3_for_causal_lm() {
     assert_eq!(qb.shape, [cfg.q_dim(), 4]);
     let c = peft_config(&lora, &cfg, Some("google/gemma-3-270m"));
     assert_eq!(c["base_model_name_or_path"], "google/gemma-3-270m");
+    // Written and read back (import-peft): the same adapter.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = PeftOptions {
+        dtype: AdapterDType::F32,
+        base_model_name_or_path: None,
+    };
+    write_peft(dir.path(), &lora, &cfg, &opts).unwrap();
+    let (back, _) = read_peft(dir.path(), &cfg).unwrap();
+    assert_eq!(back.tensors.len(), lora.tensors.len());
+    for (a, b) in back.tensors.iter().zip(&lora.tensors) {
+        assert_eq!((a.layer, a.target), (b.layer, b.target));
+        assert_eq!((&a.a, &a.b), (&b.a, &b.b), "{:?} {}", a.target, a.layer);
+    }
 }
 
 #[test]
@@ -326,4 +379,53 @@ fn info_says_a_gemma3_is_trainable() {
         .unwrap_or_else(|| panic!("no trainable line in {text}"));
     assert!(line.contains("yes"), "{line}");
     assert!(text.contains("gemma3"), "{text}");
+}
+
+/// A whole tune job on a tiny gemma3 with `--engine auto`: it runs on the CPU engine (the wgpu
+/// engine has no Gemma 3 kernels), LoRA on all seven projections, and writes the adapter.
+#[test]
+fn a_tune_job_with_engine_auto_trains_a_gemma3_on_the_cpu_engine() {
+    use bfpo_lite::run::{Event, TuneJob};
+    use bfpo_lite::train::config::EngineKind;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::tune::config(
+        models::tiny_model(Arch::Gemma3, GgmlType::Q8_0, true),
+        common::tune::demo_file("heldout.jsonl"),
+        dir.path(),
+    );
+    cfg.engine = EngineKind::Auto;
+    cfg.targets = "all".into();
+    let mut engines = Vec::new();
+    let mut obs = |e: &Event| {
+        if let Event::Engine { description } = e {
+            engines.push(description.clone());
+        }
+    };
+    let mut run = TuneJob::from_config(cfg)
+        .unwrap()
+        .prepare(&mut obs)
+        .unwrap();
+    let outcome = run.train(&mut obs).unwrap().clone();
+    assert_eq!(outcome.steps, 4);
+    run.finish(&mut obs).unwrap();
+    assert!(dir.path().join("adapter.gguf").exists());
+    assert_eq!(engines.len(), 1, "{engines:?}");
+    assert!(engines[0].to_lowercase().contains("cpu"), "{engines:?}");
+    let (lora, _, arch) = read_adapter(&dir.path().join("adapter.gguf")).unwrap();
+    assert_eq!(arch, "gemma3");
+    assert_eq!(lora.tensors.len(), 14, "7 targets × 2 layers");
+}
+
+/// The wgpu engine refuses gemma3 with the way out.
+#[test]
+fn the_wgpu_engine_refuses_gemma3_and_names_the_cpu_engine() {
+    let path = models::tiny_model(Arch::Gemma3, GgmlType::F32, true);
+    let file = GgufFile::open(&path).unwrap();
+    let cfg = ModelConfig::from_gguf(&file).unwrap();
+    let gpu = common::gpu::gpu();
+    let e = match bfpo_lite::gpu::forward::GpuModel::load(&gpu, &file, &cfg) {
+        Ok(_) => panic!("gemma3 on wgpu must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("gemma3") && e.contains("--engine cpu"), "{e}");
 }

@@ -268,6 +268,13 @@ fn gemma3_params(
         }
         None => (0..n_layer).map(|l| l % 6 < 5).collect(),
     };
+    if !local_layers.contains(&true) {
+        // llama.cpp aborts the process on such a file (it asserts a local layer exists).
+        return Err(bad(
+            &pat_key,
+            "no layer is local (sliding-window); llama.cpp cannot load such a gemma3 file",
+        ));
+    }
     let base_key = k("rope.freq_base_swa");
     let rope_base_local = opt_f32(file, &base_key)?.unwrap_or(10000.0);
     if !(rope_base_local.is_finite() && rope_base_local > 0.0) {
