@@ -17,8 +17,9 @@
 //! x86-64 VM): CPU engine vs f64 reference 1.5e-7 – 1.7e-7 nats/token; llama.cpp (exact mode) vs
 //! reference 9.1e-3 – 4.6e-2 nats/token, at most 0.22 on one token (8-bit activations in its
 //! quantized matmuls, f16 GELU table); on the F32 copy 1.1e-4 – 7.7e-4 nats/token, at most
-//! 5.6e-3 on one token (the f16 GELU table alone); one CPU step 1.4 s, BFPO loss 10000 → 9395; adapter ×20
-//! moves chosen by +12.95 in llama.cpp vs +12.87 in the CPU engine, rejected −44.25 vs −44.54.
+//! 5.6e-3 on one token (the f16 GELU table alone); one CPU step 1.4 s, BFPO loss 10000 → 9395;
+//! adapter ×20 moves chosen by +12.95 in llama.cpp vs +12.87 in the CPU engine, rejected −44.25
+//! vs −44.54.
 
 mod common;
 
