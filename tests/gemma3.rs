@@ -429,3 +429,33 @@ fn the_wgpu_engine_refuses_gemma3_and_names_the_cpu_engine() {
     };
     assert!(e.contains("gemma3") && e.contains("--engine cpu"), "{e}");
 }
+
+/// `export --format merged` on a gemma3: the merged model (F16 matrices) in llama.cpp scores
+/// like the base with the adapter, and like the reference with the adapter.
+#[test]
+fn merged_gemma3_matches_base_plus_adapter() {
+    use bfpo_lite::export::merge::write_merged;
+    let dir = tempfile::tempdir().unwrap();
+    let path = models::tiny_model(Arch::Gemma3, GgmlType::F32, false);
+    let file = GgufFile::open(&path).unwrap();
+    let cfg = ModelConfig::from_gguf(&file).unwrap();
+    let lora = lora_for(&cfg, 21);
+    let mpath = dir.path().join("merged.gguf");
+    write_merged(&path, "gemma3", &lora, None, &mpath).unwrap();
+    let ex = example(cfg.n_vocab);
+    let reference = RefModel::new(&cfg, &Weights::from_gguf(&file, &cfg).unwrap()).unwrap();
+    let want = reference.token_logprobs(&ex, Some(&lora)).unwrap();
+    let base = reference.token_logprobs(&ex, None).unwrap();
+    let merged = llama_logprobs(
+        &RtModel::load(&mpath, &LoadOptions::default()).unwrap(),
+        &ex,
+    );
+    let err = max_diff(&merged, &want);
+    let effect = max_diff(&want, &base);
+    eprintln!(
+        "gemma3 merged F16 in llama.cpp vs reference + adapter {err:.2e}; adapter effect {effect:.2e}"
+    );
+    // F16 weights and activations in llama.cpp (tests/export_llama.rs: 4.7e-3 for llama).
+    assert!(err <= 2e-2, "{err}");
+    assert!(effect > 0.1, "adapter effect only {effect}");
+}
