@@ -78,6 +78,7 @@ fn config(
         tied: true,
         qkv_bias: arch == Arch::Qwen2,
         qk_norm: false,
+        gemma3: None,
     }
 }
 

@@ -2,7 +2,8 @@
 // score matrix is never stored.
 //
 // B sequences padded to L rows each (T = B·L); row t = b·L + i is query i of sequence b.
-// Query (b, i) with i < lens[b] attends keys (b, j) for j ≤ i; query head h reads KV head
+// Query (b, i) with i < lens[b] attends keys (b, j) for j ≤ i (and i − j < window when the
+// window is nonzero: gemma3's sliding-window layers); query head h reads KV head
 // h / (n_head / n_head_kv) (contiguous groups). Per (row, head):
 //   s_j = scale · q·k_j,  m = max_j s_j,  l = Σ_j exp(s_j − m)
 //   o   = Σ_j exp(s_j − m)·v_j / l,       lse = m + ln l   (kept for the backward pass)
@@ -21,8 +22,8 @@ struct Params {
     n_head_kv: u32,  // KV heads (divides n_head)
     row_start: u32,  // first query row of this dispatch
     n_rows: u32,     // query rows in this dispatch
-    scale: f32,      // score scale, 1/√head_dim
-    _pad0: u32,
+    scale: f32,      // score scale (1/√head_dim unless the model says otherwise)
+    window: u32,     // 0: causal; else query i also sees only keys j with i − j < window
 }
 
 // head_dim / 4 (head_dim is a multiple of 4); the pipeline is specialised per head size.
@@ -65,7 +66,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     var m = -3.0e38;
     var l = 0.0;
     let row0 = b * p.seq_len;
-    for (var j = 0u; j <= i; j++) {
+    var j_first = 0u;
+    if (p.window != 0u && i + 1u > p.window) {
+        j_first = i + 1u - p.window;
+    }
+    for (var j = j_first; j <= i; j++) {
         let ko = ((row0 + j) * p.n_head_kv + kvh) * HD4;
         var s4 = vec4<f32>(0.0);
         for (var d = 0u; d < HD4; d++) {

@@ -19,7 +19,8 @@
 // into workgroup memory, then each own output element (row, vec4 of head_dim) is accumulated by
 // one invocation over the tile's rows in order. Every output element is thus summed by one
 // invocation in a fixed order that depends only on the sequence and the tile sizes (not on how
-// the launcher splits dispatches): deterministic, no atomics. Masked pairs (j > i, or i ≥ len)
+// the launcher splits dispatches): deterministic, no atomics. Masked pairs (j > i, i ≥ len, or
+// i − j ≥ window when the window is nonzero)
 // contribute exact zeros. Tile rows are padded by one vec4 (row stride HD4 + 1) so neighbouring
 // invocations reading different rows hit different banks. No subgroup operations.
 //
@@ -34,8 +35,8 @@ struct Params {
     n_head_kv: u32,  // KV heads (divides n_head)
     blk_start: u32,  // first block of this dispatch (block kb of NA own rows of sequence b: kb·B + b)
     n_blk: u32,      // blocks in this dispatch (× heads of the pass = workgroups)
-    scale: f32,      // score scale, 1/√head_dim
-    _pad0: u32,
+    scale: f32,      // score scale (1/√head_dim unless the model says otherwise)
+    window: u32,     // 0: causal; else query i also sees only keys j with i − j < window
 }
 
 const HD4: u32 = ${HD4}u;   // head_dim / 4
@@ -126,7 +127,7 @@ fn tile_pairs(li: u32, r0: u32, sb0: u32, len: u32) {
                 let s = (s4[c].x + s4[c].y) + (s4[c].z + s4[c].w);
                 let dp = (dp4[c].x + dp4[c].y) + (dp4[c].z + dp4[c].w);
                 let pr = exp(s - l.x);
-                let ok = qi < len && kj <= qi;
+                let ok = qi < len && kj <= qi && (p.window == 0u || qi - kj < p.window);
                 pt[a * NB + bb] = select(0.0, pr, ok);
                 dst[a * NB + bb] = select(0.0, pr * (dp - l.y), ok);
             }

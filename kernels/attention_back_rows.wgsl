@@ -7,7 +7,8 @@
 //   dq_i    = scale·Σ_{j≤i} dS[i,j]·k_j
 //   dk_j    = scale·Σ_{h ∈ group(g)} Σ_{j≤i<len} dS[i,j]·q_i
 //   dv_j    = Σ_{h ∈ group(g)} Σ_{j≤i<len} P[i,j]·dO_i
-// Padding rows (i ≥ len) get zero gradients.
+// Padding rows (i ≥ len) get zero gradients. With a nonzero window, pairs with i − j ≥ window
+// are masked too (P = 0).
 //
 // The per-row form, for CPU adapters (lavapipe), where each invocation's q / dO (or k / v) row
 // and accumulators live in registers and workgroup memory is no faster than a cached global
@@ -26,8 +27,8 @@ struct Params {
     n_head_kv: u32,  // KV heads (divides n_head)
     row_start: u32,  // first row of this dispatch (query rows in PASS 0, key rows in PASS 1)
     n_rows: u32,     // rows in this dispatch
-    scale: f32,      // score scale, 1/√head_dim
-    _pad0: u32,
+    scale: f32,      // score scale (1/√head_dim unless the model says otherwise)
+    window: u32,     // 0: causal; else query i also sees only keys j with i − j < window
 }
 
 const HD4: u32 = ${HD4}u;   // head_dim / 4
@@ -63,7 +64,11 @@ fn dq_pass(g: u32) {
         }
         let ld = lsed[t * p.n_head + h];
         let row0 = b * p.seq_len;
-        for (var j = 0u; j <= i; j++) {
+        var j_first = 0u;
+        if (p.window != 0u && i + 1u > p.window) {
+            j_first = i + 1u - p.window;
+        }
+        for (var j = j_first; j <= i; j++) {
             let ko = ((row0 + j) * p.n_head_kv + kvh) * HD4;
             var s4 = vec4<f32>(0.0);
             var dp4 = vec4<f32>(0.0);
@@ -109,7 +114,11 @@ fn dkv_pass(g: u32) {
         let row0 = b * p.seq_len;
         for (var hh = 0u; hh < group; hh++) {
             let h = kvh * group + hh;
-            for (var i = j; i < len; i++) {
+            var i_end = len;
+            if (p.window != 0u) {
+                i_end = min(len, j + p.window);
+            }
+            for (var i = j; i < i_end; i++) {
                 let qo = ((row0 + i) * p.n_head + h) * HD4;
                 var s4 = vec4<f32>(0.0);
                 var dp4 = vec4<f32>(0.0);

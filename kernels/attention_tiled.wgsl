@@ -19,8 +19,8 @@ struct Params {
     n_head_kv: u32,  // KV heads (divides n_head)
     blk_start: u32,  // first block of this dispatch (block kb of NA rows of sequence b: kb·B + b)
     n_blk: u32,      // blocks in this dispatch (× n_head = workgroups)
-    scale: f32,      // score scale, 1/√head_dim
-    _pad0: u32,
+    scale: f32,      // score scale (1/√head_dim unless the model says otherwise)
+    window: u32,     // 0: causal; else query i also sees only keys j with i − j < window
 }
 
 const HD4: u32 = ${HD4}u;   // head_dim / 4
@@ -57,6 +57,11 @@ var<workgroup> crow: array<f32, NA>;            // this tile's rescale factor pe
 fn out_at(li: u32, n: u32) -> vec2<u32> {
     let e = li + n * WG;
     return vec2<u32>(e / HD4, e % HD4);
+}
+
+// Key j is visible from query i: causal, and within the sliding window when there is one.
+fn visible(i: u32, j: u32) -> bool {
+    return j <= i && (p.window == 0u || i - j < p.window);
 }
 
 @compute @workgroup_size(32)
@@ -146,7 +151,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             let m_old = mrow[r];
             var m_new = m_old;
             for (var bb = 0u; bb < NB; bb++) {
-                if (i < len && j0 + bb <= i) {
+                if (i < len && visible(i, j0 + bb)) {
                     m_new = max(m_new, st[r * NB + bb]);
                 }
             }
@@ -154,7 +159,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             var l = lrow[r] * c;
             for (var bb = 0u; bb < NB; bb++) {
                 var e = 0.0;
-                if (i < len && j0 + bb <= i) {
+                if (i < len && visible(i, j0 + bb)) {
                     e = exp(st[r * NB + bb] - m_new);
                 }
                 st[r * NB + bb] = e;

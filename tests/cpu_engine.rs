@@ -1,6 +1,6 @@
 //! The native CPU engine (`bfpo_lite::cpu`) against the f64 reference model on `init-model`
 //! tiny models: per-sequence log-probs on every supported weight type and on llama, qwen2
-//! (biases) and qwen3 (q/k norms), tied and untied; LoRA gradients (all seven targets, random
+//! (biases), qwen3 (q/k norms) and gemma3 (post-norms, GeGLU, sliding window), tied and untied; LoRA gradients (all seven targets, random
 //! nonzero A and B, weights of mixed signs) against the reference's analytic gradients; LoRA
 //! dropout against the reference's dropout forward/backward; and the determinism rules: the same
 //! bits with 1 and 2 threads, and a sequence's log-prob independent of the batch it is in (so the
@@ -11,7 +11,7 @@ mod common;
 use bfpo_lite::cpu::NativeEngine;
 use bfpo_lite::data::Example;
 use bfpo_lite::gguf::{GgmlType, GgufFile};
-use bfpo_lite::model::init::InitSpec;
+use bfpo_lite::model::init::{InitSpec, WeightType};
 use bfpo_lite::model::lora::dropout::Dropout;
 use bfpo_lite::model::reference::RefModel;
 use bfpo_lite::model::{Arch, ModelConfig, Weights};
@@ -175,6 +175,30 @@ fn matches_reference_qwen3_f16_untied() {
 }
 
 #[test]
+fn matches_reference_gemma3_f32_tied() {
+    check(
+        &common::models::tiny_model(Arch::Gemma3, GgmlType::F32, true),
+        "gemma3 f32",
+    );
+}
+
+#[test]
+fn matches_reference_gemma3_q8_0_untied() {
+    check(
+        &common::models::tiny_model(Arch::Gemma3, GgmlType::Q8_0, false),
+        "gemma3 q8_0",
+    );
+}
+
+#[test]
+fn matches_reference_gemma3_q4_k_m_tied() {
+    check(
+        &common::models::tiny_kquant_model(Arch::Gemma3, WeightType::Q4KM, true),
+        "gemma3 q4_k_m",
+    );
+}
+
+#[test]
 fn matches_reference_llama_q4_k_tied() {
     check(
         &common::models::tiny_kquant_model(Arch::Llama, GgmlType::Q4_K, true),
@@ -182,10 +206,12 @@ fn matches_reference_llama_q4_k_tied() {
     );
 }
 
-/// Every supported weight type, base log-probs only (llama and qwen2).
+/// Every supported weight type, base log-probs only (llama, qwen2, gemma3).
 #[test]
 fn base_logprobs_every_type() {
     for ty in [
+        GgmlType::F16,
+        GgmlType::Q4_K,
         GgmlType::BF16,
         GgmlType::Q4_0,
         GgmlType::Q4_1,
@@ -194,7 +220,7 @@ fn base_logprobs_every_type() {
         GgmlType::Q5_K,
         GgmlType::Q6_K,
     ] {
-        for arch in [Arch::Llama, Arch::Qwen2] {
+        for arch in [Arch::Llama, Arch::Qwen2, Arch::Gemma3] {
             let path = common::models::model(&InitSpec {
                 dim: 256,
                 ff: 512,
@@ -269,6 +295,33 @@ fn same_bits_across_thread_counts_and_recompute() {
         Arch::Qwen2,
         GgmlType::Q4_1,
         false,
+    ));
+    let lora = lora_for(&m.cfg, 2, 0.3, 0.0);
+    let exs = examples(m.cfg.n_vocab, 8);
+    let run = |threads: usize, budget: u64| {
+        let mut e = engine(&m, lora.clone(), threads).with_activation_memory(budget);
+        let lp: Vec<u64> = e
+            .forward_train(&refs(&exs))
+            .unwrap()
+            .iter()
+            .map(|s| s.logp.to_bits())
+            .collect();
+        e.backward(&SEQ_WEIGHTS).unwrap();
+        let g: Vec<u32> = grads_of(&mut e).iter().map(|v| v.to_bits()).collect();
+        (lp, g)
+    };
+    let one = run(1, u64::MAX);
+    assert_eq!(one, run(2, u64::MAX), "1 vs 2 threads");
+    assert_eq!(one, run(2, 0), "kept vs recomputed layers");
+}
+
+/// The same for gemma3 (post-norms, GeGLU, the sliding window, two rope tables).
+#[test]
+fn gemma3_same_bits_across_thread_counts_and_recompute() {
+    let m = load(&common::models::tiny_model(
+        Arch::Gemma3,
+        GgmlType::Q4_1,
+        true,
     ));
     let lora = lora_for(&m.cfg, 2, 0.3, 0.0);
     let exs = examples(m.cfg.n_vocab, 8);

@@ -2,8 +2,8 @@
 //! `AttnKernel::Tiled`, `kernels/attention_tiled.wgsl`) against the f64 reference
 //! (`attention_ref`), whatever the adapter would pick: lengths that are not multiples of the
 //! tiles, padding (lens < L, an empty sequence), GQA groups of 1 and 3, small and large
-//! head_dim, several sequences and dispatch splits; bit-reproducibility across splits; the
-//! tiles' workgroup memory.
+//! head_dim, several sequences and dispatch splits; a sliding window with another score scale
+//! (gemma3); bit-reproducibility across splits; the tiles' workgroup memory.
 
 mod common;
 
@@ -74,6 +74,57 @@ fn attention_kernels_match_reference() {
                 format!("{kernel:?} attention B {b} L {l} lens {lens:?} heads {nh}/{nkv} hd {hd}");
             assert_close(&format!("{what} o"), &go, &wo, ATTENTION_TOL);
             assert_close(&format!("{what} lse"), &gl, &wl, ATTENTION_TOL);
+        }
+    }
+}
+
+/// gemma3's local layers: a sliding window (query i sees keys j with i − j < window) and a score
+/// scale other than 1/√head_dim, both kernels, against the f64 reference; a window of 1 gives
+/// o = v of the row's own key; a window ≥ L equals plain causal attention.
+#[test]
+fn attention_kernels_with_a_sliding_window_match_reference() {
+    let gpu = common::gpu::gpu();
+    let mut rng = Rng::new(109);
+    // (B, L, lens, n_head, n_head_kv, head_dim, window, rows per dispatch)
+    type Case = (usize, usize, Vec<u32>, usize, usize, usize, usize, usize);
+    let cases: [Case; 5] = [
+        (2, 37, vec![37, 20], 4, 1, 64, 5, usize::MAX),
+        (3, 19, vec![19, 7, 1], 6, 2, 12, 3, 4),
+        (1, 40, vec![40], 2, 1, 256, 16, 8),
+        (2, 9, vec![9, 9], 2, 2, 16, 1, usize::MAX),
+        (1, 21, vec![21], 2, 1, 32, 64, usize::MAX),
+    ];
+    for (b, l, lens, nh, nkv, hd, w, split) in cases {
+        let shape = AttnShape::new(b, l, nh, nkv, hd).with_scale_window(0.0625, Some(w));
+        let t = b * l;
+        let q = rng.normal_vec(t * nh * hd, 1.0);
+        let k = rng.normal_vec(t * nkv * hd, 1.0);
+        let v = rng.normal_vec(t * nkv * hd, 1.0);
+        let (wo, wl) = attention_ref(&shape, &q, &k, &v, &lens);
+        if w >= l {
+            let causal = AttnShape::new(b, l, nh, nkv, hd).with_scale_window(0.0625, None);
+            assert_eq!(
+                attention_ref(&causal, &q, &k, &v, &lens),
+                (wo.clone(), wl.clone())
+            );
+        }
+        for kernel in KERNELS {
+            let (go, gl) = run(&gpu, &shape, kernel, &q, &k, &v, &lens, split);
+            let what =
+                format!("{kernel:?} attention B {b} L {l} heads {nh}/{nkv} hd {hd} window {w}");
+            assert_close(&format!("{what} o"), &go, &wo, ATTENTION_TOL);
+            assert_close(&format!("{what} lse"), &gl, &wl, ATTENTION_TOL);
+            if w == 1 {
+                // Each query sees only its own key: o = v of its KV head.
+                for r in 0..t {
+                    for h in 0..nh {
+                        let g = h / (nh / nkv);
+                        let o = &go[(r * nh + h) * hd..(r * nh + h + 1) * hd];
+                        let vr = &v[(r * nkv + g) * hd..(r * nkv + g + 1) * hd];
+                        assert_close(&format!("{what} row {r}"), o, vr, ATTENTION_TOL);
+                    }
+                }
+            }
         }
     }
 }

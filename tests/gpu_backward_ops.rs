@@ -314,6 +314,44 @@ fn attention_back_gpu(
     )
 }
 
+/// gemma3's local layers: sliding window and another score scale, both backward kernels,
+/// against the f64 reference (which is checked against finite differences).
+#[test]
+fn attention_backward_with_a_sliding_window_matches_reference() {
+    let gpu = common::gpu::gpu();
+    let mut rng = Rng::new(105);
+    let cases = [
+        AttnCase {
+            shape: AttnShape::new(2, 37, 4, 1, 64).with_scale_window(0.0625, Some(5)),
+            lens: vec![37, 20],
+            split: usize::MAX,
+        },
+        AttnCase {
+            shape: AttnShape::new(3, 19, 6, 2, 12).with_scale_window(0.3, Some(3)),
+            lens: vec![19, 7, 1],
+            split: 4,
+        },
+        AttnCase {
+            shape: AttnShape::new(1, 21, 2, 2, 16).with_scale_window(0.25, Some(1)),
+            lens: vec![21],
+            split: 3,
+        },
+    ];
+    for c in &cases {
+        let s = &c.shape;
+        let (q, k, v, dout) = attn_inputs(&mut rng, s);
+        let (wq, wk, wv) = attention_backward_ref(s, &q, &k, &v, &dout, &c.lens);
+        for kernel in ATTN_BACK_KERNELS {
+            let (dq, dk, dv) = attention_back_gpu(&gpu, c, kernel, &q, &k, &v, &dout);
+            let what = format!(
+                "{kernel:?} attention back B {} L {} heads {}/{} hd {} window {}",
+                s.n_seq, s.seq_len, s.n_head, s.n_head_kv, s.head_dim, s.window
+            );
+            assert_grads_close(&what, (&dq, &dk, &dv), (&wq, &wk, &wv));
+        }
+    }
+}
+
 #[test]
 fn attention_backward_matches_reference_padded_gqa() {
     let gpu = common::gpu::gpu();

@@ -27,6 +27,7 @@ fn cfg(arch: Arch, tied: bool) -> ModelConfig {
         tied,
         qkv_bias: arch == Arch::Qwen2,
         qk_norm: arch == Arch::Qwen3,
+        gemma3: None,
     }
 }
 
@@ -146,6 +147,8 @@ fn from_weights_maps_every_tensor_like_a_hand_assembled_model() {
                     ffn_gate: get("ffn_gate.weight"),
                     ffn_up: get("ffn_up.weight"),
                     ffn_down: get("ffn_down.weight"),
+                    post_attn_norm: opt("post_attention_norm.weight"),
+                    post_ffn_norm: opt("post_ffw_norm.weight"),
                 }
             })
             .collect();
@@ -178,6 +181,8 @@ fn from_weights_maps_every_tensor_like_a_hand_assembled_model() {
                     w_gate: get("ffn_gate.weight"),
                     w_up: get("ffn_up.weight"),
                     w_down: get("ffn_down.weight"),
+                    post_attn_norm: opt("post_attention_norm.weight"),
+                    post_ffn_norm: opt("post_ffw_norm.weight"),
                 }
             })
             .collect();

@@ -1,22 +1,24 @@
 //! Whole-model CPU reference: LoRA gradients against central finite differences in f64 for every
-//! target, llama / qwen2 / qwen3, tied and untied; forward identities that do not rely on the
+//! target, llama / qwen2 / qwen3 / gemma3, tied and untied; forward identities that do not rely on the
 //! code under test (LoRA ≡ merged weights, GQA ≡ duplicated KV heads, NORM rope on permuted rows ≡
-//! NEOX rope, tied ≡ untied with a copied head, causality); input errors.
+//! NEOX rope, tied ≡ untied with a copied head, causality, gemma3's sliding window); input
+//! errors.
 
 use bfpo_lite::data::Example;
 use bfpo_lite::model::reference::{RefError, RefModel, RefWeights};
-use bfpo_lite::model::{Arch, ModelConfig};
+use bfpo_lite::model::{Arch, Gemma3Params, ModelConfig};
 use bfpo_lite::train::lora::{LoraSpec, LoraTensor, LoraWeights, Target};
 use bfpo_lite::util::close::{Tol, assert_close};
 
 /// A tiny model of each architecture (d 24, 2 layers, vocab 37). llama: partial rotation
 /// (n_rot 4 of head_dim 6), llama3 rope_freqs and linear position scaling; qwen2: QKV biases;
-/// qwen3: per-head q/k norms and n_head·head_dim (32) ≠ n_embd (24).
+/// qwen3: per-head q/k norms and n_head·head_dim (32) ≠ n_embd (24); gemma3: as qwen3 plus
+/// post-norms, GeGLU, the √d embedding scale, a window of 3 on layer 0 with its own rope base.
 fn tiny(arch: Arch, tied: bool) -> ModelConfig {
     let (head_dim, n_rot, freqs, pos_scale) = match arch {
         Arch::Llama => (6, 4, Some(vec![1.0, 3.0]), 0.5),
         Arch::Qwen2 => (6, 6, None, 1.0),
-        Arch::Qwen3 => (8, 8, None, 1.0),
+        Arch::Qwen3 | Arch::Gemma3 => (8, 8, None, 1.0),
     };
     ModelConfig {
         arch,
@@ -37,7 +39,15 @@ fn tiny(arch: Arch, tied: bool) -> ModelConfig {
         rope_freqs: freqs,
         tied,
         qkv_bias: arch == Arch::Qwen2,
-        qk_norm: arch == Arch::Qwen3,
+        qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
+        // Window 3 over sequences of up to 7 tokens; layer 0 local, layer 1 global; a q·k factor
+        // other than 1/√hd so a wrong scale shows.
+        gemma3: (arch == Arch::Gemma3).then(|| Gemma3Params {
+            sliding_window: 3,
+            local_layers: vec![true, false],
+            rope_base_local: 10000.0,
+            attn_scale: 0.3,
+        }),
     }
 }
 
@@ -183,6 +193,16 @@ fn lora_grads_match_fd_qwen3_untied() {
 }
 
 #[test]
+fn lora_grads_match_fd_gemma3_tied() {
+    check_grads(Arch::Gemma3, true);
+}
+
+#[test]
+fn lora_grads_match_fd_gemma3_untied() {
+    check_grads(Arch::Gemma3, false);
+}
+
+#[test]
 fn lora_grads_on_a_subset_of_targets_and_layers() {
     let cfg = tiny(Arch::Qwen2, true);
     let m = RefModel::from_parts(cfg.clone(), RefWeights::random(&cfg, 6)).unwrap();
@@ -224,7 +244,7 @@ fn flat(v: Vec<Vec<f64>>) -> Vec<f64> {
 
 #[test]
 fn lora_forward_equals_merged_weights() {
-    for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma3] {
         let cfg = tiny(arch, false);
         let w = RefWeights::random(&cfg, 7);
         let mut lora = lora_for(&cfg, &Target::ALL);
@@ -294,7 +314,7 @@ fn zero_b_reproduces_the_base_model_exactly() {
 
 #[test]
 fn causal_earlier_positions_ignore_later_tokens() {
-    for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma3] {
         let m = model(&tiny(arch, false), 9);
         let a = m.logits(&IDS, None).unwrap();
         let mut ids2 = IDS;
@@ -308,11 +328,45 @@ fn causal_earlier_positions_ignore_later_tokens() {
     }
 }
 
+/// gemma3 local layers: with every layer local (window w, 2 layers), a token influences only the
+/// positions less than 2·(w − 1) + 1 after it; one global layer makes every later position
+/// depend on it. Relies only on causality and the window, not on the masking code's indexing.
+#[test]
+fn gemma3_sliding_window_limits_the_receptive_field() {
+    let mut cfg = tiny(Arch::Gemma3, true);
+    let w = cfg.gemma3.as_ref().unwrap().sliding_window;
+    cfg.gemma3.as_mut().unwrap().local_layers = vec![true, true];
+    let m = model(&cfg, 9);
+    let a = m.logits(&IDS, None).unwrap();
+    let mut ids2 = IDS;
+    ids2[0] = 1;
+    let b = m.logits(&ids2, None).unwrap();
+    let reach = 2 * (w - 1);
+    for p in 0..IDS.len() {
+        if p <= reach {
+            assert_ne!(a[p], b[p], "position {p} is within reach of token 0");
+        } else {
+            assert_eq!(a[p], b[p], "position {p} is beyond two windows of token 0");
+        }
+    }
+    cfg.gemma3.as_mut().unwrap().local_layers = vec![true, false];
+    let g = model(&cfg, 9);
+    let (a, b) = (
+        g.logits(&IDS, None).unwrap(),
+        g.logits(&ids2, None).unwrap(),
+    );
+    assert_ne!(
+        a[IDS.len() - 1],
+        b[IDS.len() - 1],
+        "a global layer sees token 0"
+    );
+}
+
 #[test]
 fn gqa_equals_mha_with_duplicated_kv_heads() {
     // n_head_kv = 2 with groups of 2 query heads ≡ n_head_kv = 4 where KV head j is a copy of
     // head j/2 (query head h uses KV head h / (n_head/n_head_kv)).
-    for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma3] {
         let cfg = tiny(arch, true);
         let w = RefWeights::random(&cfg, 10);
         let mut cfg4 = cfg.clone();
@@ -451,7 +505,7 @@ fn bad_inputs_are_clear_errors() {
 #[test]
 fn single_layer_backward_matches_fd() {
     use bfpo_lite::util::Rng;
-    for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma3] {
         let cfg = tiny(arch, true);
         let m = model(&cfg, 16);
         let lora = lora_for(&cfg, &Target::ALL);

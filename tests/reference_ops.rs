@@ -199,6 +199,57 @@ fn attention_back_matches_fd_with_gqa() {
     }
 }
 
+/// Sliding window and another q·k factor (gemma3's local layers): the backward against finite
+/// differences, and window ≥ T equals plain causal attention.
+#[test]
+fn windowed_attention_back_matches_fd() {
+    let mut r = Rng::new(15);
+    for (t, n_head, n_kv, hd, w) in [(7, 4, 2, 3, 3), (6, 2, 1, 4, 1), (5, 2, 2, 2, 2)] {
+        let opts = AttnOpts {
+            scale: 0.37,
+            window: Some(w),
+        };
+        let q = randn(&mut r, t * n_head * hd, 1.0);
+        let k = randn(&mut r, t * n_kv * hd, 1.0);
+        let v = randn(&mut r, t * n_kv * hd, 1.0);
+        let dout = randn(&mut r, q.len(), 1.0);
+        let (dq, dk, dv) = attention_back_opts(&q, &k, &v, &dout, n_head, n_kv, hd, opts);
+        let f =
+            |q: &[f64], k: &[f64], v: &[f64]| attention_fwd_opts(q, k, v, n_head, n_kv, hd, opts);
+        let fq = fd_grad(&q, &dout, |q| f(q, &k, &v));
+        let fk = fd_grad(&k, &dout, |k| f(&q, k, &v));
+        let fv = fd_grad(&v, &dout, |v| f(&q, &k, v));
+        let what = format!("T {t} heads {n_head}/{n_kv} hd {hd} window {w}");
+        assert_close(&format!("attention dq {what}"), &dq, &fq, FD_TOL);
+        assert_close(&format!("attention dk {what}"), &dk, &fk, FD_TOL);
+        assert_close(&format!("attention dv {what}"), &dv, &fv, FD_TOL);
+        // Window 1: every query sees only itself, so out = v of its KV head.
+        if w == 1 {
+            let out = f(&q, &k, &v);
+            for i in 0..t {
+                for h in 0..n_head {
+                    let g = h / (n_head / n_kv);
+                    let o = &out[(i * n_head + h) * hd..(i * n_head + h + 1) * hd];
+                    let vi = &v[(i * n_kv + g) * hd..(i * n_kv + g + 1) * hd];
+                    assert_close("window 1", o, vi, Tol::new(1e-12, 1e-12));
+                }
+            }
+        }
+    }
+    let (t, hd) = (5, 3);
+    let q = randn(&mut r, t * 2 * hd, 1.0);
+    let k = randn(&mut r, t * 2 * hd, 1.0);
+    let v = randn(&mut r, t * 2 * hd, 1.0);
+    let wide = AttnOpts {
+        window: Some(t),
+        ..AttnOpts::causal(hd)
+    };
+    assert_eq!(
+        attention_fwd_opts(&q, &k, &v, 2, 2, hd, wide),
+        attention_fwd(&q, &k, &v, 2, 2, hd)
+    );
+}
+
 #[test]
 fn attention_fwd_fixed_cases() {
     // Position 0 attends only to itself: out = v_0. Position 1 with q = 0 averages v_0 and v_1.
@@ -260,6 +311,33 @@ fn swiglu_fwd_fixed_case() {
         &[0.0, 2.0 / (1.0 + 1.0 / e), -3.0 / (1.0 + e)],
         Tol::new(1e-15, 1e-15),
     );
+}
+
+#[test]
+fn geglu_back_matches_fd() {
+    let mut r = Rng::new(16);
+    let n = 13;
+    let g = randn(&mut r, n, 2.0);
+    let u = randn(&mut r, n, 1.0);
+    let ds = randn(&mut r, n, 1.0);
+    let (dg, du) = geglu_back(&g, &u, &ds);
+    let fg = fd_grad(&g, &ds, |g| geglu_fwd(g, &u));
+    let fu = fd_grad(&u, &ds, |u| geglu_fwd(&g, u));
+    assert_close("geglu dg", &dg, &fg, FD_TOL);
+    assert_close("geglu du", &du, &fu, FD_TOL);
+}
+
+#[test]
+fn gelu_tanh_fixed_cases() {
+    // gelu_tanh(0) = 0; odd part: gelu(z) − gelu(−z) = z; far tails: z and 0.
+    assert_eq!(gelu_tanh(0.0), 0.0);
+    for z in [0.3, 1.0, 2.5] {
+        assert!((gelu_tanh(z) - gelu_tanh(-z) - z).abs() < 1e-15, "{z}");
+    }
+    assert!((gelu_tanh(10.0) - 10.0).abs() < 1e-12);
+    assert!(gelu_tanh(-10.0).abs() < 1e-12);
+    // 0.5·(1 + tanh(√(2/π)·1.044715)) = 0.841191990… (tanh approximation at 1).
+    assert!((gelu_tanh(1.0) - 0.841_191_990_608_276_8).abs() < 1e-12);
 }
 
 #[test]

@@ -257,10 +257,20 @@ fn render_shape(o: &mut String, info: &Info) {
         row(o, "rope", rope);
         let mut extras = Vec::new();
         if c.qkv_bias {
-            extras.push("Q/K/V biases");
+            extras.push("Q/K/V biases".to_string());
         }
         if c.qk_norm {
-            extras.push("Q/K norms");
+            extras.push("Q/K norms".to_string());
+        }
+        if let Some(g) = &c.gemma3 {
+            let n_local = g.local_layers.iter().filter(|&&l| l).count();
+            extras.push(format!(
+                "post-norms, GeGLU, embedding ×√{}, {n_local} local layers (window {}, rope base {}) and {} global",
+                c.n_embd,
+                g.sliding_window,
+                g.rope_base_local,
+                c.n_layer - n_local
+            ));
         }
         if !extras.is_empty() {
             row(o, "extras", extras.join(", "));

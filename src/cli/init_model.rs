@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 fn parse_arch(s: &str) -> Result<Arch, String> {
     Arch::parse(&s.to_ascii_lowercase())
-        .ok_or_else(|| format!("unknown architecture {s:?}; choose llama, qwen2 or qwen3"))
+        .ok_or_else(|| format!("unknown architecture {s:?}; choose llama, qwen2, qwen3 or gemma3"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -17,7 +17,7 @@ pub struct Args {
     /// Output file (written through a temporary file and a rename).
     #[arg(short, long, value_name = "FILE.gguf")]
     pub out: PathBuf,
-    /// Architecture: llama, qwen2 or qwen3.
+    /// Architecture: llama, qwen2, qwen3 or gemma3.
     #[arg(long, default_value = "llama", value_parser = parse_arch)]
     pub arch: Arch,
     /// Weight type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, q4_k_m.
@@ -56,9 +56,18 @@ pub struct Args {
     /// llama only: write llama3-style rope frequency factors (rope_freqs.weight).
     #[arg(long)]
     pub rope_freqs: bool,
-    /// RoPE base frequency.
+    /// RoPE base frequency (gemma3: of the global layers; default 1e6 for gemma3, else 1e4).
+    #[arg(long)]
+    pub rope_base: Option<f32>,
+    /// gemma3 only: sliding window of the local layers, in positions.
+    #[arg(long, default_value_t = 4)]
+    pub sliding_window: usize,
+    /// gemma3 only: every n-th layer is global (attention.sliding_window_pattern).
+    #[arg(long, default_value_t = 2)]
+    pub swa_pattern: usize,
+    /// gemma3 only: RoPE base of the local layers (rope.freq_base_swa).
     #[arg(long, default_value_t = 10000.0)]
-    pub rope_base: f32,
+    pub rope_base_local: f32,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -80,7 +89,14 @@ impl Args {
             tied: self.tied,
             seed: self.seed,
             rope_freqs: self.rope_freqs,
-            rope_base: self.rope_base,
+            rope_base: self.rope_base.unwrap_or(if self.arch == Arch::Gemma3 {
+                1e6
+            } else {
+                10000.0
+            }),
+            sliding_window: self.sliding_window,
+            swa_pattern: self.swa_pattern,
+            rope_base_local: self.rope_base_local,
             ..InitSpec::default()
         }
     }

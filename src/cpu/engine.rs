@@ -228,7 +228,8 @@ impl NativeEngine {
     pub fn tape_bytes_per_row(cfg: &ModelConfig) -> u64 {
         let (d, q, kv, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
         let pre = if cfg.qk_norm { q + kv } else { 0 };
-        4 * (4 * d + 2 * q + 2 * kv + 3 * ff + cfg.n_head + pre) as u64
+        let post = if cfg.post_norms() { 2 * d } else { 0 };
+        4 * (4 * d + 2 * q + 2 * kv + 3 * ff + cfg.n_head + pre + post) as u64
     }
 
     /// The least host memory a batch needs whatever the activation budget: every kept layer

@@ -6,14 +6,14 @@ use super::CpuError;
 use super::gemm::{MB, QMat, dense_nn, dense_nt, dense_tn_acc, matmul_back, matmul_fwd, sgemm};
 use super::mat::{Mat, SendPtr};
 use super::ops::{
-    AttnShape, RopeTable, Seqs, attention, attention_back, rmsnorm, rmsnorm_back, swiglu,
-    swiglu_back,
+    AttnShape, RopeTable, Seqs, attention, attention_back, geglu, geglu_back, rmsnorm,
+    rmsnorm_back, swiglu, swiglu_back,
 };
 use crate::gguf::{GgmlType, GgufFile};
 use crate::model::lora::dropout::Dropout;
 use crate::model::lora::{LoraTensor, LoraWeights, Target};
 use crate::model::reference::RopeParams;
-use crate::model::{ModelConfig, TensorRef, Weights};
+use crate::model::{FfnAct, ModelConfig, TensorRef, Weights};
 use rayon::prelude::*;
 
 /// A matrix's place in the file.
@@ -33,6 +33,9 @@ struct Layer {
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
     ffn_norm: Vec<f32>,
+    /// gemma3 norms after the attention and FFN branches.
+    post_attn_norm: Option<Vec<f32>>,
+    post_ffn_norm: Option<Vec<f32>>,
 }
 
 /// Vocabulary rows per LM-head chunk.
@@ -49,6 +52,8 @@ pub struct CpuModel {
     head: QInfo,
     output_norm: Vec<f32>,
     rope: RopeTable,
+    /// gemma3's local layers rotate with their own base.
+    rope_local: Option<RopeTable>,
 }
 
 /// What one adapted projection saw in the forward: the (dropped) input of its LoRA branch and
@@ -76,6 +81,9 @@ pub struct Tape {
     g: Mat,
     u: Mat,
     s: Mat,
+    /// gemma3: the attention and FFN outputs before their post-norms.
+    o: Option<Mat>,
+    f: Option<Mat>,
     lora: [Option<LoraTape>; 7],
 }
 
@@ -87,6 +95,7 @@ impl Tape {
         ];
         let mut b: u64 = m.iter().map(|x| x.bytes()).sum();
         b += self.q_pre.as_ref().map_or(0, Mat::bytes) + self.k_pre.as_ref().map_or(0, Mat::bytes);
+        b += self.o.as_ref().map_or(0, Mat::bytes) + self.f.as_ref().map_or(0, Mat::bytes);
         b += self.lse.len() as u64 * 4;
         for t in self.lora.iter().flatten() {
             b += t.z.bytes() + t.xd.as_ref().map_or(0, Mat::bytes);
@@ -212,6 +221,8 @@ impl CpuModel {
                     q_norm: l.attn_q_norm.map(|t| t.to_f32()),
                     k_norm: l.attn_k_norm.map(|t| t.to_f32()),
                     ffn_norm: l.ffn_norm.to_f32(),
+                    post_attn_norm: l.post_attn_norm.map(|t| t.to_f32()),
+                    post_ffn_norm: l.post_ffn_norm.map(|t| t.to_f32()),
                 })
                 .collect();
             let embd = qi(&w.token_embd);
@@ -219,6 +230,7 @@ impl CpuModel {
             (layers, embd, head, w.output_norm.to_f32())
         };
         let rope = RopeTable::new(&RopeParams::from_config(cfg), 0);
+        let rope_local = Self::local_rope(cfg, 0);
         Ok(CpuModel {
             file,
             cfg: cfg.clone(),
@@ -227,7 +239,34 @@ impl CpuModel {
             head,
             output_norm,
             rope,
+            rope_local,
         })
+    }
+
+    /// The rope table of gemma3's local layers (`None` when no layer is local).
+    fn local_rope(cfg: &ModelConfig, max_pos: usize) -> Option<RopeTable> {
+        let l = cfg.gemma3.as_ref()?.local_layers.iter().position(|&x| x)?;
+        Some(RopeTable::new(&RopeParams::for_layer(cfg, l), max_pos))
+    }
+
+    /// The rope table of layer `l`.
+    fn rope_of(&self, l: usize) -> &RopeTable {
+        match &self.rope_local {
+            Some(t) if self.cfg.attn_window(l).is_some() => t,
+            _ => &self.rope,
+        }
+    }
+
+    /// The attention shape of layer `l`.
+    fn attn_shape(&self, l: usize) -> AttnShape {
+        let c = &self.cfg;
+        AttnShape {
+            n_head: c.n_head,
+            n_head_kv: c.n_head_kv,
+            hd: c.head_dim,
+            scale: c.attn_scale(),
+            window: c.attn_window(l),
+        }
     }
 
     fn q(&self, i: QInfo) -> QMat<'_> {
@@ -256,6 +295,7 @@ impl CpuModel {
         if self.rope.max_pos() < n {
             let want = n.next_power_of_two().max(256);
             self.rope = RopeTable::new(&RopeParams::from_config(&self.cfg), want);
+            self.rope_local = Self::local_rope(&self.cfg, want);
         }
     }
 
@@ -279,15 +319,21 @@ impl CpuModel {
         Ok(())
     }
 
-    /// Embedding rows of the packed ids `[R, d]`.
+    /// Embedding rows of the packed ids `[R, d]` (times √d for gemma3).
     pub fn embed(&self, ids: &[u32]) -> Mat {
         let d = self.cfg.n_embd;
+        let scale = self.cfg.embd_scale();
         let mut x = Mat::zeros(ids.len(), d);
         let w = self.q(self.embd);
         x.data[..ids.len() * d]
             .par_chunks_mut(d)
             .zip(ids.par_iter())
-            .for_each(|(row, &id)| w.rows(id as usize, 1, row));
+            .for_each(|(row, &id)| {
+                w.rows(id as usize, 1, row);
+                if scale != 1.0 {
+                    row.iter_mut().for_each(|v| *v *= scale);
+                }
+            });
         x
     }
 
@@ -405,23 +451,40 @@ impl CpuModel {
                 k_pre = Some(kp);
             }
         }
-        self.rope.apply(&mut q, c.n_head, hd, pos, false);
-        self.rope.apply(&mut k, c.n_head_kv, hd, pos, false);
-        let sh = AttnShape::causal(c.n_head, c.n_head_kv, hd);
+        self.rope_of(l).apply(&mut q, c.n_head, hd, pos, false);
+        self.rope_of(l).apply(&mut k, c.n_head_kv, hd, pos, false);
+        let sh = self.attn_shape(l);
         let mut att = Mat::zeros(rows, c.n_head * hd);
         let mut lse = vec![0f32; rows * c.n_head];
         attention(&q, &k, &v, seqs, sh, &mut att, &mut lse);
         let (o, lo) = self.project(l, Target::AttnOutput, &att, ad, keep);
-        let mut h = o;
+        let (mut h, o_pre) = match &lw.post_attn_norm {
+            Some(pn) => {
+                let mut po = Mat::zeros(rows, d);
+                rmsnorm(&o.data, d, pn, eps, &mut po.data);
+                (po, keep.then_some(o))
+            }
+            None => (o, None),
+        };
         h.add_assign(&x);
         let mut n2 = Mat::zeros(rows, d);
         rmsnorm(&h.data, d, &lw.ffn_norm, eps, &mut n2.data);
         let (g, lg) = self.project(l, Target::FfnGate, &n2, ad, keep);
         let (u, lu) = self.project(l, Target::FfnUp, &n2, ad, keep);
         let mut s = Mat::zeros(rows, c.n_ff);
-        swiglu(&g, &u, &mut s);
+        match c.ffn_act() {
+            FfnAct::Silu => swiglu(&g, &u, &mut s),
+            FfnAct::GeluTanh => geglu(&g, &u, &mut s),
+        }
         let (f, ld) = self.project(l, Target::FfnDown, &s, ad, keep);
-        let mut out = f;
+        let (mut out, f_pre) = match &lw.post_ffn_norm {
+            Some(pn) => {
+                let mut pf = Mat::zeros(rows, d);
+                rmsnorm(&f.data, d, pn, eps, &mut pf.data);
+                (pf, keep.then_some(f))
+            }
+            None => (f, None),
+        };
         out.add_assign(&h);
         let tape = keep.then_some(Tape {
             x,
@@ -438,6 +501,8 @@ impl CpuModel {
             g,
             u,
             s,
+            o: o_pre,
+            f: f_pre,
             lora: [lq, lk, lv, lo, lg, lu, ld],
         });
         (out, tape)
@@ -460,13 +525,21 @@ impl CpuModel {
         let lw = &self.layers[l];
         let (d, hd, eps, rows) = (c.n_embd, c.head_dim, c.rms_eps, dout.rows);
         let lt = |t: Target| tp.lora[ti(t)].as_ref();
+        let df = match (&lw.post_ffn_norm, &tp.f) {
+            (Some(pn), Some(f)) => {
+                let mut df = Mat::zeros(rows, d);
+                rmsnorm_back(&f.data, d, pn, eps, &dout.data, &mut df.data, false);
+                Some(df)
+            }
+            _ => None,
+        };
         let mut ds = Mat::zeros(rows, c.n_ff);
         self.project_back(
             l,
             Target::FfnDown,
             &tp.s,
             lt(Target::FfnDown),
-            &dout,
+            df.as_ref().unwrap_or(&dout),
             &mut ds,
             false,
             ad,
@@ -474,8 +547,12 @@ impl CpuModel {
             offs,
         );
         let (mut dg, mut du) = (Mat::zeros(rows, c.n_ff), Mat::zeros(rows, c.n_ff));
-        swiglu_back(&tp.g, &tp.u, &ds, &mut dg, &mut du);
+        match c.ffn_act() {
+            FfnAct::Silu => swiglu_back(&tp.g, &tp.u, &ds, &mut dg, &mut du),
+            FfnAct::GeluTanh => geglu_back(&tp.g, &tp.u, &ds, &mut dg, &mut du),
+        }
         drop(ds);
+        drop(df);
         let mut dn2 = Mat::zeros(rows, d);
         self.project_back(
             l,
@@ -511,20 +588,29 @@ impl CpuModel {
             &mut dh.data,
             true,
         );
+        let dpo = match (&lw.post_attn_norm, &tp.o) {
+            (Some(pn), Some(o)) => {
+                let mut dpo = Mat::zeros(rows, d);
+                rmsnorm_back(&o.data, d, pn, eps, &dh.data, &mut dpo.data, false);
+                Some(dpo)
+            }
+            _ => None,
+        };
         let mut datt = Mat::zeros(rows, c.n_head * hd);
         self.project_back(
             l,
             Target::AttnOutput,
             &tp.att,
             lt(Target::AttnOutput),
-            &dh,
+            dpo.as_ref().unwrap_or(&dh),
             &mut datt,
             false,
             ad,
             grads,
             offs,
         );
-        let sh = AttnShape::causal(c.n_head, c.n_head_kv, hd);
+        drop(dpo);
+        let sh = self.attn_shape(l);
         let (mut dq, mut dk, mut dv) = (
             Mat::zeros(rows, c.n_head * hd),
             Mat::zeros(rows, c.kv_dim()),
@@ -533,8 +619,8 @@ impl CpuModel {
         attention_back(
             &tp.q, &tp.k, &tp.v, &tp.att, &tp.lse, &datt, seqs, sh, &mut dq, &mut dk, &mut dv,
         );
-        self.rope.apply(&mut dq, c.n_head, hd, pos, true);
-        self.rope.apply(&mut dk, c.n_head_kv, hd, pos, true);
+        self.rope_of(l).apply(&mut dq, c.n_head, hd, pos, true);
+        self.rope_of(l).apply(&mut dk, c.n_head_kv, hd, pos, true);
         if let (Some(qn), Some(kn), Some(qp), Some(kp)) =
             (&lw.q_norm, &lw.k_norm, &tp.q_pre, &tp.k_pre)
         {

@@ -1,5 +1,5 @@
 //! Row-wise ops of the CPU engine (f32; reductions in f64 or in a fixed order): RMSNorm, RoPE,
-//! SwiGLU, causal GQA attention (flash-style: only a per-row log-sum-exp is kept, probabilities
+//! SwiGLU, GeGLU, causal GQA attention (optionally within a sliding window) (flash-style: only a per-row log-sum-exp is kept, probabilities
 //! are recomputed in the backward, memory linear in sequence length), each forward with its
 //! backward. The derivatives are those of `model::reference` (documented there), which the tests
 //! compare against. Every op is independent per row (attention: per query row over its keys in
@@ -146,6 +146,46 @@ impl RopeTable {
                 }
             });
     }
+}
+
+/// √(2/π) and the cubic coefficient of the tanh approximation of GELU.
+const GELU_C: f32 = 0.797_884_6;
+const GELU_A: f32 = 0.044_715;
+
+fn gelu_tanh(z: f32) -> f32 {
+    0.5 * z * (1.0 + (GELU_C * (z + GELU_A * z * z * z)).tanh())
+}
+
+/// `s = gelu_tanh(g) ⊙ u` (GeGLU, gemma3).
+pub fn geglu(g: &Mat, u: &Mat, s: &mut Mat) {
+    s.data
+        .par_chunks_mut(4096)
+        .zip(g.data.par_chunks(4096).zip(u.data.par_chunks(4096)))
+        .for_each(|(sb, (gb, ub))| {
+            for i in 0..sb.len() {
+                sb[i] = gelu_tanh(gb[i]) * ub[i];
+            }
+        });
+}
+
+/// Backward of [`geglu`]: `dg = ds·u·gelu_tanh'(g)`, `du = ds·gelu_tanh(g)`, with
+/// `gelu_tanh'(z) = ½(1 + t) + ½z(1 − t²)·c·(1 + 3a·z²)`, t = tanh(c·(z + a·z³)).
+pub fn geglu_back(g: &Mat, u: &Mat, ds: &Mat, dg: &mut Mat, du: &mut Mat) {
+    dg.data
+        .par_chunks_mut(4096)
+        .zip(du.data.par_chunks_mut(4096))
+        .enumerate()
+        .for_each(|(c, (dgb, dub))| {
+            let o = c * 4096;
+            for i in 0..dgb.len() {
+                let (z, uv, d) = (g.data[o + i], u.data[o + i], ds.data[o + i]);
+                let t = (GELU_C * (z + GELU_A * z * z * z)).tanh();
+                let grad = 0.5 * (1.0 + t)
+                    + 0.5 * z * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * z * z);
+                dgb[i] = d * uv * grad;
+                dub[i] = d * 0.5 * z * (1.0 + t);
+            }
+        });
 }
 
 fn sigmoid(z: f32) -> f32 {

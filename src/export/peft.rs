@@ -10,8 +10,8 @@
 //! `2·i + half` (numpy: `reshape(n_head, 2, hd/2, …).swapaxes(1, 2)`). A LoRA trained on the GGUF
 //! weights therefore has its `lora_B` rows in GGUF order; PEFT needs HF order, so for llama we
 //! apply the inverse, `hf[head][half·hd/2 + i] = gguf[head][2·i + half]`, to the rows of `lora_B`
-//! of `q_proj` and `k_proj`. `lora_A` (input side) is unchanged. qwen2/qwen3 are not permuted by
-//! the converter and need nothing.
+//! of `q_proj` and `k_proj`. `lora_A` (input side) is unchanged. qwen2/qwen3/gemma3 are not
+//! permuted by the converter and need nothing.
 
 use super::gguf_adapter::AdapterDType;
 use super::{ExportError, check_against};

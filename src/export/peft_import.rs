@@ -13,8 +13,8 @@
 //! Llama Q/K rows: PEFT `lora_B` of `q_proj` / `k_proj` is in Hugging Face row order; llama.cpp's
 //! converter permutes those weights' rows for its rope, so the GGUF adapter needs
 //! [`super::peft::permute_rows`] (by `n_head` for Q, `n_head_kv` for K), exactly what
-//! `convert_hf_to_gguf.py` does to the base weights. `lora_A` is unchanged; qwen2/qwen3 need
-//! nothing. Values are copied bit for bit (F32 in, F32 out), so export → import is exact.
+//! `convert_hf_to_gguf.py` does to the base weights. `lora_A` is unchanged; qwen2/qwen3/gemma3
+//! need nothing. Values are copied bit for bit (F32 in, F32 out), so export → import is exact.
 
 use super::peft::{CONFIG_FILE, WEIGHTS_FILE, permute_rows};
 use super::{ExportError, check_against};

@@ -205,6 +205,12 @@ impl GpuModel {
         file: &GgufFile,
         cfg: &ModelConfig,
     ) -> Result<GpuModel, ForwardError> {
+        if cfg.gemma3.is_some() {
+            return Err(ForwardError::Unsupported {
+                what: format!("architecture {}", cfg.arch.name()),
+                detail: "the wgpu engine has no Gemma 3 kernels yet (GeGLU, post-norms, sliding-window attention); train and score it with --engine cpu".into(),
+            });
+        }
         if !cfg.n_embd.is_multiple_of(8) {
             return Err(ForwardError::Unsupported {
                 what: format!("n_embd {}", cfg.n_embd),

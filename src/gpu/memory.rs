@@ -252,6 +252,10 @@ pub fn shape_weights(cfg: &ModelConfig, ty: GgmlType) -> Vec<(String, u64)> {
         w.push((n("ffn_gate.weight"), tensor_bytes(ty, ff * d)));
         w.push((n("ffn_up.weight"), tensor_bytes(ty, ff * d)));
         w.push((n("ffn_down.weight"), tensor_bytes(ty, d * ff)));
+        if cfg.post_norms() {
+            w.push((n("post_attention_norm.weight"), f32b(d)));
+            w.push((n("post_ffw_norm.weight"), f32b(d)));
+        }
     }
     w.push(("output_norm.weight".into(), f32b(d)));
     if !cfg.tied {
@@ -312,6 +316,7 @@ pub fn shape_config(name: &str) -> Option<ModelConfig> {
             tied: true,
             qkv_bias: arch == Arch::Qwen2,
             qk_norm: arch == Arch::Qwen3,
+            gemma3: None,
         }
     }
     let c = match name.to_ascii_lowercase().as_str() {

@@ -161,6 +161,37 @@ pub struct ModelConfig {
     pub tied: bool,
     pub qkv_bias: bool,
     pub qk_norm: bool,
+    /// Gemma 3's extras; `None` for every other architecture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gemma3: Option<Gemma3Params>,
+}
+
+/// What a Gemma 3 model adds to the common transformer (keys: `docs/gguf.md` §3.1). Implied by
+/// `Some`: the embedding rows are scaled by √n_embd (the tied LM head uses the unscaled table),
+/// RMSNorms after attention (`post_attention_norm`) and after the FFN (`post_ffw_norm`) before
+/// each residual add, and a GeGLU FFN `down(gelu_tanh(gate·x) ⊙ up·x)`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Gemma3Params {
+    /// A local layer's query at position i sees the keys at positions j with `i − j < window`
+    /// (`attention.sliding_window`).
+    pub sliding_window: usize,
+    /// Per layer: `true` for a local (sliding-window) layer, `false` for a global one
+    /// (`attention.sliding_window_pattern`: a per-layer array, or n meaning every n-th layer is
+    /// global; llama.cpp's default is 6).
+    pub local_layers: Vec<bool>,
+    /// RoPE base of the local layers (`rope.freq_base_swa`, default 10000); they are never
+    /// scaled. Global layers use `rope_base` and `rope_pos_scale`.
+    pub rope_base_local: f32,
+    /// The factor on q·k: 1/√key_length (1/√(n_embd/n_head) for the 62-layer 27B, as llama.cpp
+    /// and gemma_pytorch do).
+    pub attn_scale: f32,
+}
+
+/// The FFN activation: `silu(g)·u` (SwiGLU) or `gelu_tanh(g)·u` (GeGLU, gemma3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FfnAct {
+    Silu,
+    GeluTanh,
 }
 
 /// `{arch}.{suffix}`.
@@ -271,8 +302,101 @@ fn read_vector(file: &GgufFile, name: &str) -> Result<Vec<f32>, ModelError> {
     }
 }
 
+fn missing(key: String) -> ModelError {
+    ModelError::Gguf(GgufError::MissingKey { key })
+}
+
+/// Gemma 3's keys, read as llama.cpp reads them (`src/models/gemma3.cpp`, `llama-hparams.cpp`).
+fn gemma3_params(
+    file: &GgufFile,
+    n_layer: usize,
+    n_embd: usize,
+    n_head: usize,
+    head_dim: usize,
+) -> Result<Gemma3Params, ModelError> {
+    let k = |s: &str| arch_key("gemma3", s);
+    let win_key = k("attention.sliding_window");
+    // llama.cpp runs a gemma3 without this key with global attention everywhere, but every
+    // Gemma 3 checkpoint has local layers: a file without it was converted wrongly.
+    let sliding_window = opt_usize(file, &win_key)?.ok_or_else(|| missing(win_key.clone()))?;
+    if sliding_window == 0 {
+        return Err(bad(
+            &win_key,
+            "0: Gemma 3 needs a sliding window of at least 1 position",
+        ));
+    }
+    let pat_key = k("attention.sliding_window_pattern");
+    let local_layers = match file.get(&pat_key) {
+        Some(Value::Array(_, items)) => {
+            let flags = items
+                .iter()
+                .map(|v| match v {
+                    Value::Bool(b) => Some(*b),
+                    other => other.as_u64().map(|x| x != 0),
+                })
+                .collect::<Option<Vec<bool>>>()
+                .ok_or_else(|| bad(&pat_key, "expected an array of booleans or integers"))?;
+            if flags.len() != n_layer {
+                return Err(bad(
+                    &pat_key,
+                    format!("{} per-layer flags for {n_layer} layers", flags.len()),
+                ));
+            }
+            flags
+        }
+        Some(v) => {
+            let n = v
+                .as_u64()
+                .and_then(|x| usize::try_from(x).ok())
+                .ok_or_else(|| {
+                    bad(
+                        &pat_key,
+                        format!("expected an integer, found {}", v.value_type().name()),
+                    )
+                })?;
+            (0..n_layer).map(|l| n == 0 || l % n < n - 1).collect()
+        }
+        None => (0..n_layer).map(|l| l % 6 < 5).collect(),
+    };
+    if !local_layers.contains(&true) {
+        // llama.cpp aborts the process on such a file (it asserts a local layer exists).
+        return Err(bad(
+            &pat_key,
+            "no layer is local (sliding-window); llama.cpp cannot load such a gemma3 file",
+        ));
+    }
+    let base_key = k("rope.freq_base_swa");
+    let rope_base_local = opt_f32(file, &base_key)?.unwrap_or(10000.0);
+    if !(rope_base_local.is_finite() && rope_base_local > 0.0) {
+        return Err(bad(
+            &base_key,
+            format!("{rope_base_local} must be a positive number"),
+        ));
+    }
+    let cap_key = k("final_logit_softcapping");
+    if let Some(cap) = opt_f32(file, &cap_key)?
+        && cap != 0.0
+    {
+        return Err(bad(
+            &cap_key,
+            format!("{cap}: final logit soft-capping (Gemma 2 style) is not supported"),
+        ));
+    }
+    let attn_scale = if n_layer == 62 {
+        1.0 / ((n_embd / n_head) as f32).sqrt()
+    } else {
+        1.0 / (head_dim as f32).sqrt()
+    };
+    Ok(Gemma3Params {
+        sliding_window,
+        local_layers,
+        rope_base_local,
+        attn_scale,
+    })
+}
+
 impl ModelConfig {
-    /// Reads and validates the hyperparameters of a `llama`, `qwen2` or `qwen3` GGUF.
+    /// Reads and validates the hyperparameters of a `llama`, `qwen2`, `qwen3` or `gemma3` GGUF.
     pub fn from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
         let arch_name = file.get_str("general.architecture")?;
         let arch = Arch::parse(arch_name).ok_or_else(|| ModelError::UnsupportedArch {
@@ -467,6 +591,12 @@ impl ModelConfig {
             None
         };
 
+        let gemma3 = if arch == Arch::Gemma3 {
+            Some(gemma3_params(file, n_layer, n_embd, n_head, head_dim)?)
+        } else {
+            None
+        };
+
         Ok(ModelConfig {
             arch,
             name,
@@ -486,8 +616,58 @@ impl ModelConfig {
             rope_freqs,
             tied: file.tensor("output.weight").is_none(),
             qkv_bias: file.tensor("blk.0.attn_q.bias").is_some(),
-            qk_norm: arch == Arch::Qwen3,
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
+            gemma3,
         })
+    }
+
+    /// The factor on embedding rows after the lookup: √n_embd for gemma3, else 1.
+    pub fn embd_scale(&self) -> f32 {
+        if self.gemma3.is_some() {
+            (self.n_embd as f32).sqrt()
+        } else {
+            1.0
+        }
+    }
+
+    /// The factor on q·k before the softmax: 1/√head_dim unless the architecture says otherwise.
+    pub fn attn_scale(&self) -> f32 {
+        match &self.gemma3 {
+            Some(g) => g.attn_scale,
+            None => 1.0 / (self.head_dim as f32).sqrt(),
+        }
+    }
+
+    /// The sliding window of layer `l` (`None`: the layer attends to every earlier position).
+    pub fn attn_window(&self, l: usize) -> Option<usize> {
+        let g = self.gemma3.as_ref()?;
+        g.local_layers
+            .get(l)
+            .copied()
+            .unwrap_or(false)
+            .then_some(g.sliding_window)
+    }
+
+    /// RoPE base and position factor of layer `l` (gemma3's local layers have their own base).
+    pub fn layer_rope(&self, l: usize) -> (f32, f32) {
+        match &self.gemma3 {
+            Some(g) if g.local_layers.get(l).copied().unwrap_or(false) => (g.rope_base_local, 1.0),
+            _ => (self.rope_base, self.rope_pos_scale),
+        }
+    }
+
+    /// RMSNorms after the attention and FFN branches (gemma3).
+    pub fn post_norms(&self) -> bool {
+        self.gemma3.is_some()
+    }
+
+    /// The FFN activation.
+    pub fn ffn_act(&self) -> FfnAct {
+        if self.gemma3.is_some() {
+            FfnAct::GeluTanh
+        } else {
+            FfnAct::Silu
+        }
     }
 
     /// Width of the concatenated query heads (`n_head · head_dim`).
@@ -514,6 +694,9 @@ impl ModelConfig {
         }
         if self.qk_norm {
             layer += 2 * hd;
+        }
+        if self.post_norms() {
+            layer += 2 * d;
         }
         let head = if self.tied { 0 } else { d * v };
         d * v + d + head + self.n_layer as u64 * layer

@@ -1,7 +1,7 @@
 //! `init-model`: deterministic random-weight GGUF models with a real tokenizer.
 //!
-//! [`build`] turns an [`InitSpec`] into a [`GgufWriter`] holding a complete `llama`, `qwen2` or
-//! `qwen3` model that llama.cpp loads, tokenizes with and chats with (ChatML), plus an
+//! [`build`] turns an [`InitSpec`] into a [`GgufWriter`] holding a complete `llama`, `qwen2`,
+//! `qwen3` or `gemma3` model that llama.cpp loads, tokenizes with and chats with (ChatML), plus an
 //! [`InitSummary`] of what was written (tensor types, K-quant fallbacks). [`write`] writes it to a
 //! file. Same spec ⇒ byte-identical file, on every platform: weights are drawn from uniform
 //! distributions with [`Rng`] (integer arithmetic and IEEE multiplies only, no libm), one
@@ -158,6 +158,26 @@ pub struct InitSpec {
     pub rope_freqs: bool,
     pub rope_base: f32,
     pub rms_eps: f32,
+    /// gemma3 only: the sliding window of the local layers (`attention.sliding_window`).
+    #[serde(default = "default_sliding_window")]
+    pub sliding_window: usize,
+    /// gemma3 only: every n-th layer is global (`attention.sliding_window_pattern`; llama.cpp's
+    /// default, 6, leaves a 2-layer model without a global layer, so tiny models use 2).
+    #[serde(default = "default_swa_pattern")]
+    pub swa_pattern: usize,
+    /// gemma3 only: the rope base of the local layers (`rope.freq_base_swa`).
+    #[serde(default = "default_rope_base_local")]
+    pub rope_base_local: f32,
+}
+
+fn default_sliding_window() -> usize {
+    4
+}
+fn default_swa_pattern() -> usize {
+    2
+}
+fn default_rope_base_local() -> f32 {
+    10000.0
 }
 
 impl Default for InitSpec {
@@ -178,17 +198,22 @@ impl Default for InitSpec {
             rope_freqs: false,
             rope_base: 10000.0,
             rms_eps: 1e-5,
+            sliding_window: default_sliding_window(),
+            swa_pattern: default_swa_pattern(),
+            rope_base_local: default_rope_base_local(),
         }
     }
 }
 
 impl InitSpec {
-    /// A default-shaped spec of this architecture, type and tying.
+    /// A default-shaped spec of this architecture, type and tying (gemma3: global rope base
+    /// 1e6 as in Gemma 3, local 1e4, window 4, layers alternating local and global).
     pub fn tiny(arch: Arch, ty: impl Into<WeightType>, tied: bool) -> InitSpec {
         InitSpec {
             arch,
             ty: ty.into(),
             tied,
+            rope_base: if arch == Arch::Gemma3 { 1e6 } else { 10000.0 },
             ..InitSpec::default()
         }
     }
@@ -267,6 +292,26 @@ impl InitSpec {
         }
         if !(self.rms_eps.is_finite() && self.rms_eps > 0.0) {
             return bad("rms-eps", format!("{} must be positive", self.rms_eps));
+        }
+        if self.arch == Arch::Gemma3 {
+            if self.sliding_window == 0 || self.sliding_window > u32::MAX as usize {
+                return bad(
+                    "sliding-window",
+                    format!("{} must be at least 1 and fit in u32", self.sliding_window),
+                );
+            }
+            if self.swa_pattern > u32::MAX as usize {
+                return bad(
+                    "swa-pattern",
+                    format!("{} must fit in u32", self.swa_pattern),
+                );
+            }
+            if !(self.rope_base_local.is_finite() && self.rope_base_local > 0.0) {
+                return bad(
+                    "rope-base-local",
+                    format!("{} must be positive", self.rope_base_local),
+                );
+            }
         }
         let n_vocab = (base_vocab_len() + self.vocab_extra) as u128;
         let (d, q, f) = (self.dim as u128, (self.heads * hd) as u128, self.ff as u128);
@@ -608,15 +653,21 @@ pub fn generate(spec: &InitSpec) -> Result<(Vec<InitTensor>, Vec<Fallback>), Ini
             add(n("attn_k.bias"), vec![kv], Kind::Bias, i);
             add(n("attn_v.bias"), vec![kv], Kind::Bias, i);
         }
-        if spec.arch == Arch::Qwen3 {
+        if matches!(spec.arch, Arch::Qwen3 | Arch::Gemma3) {
             add(n("attn_q_norm.weight"), vec![hd], Kind::Norm, i);
             add(n("attn_k_norm.weight"), vec![hd], Kind::Norm, i);
         }
         add(n("attn_output.weight"), vec![q, d], Kind::AttnOutput, i);
+        if spec.arch == Arch::Gemma3 {
+            add(n("post_attention_norm.weight"), vec![d], Kind::Norm, i);
+        }
         add(n("ffn_norm.weight"), vec![d], Kind::Norm, i);
         add(n("ffn_gate.weight"), vec![d, ff], Kind::FfnGate, i);
         add(n("ffn_up.weight"), vec![d, ff], Kind::FfnUp, i);
         add(n("ffn_down.weight"), vec![ff, d], Kind::FfnDown, i);
+        if spec.arch == Arch::Gemma3 {
+            add(n("post_ffw_norm.weight"), vec![d], Kind::Norm, i);
+        }
     }
     add("output_norm.weight".into(), vec![d], Kind::Norm, 0);
     if !spec.tied {
@@ -666,7 +717,7 @@ pub fn build(spec: &InitSpec) -> Result<(GgufWriter<'static>, InitSummary), Init
     w.set(format!("{a}.feed_forward_length"), u32v(spec.ff));
     w.set(format!("{a}.attention.head_count"), u32v(spec.heads));
     w.set(format!("{a}.attention.head_count_kv"), u32v(spec.kv_heads));
-    if spec.arch == Arch::Qwen3 || hd * spec.heads != spec.dim {
+    if matches!(spec.arch, Arch::Qwen3 | Arch::Gemma3) || hd * spec.heads != spec.dim {
         w.set(format!("{a}.attention.key_length"), u32v(hd));
         w.set(format!("{a}.attention.value_length"), u32v(hd));
     }
@@ -676,6 +727,20 @@ pub fn build(spec: &InitSpec) -> Result<(GgufWriter<'static>, InitSummary), Init
         format!("{a}.attention.layer_norm_rms_epsilon"),
         Value::F32(spec.rms_eps),
     );
+    if spec.arch == Arch::Gemma3 {
+        w.set(
+            format!("{a}.attention.sliding_window"),
+            u32v(spec.sliding_window),
+        );
+        w.set(
+            format!("{a}.attention.sliding_window_pattern"),
+            u32v(spec.swa_pattern),
+        );
+        w.set(
+            format!("{a}.rope.freq_base_swa"),
+            Value::F32(spec.rope_base_local),
+        );
+    }
 
     w.set("tokenizer.ggml.model", Value::String("llama".into()));
     w.set(

@@ -11,5 +11,5 @@ pub mod reference;
 pub mod weights;
 
 pub use arch::{Arch, RopeKind};
-pub use config::{ModelConfig, ModelError};
+pub use config::{FfnAct, Gemma3Params, ModelConfig, ModelError};
 pub use weights::{LayerWeights, TensorRef, Weights};

@@ -49,6 +49,10 @@ pub struct LayerWeights<'a> {
     pub ffn_gate: TensorRef<'a>,
     pub ffn_up: TensorRef<'a>,
     pub ffn_down: TensorRef<'a>,
+    /// gemma3 RMSNorms after the attention and FFN branches (`post_attention_norm`,
+    /// `post_ffw_norm`, [d]).
+    pub post_attn_norm: Option<TensorRef<'a>>,
+    pub post_ffn_norm: Option<TensorRef<'a>>,
 }
 
 #[derive(Clone, Debug)]
@@ -238,6 +242,19 @@ impl<'a> Weights<'a> {
             let ffn_gate = view(file, &n("ffn_gate.weight"), &[d, ff], Role::Matrix)?;
             let ffn_up = view(file, &n("ffn_up.weight"), &[d, ff], Role::Matrix)?;
             let ffn_down = view(file, &n("ffn_down.weight"), &[ff, d], Role::Matrix)?;
+            let (post_attn_norm, post_ffn_norm) = if cfg.post_norms() {
+                (
+                    Some(view(
+                        file,
+                        &n("post_attention_norm.weight"),
+                        &[d],
+                        Role::Vector,
+                    )?),
+                    Some(view(file, &n("post_ffw_norm.weight"), &[d], Role::Vector)?),
+                )
+            } else {
+                (None, None)
+            };
             layers.push(LayerWeights {
                 attn_norm,
                 attn_q,
@@ -253,6 +270,8 @@ impl<'a> Weights<'a> {
                 ffn_gate,
                 ffn_up,
                 ffn_down,
+                post_attn_norm,
+                post_ffn_norm,
             });
         }
 
@@ -293,6 +312,7 @@ impl<'a> Weights<'a> {
             );
             v.extend([l.attn_q_norm, l.attn_k_norm].into_iter().flatten());
             v.extend([l.attn_output, l.ffn_norm, l.ffn_gate, l.ffn_up, l.ffn_down]);
+            v.extend([l.post_attn_norm, l.post_ffn_norm].into_iter().flatten());
         }
         v.push(self.output_norm);
         v.extend(self.output);

@@ -123,6 +123,12 @@ pub fn build_engine(
     activation_memory: &str,
     threads: Option<usize>,
 ) -> Result<(Box<dyn Engine>, Option<u64>), RunError> {
+    // The wgpu engine has no Gemma 3 kernels: `auto` takes the CPU engine for it.
+    let kind = if kind == EngineKind::Auto && model.config.gemma3.is_some() {
+        EngineKind::Cpu
+    } else {
+        kind
+    };
     let (kind, gpu) = resolve_engine(kind, device)?;
     match kind {
         EngineKind::Reference => {

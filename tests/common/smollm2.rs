@@ -20,7 +20,7 @@ pub fn cache_dir() -> PathBuf {
     Path::new(&home).join(".cache/bfpo-lite/models")
 }
 
-fn sha256_hex(path: &Path) -> std::io::Result<String> {
+pub fn sha256_hex(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();

@@ -3,7 +3,8 @@
 //! never an `[L, L]` score matrix.
 //!
 //! Layout: B sequences padded to L rows (T = B·L); row `t = b·L + i`. Query (b, i) attends keys
-//! (b, j ≤ i); rows `i ≥ lens[b]` produce zeros (and lse 0). Scale `1/√head_dim` by default.
+//! (b, j ≤ i), and only `i − j < window` with a sliding window (gemma3's local layers); rows
+//! `i ≥ lens[b]` produce zeros (and lse 0). Scale `1/√head_dim` by default.
 
 use super::check::{bad_shape, need_words};
 use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder, groups};
@@ -29,9 +30,11 @@ pub struct AttentionParams {
     pub row_start: u32,
     /// Rows in this dispatch (tiled: blocks).
     pub n_rows: u32,
-    /// Score scale (1/√head_dim).
+    /// Score scale (1/√head_dim unless the model says otherwise).
     pub scale: f32,
-    pub _pad0: u32,
+    /// 0: causal attention; else query i sees only keys j with `i − j < window` (gemma3's
+    /// local layers).
+    pub window: u32,
 }
 
 /// Shape of one attention call.
@@ -43,6 +46,8 @@ pub struct AttnShape {
     pub n_head_kv: usize,
     pub head_dim: usize,
     pub scale: f32,
+    /// Sliding window (0: none), as [`AttentionParams::window`].
+    pub window: usize,
 }
 
 impl AttnShape {
@@ -61,6 +66,25 @@ impl AttnShape {
             n_head_kv,
             head_dim,
             scale: 1.0 / (head_dim as f32).sqrt(),
+            window: 0,
+        }
+    }
+
+    /// The same shape with another score scale and a sliding window (`None`: causal only).
+    pub fn with_scale_window(self, scale: f32, window: Option<usize>) -> AttnShape {
+        AttnShape {
+            scale,
+            window: window.unwrap_or(0),
+            ..self
+        }
+    }
+
+    /// The first key position query `i` sees.
+    pub fn first_key(&self, i: usize) -> usize {
+        if self.window == 0 {
+            0
+        } else {
+            (i + 1).saturating_sub(self.window)
         }
     }
 
@@ -272,7 +296,7 @@ pub(super) fn dispatch_attention(
         row_start: start as u32,
         n_rows: n as u32,
         scale: shape.scale,
-        _pad0: 0,
+        window: u32::try_from(shape.window).unwrap_or(u32::MAX),
     };
     let binds: Vec<Bind<'_>> = bufs.iter().map(|&b| Bind::Whole(b)).collect();
     rec.dispatch(p, &binds, &params, groups)
@@ -357,7 +381,8 @@ pub fn attention_ref(
             for h in 0..nh {
                 let kvh = h / group;
                 let qv = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
-                let scores: Vec<f64> = (0..=i)
+                let j0 = shape.first_key(i);
+                let scores: Vec<f64> = (j0..=i)
                     .map(|j| {
                         let kr = ((b * l + j) * nkv + kvh) * hd;
                         shape.scale as f64
@@ -372,7 +397,8 @@ pub fn attention_ref(
                 for d in 0..hd {
                     let mut acc = 0.0f64;
                     for (j, s) in scores.iter().enumerate() {
-                        acc += (s - m).exp() / z * v[((b * l + j) * nkv + kvh) * hd + d] as f64;
+                        acc +=
+                            (s - m).exp() / z * v[((b * l + j0 + j) * nkv + kvh) * hd + d] as f64;
                     }
                     o[(t * nh + h) * hd + d] = acc as f32;
                 }

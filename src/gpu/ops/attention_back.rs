@@ -367,7 +367,8 @@ fn record_rows(
 }
 
 /// CPU reference over a padded batch, built on the per-sequence
-/// [`crate::model::reference::attention_back`] (f64): returns `(dq, dk, dv)`; padding rows get 0.
+/// [`crate::model::reference::attention_back_opts`] (f64, with the shape's scale and window):
+/// returns `(dq, dk, dv)`; padding rows get 0.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_ref(
     shape: &AttnShape,
@@ -390,7 +391,11 @@ pub fn attention_backward_ref(
             continue;
         }
         let r0 = b * l;
-        let (gq, gk, gv) = crate::model::reference::attention_back(
+        let opts = crate::model::reference::AttnOpts {
+            scale: shape.scale as f64,
+            window: (shape.window != 0).then_some(shape.window),
+        };
+        let (gq, gk, gv) = crate::model::reference::attention_back_opts(
             &wide(&q[r0 * qw..(r0 + n) * qw]),
             &wide(&k[r0 * kw..(r0 + n) * kw]),
             &wide(&v[r0 * kw..(r0 + n) * kw]),
@@ -398,6 +403,7 @@ pub fn attention_backward_ref(
             nh,
             nkv,
             hd,
+            opts,
         );
         for (d, s) in dq[r0 * qw..(r0 + n) * qw].iter_mut().zip(&gq) {
             *d = *s as f32;

@@ -7,6 +7,7 @@ pub mod attention_back;
 pub(crate) mod check;
 pub mod dropout;
 pub mod embedding;
+pub mod geglu;
 pub mod logprob;
 pub mod logprob_back;
 pub mod lora;

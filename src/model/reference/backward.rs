@@ -48,7 +48,11 @@ impl RefModel {
         let eps = self.eps();
         let (d, hd) = (c.n_embd, c.head_dim);
         let z = |t: Target| tp.z[t as usize].as_slice();
-        // out = h + Wdown·s:  dh = dout + (∂/∂h of the FFN branch)
+        // out = h + [post-norm](Wdown·s):  dh = dout + (∂/∂h of the FFN branch)
+        let df = match &w.post_ffn_norm {
+            Some(pn) => rmsnorm_back(&tp.f, d, pn, eps, &dout),
+            None => dout.clone(),
+        };
         let ds = self.project_back(
             ad,
             l,
@@ -56,10 +60,13 @@ impl RefModel {
             &tp.s,
             z(Target::FfnDown),
             &w.w_down,
-            &dout,
+            &df,
             grads,
         );
-        let (dg, du) = swiglu_back(&tp.g, &tp.u, &ds);
+        let (dg, du) = match c.ffn_act() {
+            FfnAct::Silu => swiglu_back(&tp.g, &tp.u, &ds),
+            FfnAct::GeluTanh => geglu_back(&tp.g, &tp.u, &ds),
+        };
         let mut dn2 = self.project_back(
             ad,
             l,
@@ -83,7 +90,11 @@ impl RefModel {
         add_into(&mut dn2, &dn2u);
         let mut dh = dout;
         add_into(&mut dh, &rmsnorm_back(&tp.h, d, &w.ffn_norm, eps, &dn2));
-        // h = x + Wo·att
+        // h = x + [post-norm](Wo·att)
+        let do_ = match &w.post_attn_norm {
+            Some(pn) => rmsnorm_back(&tp.o, d, pn, eps, &dh),
+            None => dh.clone(),
+        };
         let datt = self.project_back(
             ad,
             l,
@@ -91,12 +102,21 @@ impl RefModel {
             &tp.att,
             z(Target::AttnOutput),
             &w.wo,
-            &dh,
+            &do_,
             grads,
         );
-        let (dq, dk, dv) = attention_back(&tp.q, &tp.k, &tp.v, &datt, c.n_head, c.n_head_kv, hd);
-        let mut dq = rope_back(&dq, c.n_head, hd, &self.rope);
-        let mut dk = rope_back(&dk, c.n_head_kv, hd, &self.rope);
+        let (dq, dk, dv) = attention_back_opts(
+            &tp.q,
+            &tp.k,
+            &tp.v,
+            &datt,
+            c.n_head,
+            c.n_head_kv,
+            hd,
+            self.attn_opts(l),
+        );
+        let mut dq = rope_back(&dq, c.n_head, hd, &self.rope[l]);
+        let mut dk = rope_back(&dk, c.n_head_kv, hd, &self.rope[l]);
         if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
             dq = rmsnorm_back(&tp.q_pre, hd, qn, eps, &dq);
             dk = rmsnorm_back(&tp.k_pre, hd, kn, eps, &dk);

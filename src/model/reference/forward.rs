@@ -29,6 +29,8 @@ impl RefModel {
                 w_gate: l.ffn_gate.to_f32(),
                 w_up: l.ffn_up.to_f32(),
                 w_down: l.ffn_down.to_f32(),
+                post_attn_norm: l.post_attn_norm.map(|t| t.to_f32()),
+                post_ffn_norm: l.post_ffn_norm.map(|t| t.to_f32()),
             })
             .collect();
         let rw = RefWeights {
@@ -134,8 +136,26 @@ impl RefModel {
             check(n("ffn_gate"), &l.w_gate, &[ff, d])?;
             check(n("ffn_up"), &l.w_up, &[ff, d])?;
             check(n("ffn_down"), &l.w_down, &[d, ff])?;
+            check_opt(
+                n("post_attention_norm"),
+                &l.post_attn_norm,
+                cfg.post_norms(),
+                &[d],
+            )?;
+            check_opt(n("post_ffw_norm"), &l.post_ffn_norm, cfg.post_norms(), &[d])?;
         }
-        let rope = RopeParams::from_config(&cfg);
+        if let Some(g) = &cfg.gemma3
+            && g.local_layers.len() != cfg.n_layer
+        {
+            return bad(format!(
+                "gemma3 has {} local/global flags for {} layers",
+                g.local_layers.len(),
+                cfg.n_layer
+            ));
+        }
+        let rope = (0..cfg.n_layer)
+            .map(|l| RopeParams::for_layer(&cfg, l))
+            .collect();
         Ok(RefModel { cfg, w, rope })
     }
 
@@ -265,16 +285,26 @@ impl RefModel {
         (y, z)
     }
 
+    /// Embedding rows, times `cfg.embd_scale()` (√d for gemma3, taken in f32 as llama.cpp does).
     pub(super) fn embed(&self, ids: &[u32]) -> Vec<f64> {
         let d = self.cfg.n_embd;
+        let scale = self.cfg.embd_scale() as f64;
         ids.iter()
             .flat_map(|&id| {
                 let id = id as usize;
                 self.w.token_embd[id * d..(id + 1) * d]
                     .iter()
-                    .map(|&v| v as f64)
+                    .map(move |&v| v as f64 * scale)
             })
             .collect()
+    }
+
+    /// The attention options of layer `l`.
+    pub(super) fn attn_opts(&self, l: usize) -> AttnOpts {
+        AttnOpts {
+            scale: self.cfg.attn_scale() as f64,
+            window: self.cfg.attn_window(l),
+        }
     }
 
     /// One layer forward; returns the output and the tape.
@@ -294,17 +324,29 @@ impl RefModel {
             ),
             _ => (q_pre.clone(), k_pre.clone()),
         };
-        let q = rope_fwd(&q_n, c.n_head, hd, &self.rope);
-        let k = rope_fwd(&k_n, c.n_head_kv, hd, &self.rope);
-        let att = attention_fwd(&q, &k, &v, c.n_head, c.n_head_kv, hd);
+        let q = rope_fwd(&q_n, c.n_head, hd, &self.rope[l]);
+        let k = rope_fwd(&k_n, c.n_head_kv, hd, &self.rope[l]);
+        let att = attention_fwd_opts(&q, &k, &v, c.n_head, c.n_head_kv, hd, self.attn_opts(l));
         let (o, zo) = self.project(ad, l, Target::AttnOutput, &att, &w.wo, None);
-        let h: Vec<f64> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
+        let po = match &w.post_attn_norm {
+            Some(pn) => rmsnorm_fwd(&o, d, pn, eps),
+            None => o.clone(),
+        };
+        let h: Vec<f64> = x.iter().zip(&po).map(|(a, b)| a + b).collect();
         let n2 = rmsnorm_fwd(&h, d, &w.ffn_norm, eps);
         let (g, zg) = self.project(ad, l, Target::FfnGate, &n2, &w.w_gate, None);
         let (u, zu) = self.project(ad, l, Target::FfnUp, &n2, &w.w_up, None);
-        let s = swiglu_fwd(&g, &u);
+        let s = match c.ffn_act() {
+            FfnAct::Silu => swiglu_fwd(&g, &u),
+            FfnAct::GeluTanh => geglu_fwd(&g, &u),
+        };
         let (f, zd) = self.project(ad, l, Target::FfnDown, &s, &w.w_down, None);
-        let out: Vec<f64> = h.iter().zip(&f).map(|(a, b)| a + b).collect();
+        let pf = match &w.post_ffn_norm {
+            Some(pn) => rmsnorm_fwd(&f, d, pn, eps),
+            None => f.clone(),
+        };
+        let out: Vec<f64> = h.iter().zip(&pf).map(|(a, b)| a + b).collect();
+        let post = c.post_norms();
         let keep_pre = c.qk_norm;
         let tape = LayerTape {
             x,
@@ -320,6 +362,8 @@ impl RefModel {
             g,
             u,
             s,
+            o: if post { o } else { Vec::new() },
+            f: if post { f } else { Vec::new() },
             // Target order: AttnQ, AttnK, AttnV, AttnOutput, FfnGate, FfnUp, FfnDown.
             z: [zq, zk, zv, zo, zg, zu, zd],
         };

@@ -5,7 +5,7 @@
 //! Conventions (`docs/gguf.md` §4–§5, verified against llama.cpp for llama and qwen2):
 //!
 //! ```text
-//! x_0      = token_embd[ids]                                           [T, d]
+//! x_0      = token_embd[ids]  (· √d, gemma3)                            [T, d]
 //! per layer:
 //!   n1     = rmsnorm(x, attn_norm)                                     [T, d]
 //!   q,k,v  = W·n1 (+ bias, qwen2) (+ (alpha/r)·B·(A·n1), LoRA)          [T, qd] [T, kvd] [T, kvd]
@@ -15,6 +15,11 @@
 //!   h      = x + Wo·att                                                [T, d]
 //!   n2     = rmsnorm(h, ffn_norm)
 //!   x'     = h + Wdown·(silu(Wgate·n2) ⊙ Wup·n2)
+//!
+//! gemma3 differs: q,k get per-head norms as qwen3; the q·k factor is `cfg.attn_scale()`; local
+//! layers mask keys more than `sliding_window − 1` positions back and use their own rope base;
+//!   h      = x + rmsnorm(Wo·att, post_attention_norm)
+//!   x'     = h + rmsnorm(Wdown·(gelu_tanh(Wgate·n2) ⊙ Wup·n2), post_ffw_norm)
 //! logits   = W_out · rmsnorm(x_L, output_norm)     W_out = output, or token_embd when tied
 //! logp_t   = log_softmax(logits_{t−1})[ids_t]      for t ≥ response_start
 //! ```
@@ -36,7 +41,7 @@
 use crate::data::Example;
 use crate::model::lora::dropout::Dropout;
 use crate::model::lora::{LoraWeights, Target};
-use crate::model::{ModelConfig, Weights};
+use crate::model::{FfnAct, ModelConfig, Weights};
 
 mod backward;
 mod forward;
@@ -176,6 +181,10 @@ pub(super) struct LayerTape {
     g: Vec<f64>,
     u: Vec<f64>,
     s: Vec<f64>,
+    /// gemma3: the attention output `Wo·att` and the FFN output before their post-norms (empty
+    /// otherwise).
+    o: Vec<f64>,
+    f: Vec<f64>,
     /// LoRA `z = A·x` per target (`[T, r]`), empty where no adapter.
     z: [Vec<f64>; 7],
 }
@@ -185,7 +194,8 @@ pub(super) struct LayerTape {
 pub struct RefModel {
     cfg: ModelConfig,
     w: RefWeights,
-    rope: RopeParams,
+    /// Per layer (gemma3's local and global layers differ).
+    rope: Vec<RopeParams>,
 }
 
 fn add_into(dst: &mut [f64], src: &[f64]) {

@@ -203,6 +203,16 @@ impl RopeParams {
         }
     }
 
+    /// The rope of layer `l` (gemma3's local layers have their own base and no scaling).
+    pub fn for_layer(cfg: &ModelConfig, l: usize) -> RopeParams {
+        let (base, pos_scale) = cfg.layer_rope(l);
+        RopeParams {
+            base: base as f64,
+            pos_scale: pos_scale as f64,
+            ..RopeParams::from_config(cfg)
+        }
+    }
+
     /// `θ_i(pos) = pos·pos_scale · base^(−2i/n_rot) / freqs[i]`, i ∈ [0, n_rot/2).
     pub fn theta(&self, pos: usize, i: usize) -> f64 {
         let inv = self.base.powf(-2.0 * i as f64 / self.n_rot as f64);
@@ -256,6 +266,7 @@ pub fn rope_back(dy: &[f64], n_head: usize, head_dim: usize, p: &RopeParams) -> 
 }
 
 /// Causal softmax attention probabilities of query head h: `P[i,j]` `[T, T]` (0 for j > i).
+#[allow(clippy::too_many_arguments)]
 fn attention_probs(
     q: &[f64],
     k: &[f64],
@@ -264,30 +275,57 @@ fn attention_probs(
     n_head: usize,
     n_head_kv: usize,
     hd: usize,
+    o: AttnOpts,
 ) -> Vec<f64> {
     let kvh = h / (n_head / n_head_kv);
     let (qw, kw) = (n_head * hd, n_head_kv * hd);
-    let scale = 1.0 / (hd as f64).sqrt();
     let mut p = vec![0.0; t_len * t_len];
     for i in 0..t_len {
         let qi = &q[i * qw + h * hd..i * qw + (h + 1) * hd];
         let row = &mut p[i * t_len..(i + 1) * t_len];
+        let lo = o.first_key(i);
         let mut m = f64::NEG_INFINITY;
-        for j in 0..=i {
+        for j in lo..=i {
             let kj = &k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd];
-            row[j] = dot(qi, kj) * scale;
+            row[j] = dot(qi, kj) * o.scale;
             m = m.max(row[j]);
         }
         let mut sum = 0.0;
-        for v in row.iter_mut().take(i + 1) {
+        for v in &mut row[lo..=i] {
             *v = (*v - m).exp();
             sum += *v;
         }
-        for v in row.iter_mut().take(i + 1) {
+        for v in &mut row[lo..=i] {
             *v /= sum;
         }
     }
     p
+}
+
+/// Attention options beyond the causal mask: the factor on q·k and an optional sliding window
+/// (query i sees keys j with `i − j < window`, gemma3's local layers).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnOpts {
+    pub scale: f64,
+    pub window: Option<usize>,
+}
+
+impl AttnOpts {
+    /// Plain causal attention with the `1/√hd` factor.
+    pub fn causal(hd: usize) -> AttnOpts {
+        AttnOpts {
+            scale: 1.0 / (hd as f64).sqrt(),
+            window: None,
+        }
+    }
+
+    /// The first key position query `i` sees.
+    pub fn first_key(&self, i: usize) -> usize {
+        match self.window {
+            Some(w) => (i + 1).saturating_sub(w.max(1)),
+            None => 0,
+        }
+    }
 }
 
 /// Causal GQA attention for one sequence: q `[T, n_head·hd]`, k, v `[T, n_head_kv·hd]` →
@@ -301,6 +339,21 @@ pub fn attention_fwd(
     n_head_kv: usize,
     hd: usize,
 ) -> Vec<f64> {
+    attention_fwd_opts(q, k, v, n_head, n_head_kv, hd, AttnOpts::causal(hd))
+}
+
+/// [`attention_fwd`] with another factor on q·k and an optional sliding window: masked
+/// positions (j < i + 1 − window) get probability 0.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_opts(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    n_head: usize,
+    n_head_kv: usize,
+    hd: usize,
+    opts: AttnOpts,
+) -> Vec<f64> {
     assert!(
         n_head_kv > 0 && n_head.is_multiple_of(n_head_kv),
         "attention: GQA"
@@ -312,7 +365,7 @@ pub fn attention_fwd(
     let mut out = vec![0.0; t_len * qw];
     for h in 0..n_head {
         let kvh = h / (n_head / n_head_kv);
-        let p = attention_probs(q, k, t_len, h, n_head, n_head_kv, hd);
+        let p = attention_probs(q, k, t_len, h, n_head, n_head_kv, hd, opts);
         for i in 0..t_len {
             let o = &mut out[i * qw + h * hd..i * qw + (h + 1) * hd];
             for j in 0..=i {
@@ -347,16 +400,32 @@ pub fn attention_back(
     n_head_kv: usize,
     hd: usize,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    attention_back_opts(q, k, v, dout, n_head, n_head_kv, hd, AttnOpts::causal(hd))
+}
+
+/// Backward of [`attention_fwd_opts`]: [`attention_back`] with `1/√hd` replaced by
+/// `opts.scale`; masked pairs have P = 0 and so contribute nothing.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_back_opts(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    dout: &[f64],
+    n_head: usize,
+    n_head_kv: usize,
+    hd: usize,
+    opts: AttnOpts,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let (qw, kw) = (n_head * hd, n_head_kv * hd);
     let t_len = q.len() / qw;
     assert_eq!(dout.len(), q.len(), "attention_back: dout shape");
-    let scale = 1.0 / (hd as f64).sqrt();
+    let scale = opts.scale;
     let mut dq = vec![0.0; q.len()];
     let mut dk = vec![0.0; k.len()];
     let mut dv = vec![0.0; v.len()];
     for h in 0..n_head {
         let g = h / (n_head / n_head_kv);
-        let p = attention_probs(q, k, t_len, h, n_head, n_head_kv, hd);
+        let p = attention_probs(q, k, t_len, h, n_head, n_head_kv, hd, opts);
         let qo = |i: usize| i * qw + h * hd..i * qw + (h + 1) * hd;
         let ko = |j: usize| j * kw + g * hd..j * kw + (g + 1) * hd;
         for i in 0..t_len {
@@ -407,6 +476,37 @@ pub fn swiglu_back(g: &[f64], u: &[f64], ds: &[f64]) -> (Vec<f64>, Vec<f64>) {
         dg[i] = ds[i] * u[i] * sg * (1.0 + g[i] * (1.0 - sg));
         du[i] = ds[i] * g[i] * sg;
     }
+    (dg, du)
+}
+
+/// √(2/π), the constant of the tanh approximation of GELU.
+const GELU_C: f64 = 0.797_884_560_802_865_4;
+const GELU_A: f64 = 0.044_715;
+
+/// `gelu_tanh(z) = ½·z·(1 + tanh(c·(z + a·z³)))`, c = √(2/π), a = 0.044715.
+pub fn gelu_tanh(z: f64) -> f64 {
+    0.5 * z * (1.0 + (GELU_C * (z + GELU_A * z * z * z)).tanh())
+}
+
+/// `gelu_tanh'(z) = ½·(1 + t) + ½·z·(1 − t²)·c·(1 + 3a·z²)`, t = tanh(c·(z + a·z³)).
+pub fn gelu_tanh_grad(z: f64) -> f64 {
+    let t = (GELU_C * (z + GELU_A * z * z * z)).tanh();
+    0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * z * z)
+}
+
+/// GeGLU (gemma3): `s = gelu_tanh(g) ⊙ u`, elementwise.
+pub fn geglu_fwd(g: &[f64], u: &[f64]) -> Vec<f64> {
+    assert_eq!(g.len(), u.len(), "geglu: shapes");
+    g.iter().zip(u).map(|(&g, &u)| gelu_tanh(g) * u).collect()
+}
+
+/// Backward of [`geglu_fwd`]: `dg = ds·u·gelu_tanh'(g)`, `du = ds·gelu_tanh(g)`. Returns
+/// `(dg, du)`.
+pub fn geglu_back(g: &[f64], u: &[f64], ds: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let dg = (0..g.len())
+        .map(|i| ds[i] * u[i] * gelu_tanh_grad(g[i]))
+        .collect();
+    let du = (0..g.len()).map(|i| ds[i] * gelu_tanh(g[i])).collect();
     (dg, du)
 }
 

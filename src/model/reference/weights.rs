@@ -27,6 +27,11 @@ pub struct RefLayer {
     pub w_gate: Vec<f32>,   // [ff, d]
     pub w_up: Vec<f32>,     // [ff, d]
     pub w_down: Vec<f32>,   // [d, ff]
+    /// gemma3 RMSNorms after the attention and FFN branches `[d]`.
+    #[serde(default)]
+    pub post_attn_norm: Option<Vec<f32>>,
+    #[serde(default)]
+    pub post_ffn_norm: Option<Vec<f32>>,
 }
 
 /// A whole model's weights as plain f32 arrays (built by hand in tests, or dequantized from GGUF).
@@ -42,7 +47,7 @@ pub struct RefWeights {
 
 impl RefWeights {
     /// Deterministic random weights for `cfg` (tests): matrices ~ N(0, 1/n_in), norms ~ 1 ± 0.2,
-    /// biases ~ N(0, 0.1²), embeddings ~ N(0, 1). Biases and q/k norms exist as `cfg` says;
+    /// biases ~ N(0, 0.1²), embeddings ~ N(0, 1). Biases, q/k norms and post-norms exist as `cfg` says;
     /// `output` exists unless `cfg.tied`.
     pub fn random(cfg: &ModelConfig, seed: u64) -> RefWeights {
         let (d, qd, kvd, ff, hd) = (
@@ -83,6 +88,8 @@ impl RefWeights {
                     w_gate: mat(&mut r, ff, d),
                     w_up: mat(&mut r, ff, d),
                     w_down: mat(&mut r, d, ff),
+                    post_attn_norm: cfg.post_norms().then(|| norm(&mut r, d)),
+                    post_ffn_norm: cfg.post_norms().then(|| norm(&mut r, d)),
                 }
             })
             .collect();
