@@ -38,7 +38,7 @@ t=$(mktemp -d)
 trap 'rm -rf "$t"' EXIT
 
 /usr/bin/time -f %M -o "$t/ours.rss" "$bin" tune --engine cpu --threads "$threads" \
-  --model "$model" --data "$pairs" --max-steps $((steps + 1)) --pairs-per-step "$npairs" \
+  --model "$model" --data "$pairs" --max-steps $((steps + 1)) --pairs-per-step "$micro" \
   --grad-accum $((npairs / micro)) --rank 16 --lora-alpha 16 --targets ffn_down \
   --max-length "$max_len" --max-prompt-length $((max_len / 2)) --no-ref-cache \
   --out "$t/ours" --force >"$t/ours.log" 2>&1 || { tail -n 5 "$t/ours.log" >&2; exit 1; }

@@ -378,3 +378,93 @@ fn logprob_independent_of_batch() {
         );
     }
 }
+
+/// Pairs that share their prompt, as `tune` packs them: chosen and rejected after one prompt,
+/// a rejected response that begins with the chosen one's first tokens (the common prefix runs
+/// past the prompt), a sequence wholly a prefix of another, and one sharing nothing.
+fn shared_examples(n_vocab: usize, seed: u64) -> Vec<Example> {
+    let mut rng = Rng::new(seed);
+    let mut toks =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| rng.below(n_vocab as u64) as u32).collect() };
+    let (p1, p2) = (toks(23), toks(70));
+    let cat = |a: &[u32], b: &[u32]| -> Vec<u32> { [a, b].concat() };
+    let c1 = toks(17);
+    let r1 = cat(&c1[..5], &toks(9));
+    let c2 = toks(30);
+    let ex = |ids: Vec<u32>, response_start: usize| Example {
+        ids,
+        response_start,
+    };
+    vec![
+        ex(cat(&p1, &c1), 23),
+        ex(cat(&p1, &r1), 23),
+        ex(cat(&p2, &c2), 70),
+        ex(cat(&p2, &toks(45)), 70),
+        ex(p2[..50].to_vec(), 40),
+        ex(toks(12), 3),
+    ]
+}
+
+/// The first index where two bit patterns differ (or the shorter length).
+fn same<T: PartialEq>(a: &[T], b: &[T]) -> Option<usize> {
+    if a.len() != b.len() {
+        return Some(a.len().min(b.len()));
+    }
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+/// Prompt sharing is exact: log-probs (scoring and the training forward, adapter off and on)
+/// and gradients (kept and recomputed layers) are the same bits as computing every sequence
+/// whole, on llama and on gemma3 (sliding window), and the shared rows were really skipped.
+#[test]
+fn prompt_sharing_gives_the_unshared_bits() {
+    for (arch, ty, tied) in [
+        (Arch::Llama, GgmlType::Q4_K, false),
+        (Arch::Qwen2, GgmlType::Q8_0, true),
+        (Arch::Gemma3, GgmlType::Q4_1, true),
+    ] {
+        let m = load(&common::models::tiny_model(arch, ty, tied));
+        let lora = lora_for(&m.cfg, 5, 0.3, 0.0);
+        let exs = shared_examples(m.cfg.n_vocab, 11);
+        let weights = [0.7f32, -1.3, 0.4, -0.2, 0.9, 1.1];
+        let run = |share: bool, budget: u64| {
+            let mut e = engine(&m, lora.clone(), 2)
+                .with_prompt_sharing(share)
+                .with_activation_memory(budget);
+            let bits = |s: Vec<bfpo_lite::train::trainer::SeqScore>| -> Vec<u64> {
+                s.iter().map(|s| s.logp.to_bits()).collect()
+            };
+            let base = bits(e.score(&refs(&exs), false).unwrap());
+            let adapted = bits(e.score(&refs(&exs), true).unwrap());
+            let train = bits(e.forward_train(&refs(&exs)).unwrap());
+            let skipped = e.shared_rows();
+            e.backward(&weights).unwrap();
+            let g: Vec<u32> = grads_of(&mut e).iter().map(|v| v.to_bits()).collect();
+            ((base, adapted, train, g), skipped)
+        };
+        let (whole, none) = run(false, u64::MAX);
+        assert_eq!(none, 0, "{arch:?}: sharing off skips nothing");
+        let (shared, skipped) = run(true, u64::MAX);
+        // 23 + 70 (p1, p2 shared) + 5 (r1's start) + 50 (the prefix sequence).
+        assert_eq!(skipped, 23 + 5 + 70 + 50, "{arch:?}: rows skipped");
+        let recomputed = run(true, 0).0;
+        for (what, other) in [("kept", &shared), ("recomputed layers", &recomputed)] {
+            let parts = [
+                ("base log-probs", same(&whole.0, &other.0)),
+                ("adapted log-probs", same(&whole.1, &other.1)),
+                ("training log-probs", same(&whole.2, &other.2)),
+                ("gradients", same(&whole.3, &other.3)),
+            ];
+            for (part, diff) in parts {
+                assert_eq!(
+                    diff, None,
+                    "{arch:?}, {what}: {part} shared vs whole (first differing index)"
+                );
+            }
+        }
+        assert!(
+            whole.3.iter().any(|&g| g != 0),
+            "{arch:?}: gradients vanish"
+        );
+    }
+}

@@ -342,7 +342,8 @@ fn host_plan_is_linear_in_rows_and_refuses_with_what_to_reduce() {
 }
 
 /// `tune --dry-run` on the built-in demo: the CPU engine's host plan covers the longest
-/// micro-step, `2 · ceil(pairs per step / grad-accum)` sequences of the longest length.
+/// micro-step, `2 · pairs per step` sequences of the longest length (`--pairs-per-step` is per
+/// micro-step; `--grad-accum` repeats micro-steps and does not shrink them).
 #[test]
 fn tune_dry_run_reports_the_cpu_host_plan_of_the_longest_micro_step() {
     let rows = |pairs: &str, accum: &str| -> u64 {
@@ -371,5 +372,5 @@ fn tune_dry_run_reports_the_cpu_host_plan_of_the_longest_micro_step() {
         "2 pairs = 4 sequences of the longest length: {two}"
     );
     assert_eq!(rows("4", "1"), 2 * two);
-    assert_eq!(rows("4", "2"), two);
+    assert_eq!(rows("4", "2"), 2 * two);
 }

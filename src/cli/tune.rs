@@ -112,7 +112,8 @@ pub struct Args {
     pub epochs: Option<usize>,
     #[arg(long)]
     pub max_steps: Option<usize>,
-    /// Safety pairs per micro-step.
+    /// Safety pairs per micro-step (TRL's per_device_train_batch_size); an optimiser step
+    /// takes this × --grad-accum pairs.
     #[arg(long)]
     pub pairs_per_step: Option<usize>,
     #[arg(long)]
@@ -162,6 +163,10 @@ pub struct Args {
     /// Worker threads of the CPU engine (default: every core).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// CPU engine: compute each pair's prompt twice, once per response, instead of once (the
+    /// numbers are the same bits either way; for measuring what sharing saves).
+    #[arg(long)]
+    pub no_prompt_sharing: bool,
     /// GPU adapter index or name (see `bfpo-lite devices`).
     #[arg(long)]
     pub device: Option<String>,
@@ -241,6 +246,9 @@ fn apply_overrides(cfg: &mut TrainConfig, a: &Args) {
     }
     if a.device.is_some() {
         cfg.device = a.device.clone();
+    }
+    if a.no_prompt_sharing {
+        cfg.prompt_sharing = false;
     }
     if a.threads.is_some() {
         cfg.threads = a.threads;

@@ -7,6 +7,7 @@ use super::CpuError;
 use super::mat::Mat;
 use super::model::{Adapters, CpuModel, Tape, grad_offsets};
 use super::ops::Seqs;
+use super::share::Share;
 use crate::data::Example;
 use crate::gguf::GgufFile;
 use crate::model::ModelConfig;
@@ -171,6 +172,8 @@ pub struct NativeEngine {
     activation_memory: u64,
     kept_layers: usize,
     peak_bytes: u64,
+    share_prompts: bool,
+    shared_rows: usize,
 }
 
 impl NativeEngine {
@@ -206,6 +209,8 @@ impl NativeEngine {
             activation_memory: u64::MAX,
             kept_layers: 0,
             peak_bytes: 0,
+            share_prompts: true,
+            shared_rows: 0,
         })
     }
 
@@ -213,6 +218,18 @@ impl NativeEngine {
     pub fn with_activation_memory(mut self, bytes: u64) -> NativeEngine {
         self.activation_memory = bytes;
         self
+    }
+
+    /// Prompt sharing (on by default): rows of a prefix several sequences of a batch begin
+    /// with are computed once (exact; see [`super::share`]). Off computes every row.
+    pub fn with_prompt_sharing(mut self, on: bool) -> NativeEngine {
+        self.share_prompts = on;
+        self
+    }
+
+    /// Packed rows the last forward did not compute (copies of a shared prefix).
+    pub fn shared_rows(&self) -> usize {
+        self.shared_rows
     }
 
     pub fn threads(&self) -> usize {
@@ -270,7 +287,15 @@ impl NativeEngine {
         let model = &self.model;
         let lora = adapter.then_some(&self.state.lora);
         let dropout = if train { self.dropout } else { None };
+        // Dropout masks follow a row's place in the batch, so shared rows would differ.
+        let share = if self.share_prompts && dropout.is_none() {
+            Share::plan(&ids)
+        } else {
+            None
+        };
+        let share = share.as_ref();
         let budget = self.activation_memory;
+        let n_head = model.cfg.n_head;
         let (sums, kept, kept_layers, bytes) = self
             .pool
             .install(|| -> Result<_, CpuError> {
@@ -283,16 +308,30 @@ impl NativeEngine {
                 } else {
                     model.cfg.n_layer
                 };
-                let mut x = model.embed(&b.ids);
+                // The rows this forward computes: every packed row, or the compact layout.
+                let (ids, pos, head_rows) = match share {
+                    None => (b.ids.clone(), b.pos.clone(), b.head_rows.clone()),
+                    Some(s) => (
+                        s.compact_items(&b.ids),
+                        s.compact_items(&b.pos),
+                        b.head_rows.iter().map(|&r| s.of_packed[r]).collect(),
+                    ),
+                };
+                let mut x = model.embed(&ids);
                 let mut saved = Vec::new();
                 let (mut used, mut n_kept) = (0u64, 0usize);
                 for l in 0..model.cfg.n_layer {
                     if l < lowest {
-                        x = model.layer_fwd(l, x, &b.seqs, &b.pos, &ad, false).0;
+                        x = model.layer_fwd(l, x, &b.seqs, &pos, &ad, false, share).0;
                         continue;
                     }
-                    let (out, tape) = model.layer_fwd(l, x, &b.seqs, &b.pos, &ad, true);
+                    let (out, tape) = model.layer_fwd(l, x, &b.seqs, &pos, &ad, true, share);
                     let tape = tape.expect("kept");
+                    // The backward runs on the packed layout.
+                    let tape = match share {
+                        Some(s) => tape.expand(s, n_head),
+                        None => tape,
+                    };
                     let tb = tape.bytes();
                     if used + tb <= budget {
                         used += tb;
@@ -305,7 +344,7 @@ impl NativeEngine {
                     }
                     x = out;
                 }
-                let (xs, nf) = model.head_input(&x, &b.head_rows);
+                let (xs, nf) = model.head_input(&x, &head_rows);
                 let (lp, lse) = model.head_fwd(&nf, &b.targets);
                 let mut sums = vec![0f64; b.seqs.len.len()];
                 for (r, &s) in b.head_seq.iter().enumerate() {
@@ -315,6 +354,7 @@ impl NativeEngine {
                 Ok((sums, kept, n_kept, used))
             })
             .map_err(err)?;
+        self.shared_rows = share.map_or(0, |s| b.ids.len() - s.rows());
         self.peak_bytes = self.peak_bytes.max(bytes);
         if train {
             self.kept_layers = kept_layers;
@@ -340,7 +380,12 @@ impl NativeEngine {
 
 impl Engine for NativeEngine {
     fn describe(&self) -> String {
-        format!("cpu (native, {} threads)", self.threads)
+        let share = if self.share_prompts {
+            ", prompt sharing"
+        } else {
+            ""
+        };
+        format!("cpu (native, {} threads{share})", self.threads)
     }
 
     fn cache_identity(&self) -> String {
@@ -399,7 +444,7 @@ impl Engine for NativeEngine {
                     let tape = match saved {
                         Saved::Tape(t) => *t,
                         Saved::Input(x) => model
-                            .layer_fwd(l, x, &k.b.seqs, &k.b.pos, &ad, true)
+                            .layer_fwd(l, x, &k.b.seqs, &k.b.pos, &ad, true, None)
                             .1
                             .expect("kept"),
                     };
@@ -456,6 +501,7 @@ fn source_hash() -> String {
         include_str!("mod.rs"),
         include_str!("model.rs"),
         include_str!("ops.rs"),
+        include_str!("share.rs"),
     ];
     let mut h = sha2::Sha256::new();
     for s in SOURCES {

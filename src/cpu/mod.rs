@@ -10,7 +10,8 @@
 //!
 //! Layout, one concern per file as in `gpu/`: [`mat`] (padded activation matrix), [`gemm`]
 //! (products against quantized and dense weights), [`ops`] (RMSNorm, RoPE, SwiGLU, attention,
-//! each with its backward), [`model`] (layers, LM head, tapes), [`engine`] (the
+//! each with its backward), [`model`] (layers, LM head, tapes), [`share`] (prompt sharing: a prefix common to several sequences
+//! is computed once, exactly), [`engine`] (the
 //! [`Engine`](crate::train::trainer::Engine) implementation: scoring, training forward/backward,
 //! AdamW). The engine is checked against `model::reference` (the f64 reference) in
 //! `tests/cpu_engine.rs`: log-probs, LoRA gradients, dropout and determinism.
@@ -20,6 +21,7 @@ pub mod gemm;
 pub mod mat;
 pub mod model;
 pub mod ops;
+pub mod share;
 
 pub use engine::NativeEngine;
 pub use mat::Mat;

@@ -9,6 +9,7 @@ use super::ops::{
     AttnShape, RopeTable, Seqs, attention, attention_back, geglu, geglu_back, rmsnorm,
     rmsnorm_back, swiglu, swiglu_back,
 };
+use super::share::Share;
 use crate::gguf::{GgmlType, GgufFile};
 use crate::model::lora::dropout::Dropout;
 use crate::model::lora::{LoraTensor, LoraWeights, Target};
@@ -88,6 +89,36 @@ pub struct Tape {
 }
 
 impl Tape {
+    /// This compact-layout tape in the packed layout of `s` (see [`super::share`]).
+    pub fn expand(&self, s: &Share, n_head: usize) -> Tape {
+        let e = |m: &Mat| s.expand(m);
+        let eo = |m: &Option<Mat>| m.as_ref().map(e);
+        Tape {
+            x: e(&self.x),
+            n1: e(&self.n1),
+            q_pre: eo(&self.q_pre),
+            k_pre: eo(&self.k_pre),
+            q: e(&self.q),
+            k: e(&self.k),
+            v: e(&self.v),
+            att: e(&self.att),
+            lse: s.expand_vals(&self.lse, n_head),
+            h: e(&self.h),
+            n2: e(&self.n2),
+            g: e(&self.g),
+            u: e(&self.u),
+            s: e(&self.s),
+            o: eo(&self.o),
+            f: eo(&self.f),
+            lora: std::array::from_fn(|i| {
+                self.lora[i].as_ref().map(|t| LoraTape {
+                    xd: eo(&t.xd),
+                    z: e(&t.z),
+                })
+            }),
+        }
+    }
+
     pub fn bytes(&self) -> u64 {
         let m = [
             &self.x, &self.n1, &self.q, &self.k, &self.v, &self.att, &self.h, &self.n2, &self.g,
@@ -422,7 +453,10 @@ impl CpuModel {
         }
     }
 
-    /// One layer forward; the tape when `keep`.
+    /// One layer forward; the tape when `keep`. With `share`, `x` and `pos` are in its compact
+    /// layout (rows of shared prefixes left out; see [`super::share`]) and so are the output and
+    /// the tape; `seqs` is always the packed layout (attention reads each sequence whole).
+    #[allow(clippy::too_many_arguments)]
     pub fn layer_fwd(
         &self,
         l: usize,
@@ -431,6 +465,7 @@ impl CpuModel {
         pos: &[usize],
         ad: &Adapters,
         keep: bool,
+        share: Option<&Share>,
     ) -> (Mat, Option<Tape>) {
         let c = &self.cfg;
         let lw = &self.layers[l];
@@ -454,9 +489,21 @@ impl CpuModel {
         self.rope_of(l).apply(&mut q, c.n_head, hd, pos, false);
         self.rope_of(l).apply(&mut k, c.n_head_kv, hd, pos, false);
         let sh = self.attn_shape(l);
-        let mut att = Mat::zeros(rows, c.n_head * hd);
-        let mut lse = vec![0f32; rows * c.n_head];
-        attention(&q, &k, &v, seqs, sh, &mut att, &mut lse);
+        let (att, lse) = match share {
+            None => {
+                let mut att = Mat::zeros(rows, c.n_head * hd);
+                let mut lse = vec![0f32; rows * c.n_head];
+                attention(&q, &k, &v, seqs, sh, &mut att, &mut lse);
+                (att, lse)
+            }
+            Some(s) => {
+                let (qp, kp, vp) = (s.expand(&q), s.expand(&k), s.expand(&v));
+                let mut att = Mat::zeros(qp.rows, c.n_head * hd);
+                let mut lse = vec![0f32; qp.rows * c.n_head];
+                attention(&qp, &kp, &vp, seqs, sh, &mut att, &mut lse);
+                (s.compact(&att), s.compact_vals(&lse, c.n_head))
+            }
+        };
         let (o, lo) = self.project(l, Target::AttnOutput, &att, ad, keep);
         let (mut h, o_pre) = match &lw.post_attn_norm {
             Some(pn) => {

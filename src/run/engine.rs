@@ -111,7 +111,8 @@ pub fn cpu_activation_budget(setting: &str) -> Result<u64, RunError> {
 /// [`resolve_engine`]). The GPU engine first checks `plan` against the device's reported limits
 /// (wgpu does not report device memory) and may keep layers' intermediates in up to
 /// `activation_memory` (see [`activation_budget`]); the CPU engine checks the plan's host bytes
-/// against the available memory. The activation budget in bytes is returned with either.
+/// against the available memory, and shares prompts when `prompt_sharing`. The activation
+/// budget in bytes is returned with either.
 #[allow(clippy::too_many_arguments)]
 pub fn build_engine(
     kind: EngineKind,
@@ -122,6 +123,7 @@ pub fn build_engine(
     plan: Option<&Plan>,
     activation_memory: &str,
     threads: Option<usize>,
+    prompt_sharing: bool,
 ) -> Result<(Box<dyn Engine>, Option<u64>), RunError> {
     // The wgpu engine has no Gemma 3 kernels: `auto` takes the CPU engine for it.
     let kind = if kind == EngineKind::Auto && model.config.gemma3.is_some() {
@@ -146,7 +148,8 @@ pub fn build_engine(
             let budget = cpu_activation_budget(activation_memory)?;
             let threads = threads.unwrap_or_else(crate::cpu::default_threads);
             let engine = NativeEngine::new(&model.file, &model.config, lora, adam, threads)?
-                .with_activation_memory(budget);
+                .with_activation_memory(budget)
+                .with_prompt_sharing(prompt_sharing);
             Ok((Box::new(engine), Some(budget)))
         }
         EngineKind::Wgpu => {

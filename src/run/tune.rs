@@ -259,6 +259,7 @@ impl TuneJob {
             Some(&l.plan),
             &cfg.activation_memory,
             cfg.threads,
+            cfg.prompt_sharing,
         )?;
         obs.event(&Event::Engine {
             description: engine.describe(),
@@ -423,7 +424,8 @@ fn host_plan(
         } else {
             ((cfg.pairs_per_step as f64) * cfg.buffer_ratio).round() as usize
         };
-    let rows = 2 * per_step.div_ceil(cfg.grad_accum.max(1)) * longest_sequence(data);
+    // `pairs_per_step` is per micro-step: gradient accumulation repeats it, never splits it.
+    let rows = 2 * per_step * longest_sequence(data);
     let threads = cfg.threads.unwrap_or_else(crate::cpu::default_threads);
     let hp = HostPlan::new(
         &model.config,

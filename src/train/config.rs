@@ -142,6 +142,9 @@ pub struct TrainConfig {
     pub engine: EngineKind,
     /// Worker threads of the CPU engine (default: every core).
     pub threads: Option<usize>,
+    /// CPU engine: compute a prefix that several sequences of a micro-batch begin with (a
+    /// pair's prompt) once. Exact (the same bits as off), so on by default.
+    pub prompt_sharing: bool,
     /// GPU adapter index or name.
     pub device: Option<String>,
     /// Stop after this many non-finite steps in a row.
@@ -209,6 +212,7 @@ impl Default for TrainConfig {
             cache_dir: None,
             engine: EngineKind::Auto,
             threads: None,
+            prompt_sharing: true,
             device: None,
             max_bad_steps: 3,
             activation_memory: "auto".into(),
@@ -233,6 +237,7 @@ pub const RESUME_MAY_CHANGE: &[&str] = &[
     "cache_dir",
     "device",
     "threads",
+    "prompt_sharing",
     "max_bad_steps",
     "activation_memory",
     "eval_harmful",
