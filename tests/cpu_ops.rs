@@ -10,8 +10,8 @@
 use bfpo_lite::cpu::Mat;
 use bfpo_lite::cpu::gemm::{QMat, dense_nn, dense_nt, dense_tn_acc, matmul_back, matmul_fwd};
 use bfpo_lite::cpu::ops::{
-    AttnShape, RopeTable, Seqs, attention, attention_back, rmsnorm, rmsnorm_back, swiglu,
-    swiglu_back,
+    AttnShape, RopeTable, Seqs, attention, attention_back, attention_skipping, rmsnorm,
+    rmsnorm_back, swiglu, swiglu_back,
 };
 use bfpo_lite::gguf::GgmlType;
 use bfpo_lite::gguf::quant::{dequantize_vec, quantize};
@@ -448,6 +448,57 @@ fn windowed_attention_matches_a_direct_f64_computation() {
             assert_close(&format!("{what} dq"), &dq.data[a * qw..b * qw], &wq, OP_TOL);
             assert_close(&format!("{what} dk"), &dk.data[a * kw..b * kw], &wk, OP_TOL);
             assert_close(&format!("{what} dv"), &dv.data[a * kw..b * kw], &wv, OP_TOL);
+        }
+    }
+}
+
+/// `attention_skipping` (prompt sharing) gives every row it does not skip the bits `attention`
+/// gives it, with and without a window, skipping nothing, part of a block, whole blocks and a
+/// whole sequence; skipped whole blocks are left untouched.
+#[test]
+fn attention_skipping_keeps_the_bits_of_the_rows_it_computes() {
+    let mut rng = Rng::new(19);
+    for window in [None, Some(40)] {
+        let sh = AttnShape {
+            window,
+            ..AttnShape::causal(4, 2, 8)
+        };
+        let (qw, kw) = (sh.n_head * sh.hd, sh.n_head_kv * sh.hd);
+        let lens = [150usize, 150, 37, 70];
+        let skip = [0usize, 130, 37, 64];
+        let seqs = Seqs::from_lens(&lens);
+        let rows = seqs.total();
+        let (q, k, v) = (
+            mat(rows, qw, &mut rng),
+            mat(rows, kw, &mut rng),
+            mat(rows, kw, &mut rng),
+        );
+        let (mut out, mut lse) = (Mat::zeros(rows, qw), vec![0f32; rows * sh.n_head]);
+        attention(&q, &k, &v, &seqs, sh, &mut out, &mut lse);
+        let sentinel = 7.0f32;
+        let mut out_s = Mat::zeros(rows, qw);
+        out_s.data.iter_mut().for_each(|x| *x = sentinel);
+        let mut lse_s = vec![sentinel; rows * sh.n_head];
+        attention_skipping(&q, &k, &v, &seqs, sh, &mut out_s, &mut lse_s, &skip);
+        for (s, &len) in lens.iter().enumerate() {
+            for t in 0..len {
+                let r = seqs.start[s] + t;
+                let lse_row = |l: &[f32]| l[r * sh.n_head..(r + 1) * sh.n_head].to_vec();
+                if t >= skip[s] {
+                    let same = out
+                        .row(r)
+                        .iter()
+                        .zip(out_s.row(r))
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "window {window:?}: sequence {s} row {t} differs");
+                    assert_eq!(lse_row(&lse), lse_row(&lse_s), "lse, sequence {s} row {t}");
+                } else if (t / 64 + 1) * 64 <= skip[s] {
+                    assert!(
+                        out_s.row(r).iter().all(|&x| x == sentinel),
+                        "sequence {s} row {t} written"
+                    );
+                }
+            }
         }
     }
 }

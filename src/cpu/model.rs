@@ -6,8 +6,8 @@ use super::CpuError;
 use super::gemm::{MB, QMat, dense_nn, dense_nt, dense_tn_acc, matmul_back, matmul_fwd, sgemm};
 use super::mat::{Mat, SendPtr};
 use super::ops::{
-    AttnShape, RopeTable, Seqs, attention, attention_back, geglu, geglu_back, rmsnorm,
-    rmsnorm_back, swiglu, swiglu_back,
+    AttnShape, RopeTable, Seqs, attention, attention_back, attention_skipping, geglu, geglu_back,
+    rmsnorm, rmsnorm_back, swiglu, swiglu_back,
 };
 use super::share::Share;
 use crate::gguf::{GgmlType, GgufFile};
@@ -500,7 +500,7 @@ impl CpuModel {
                 let (qp, kp, vp) = (s.expand(&q), s.expand(&k), s.expand(&v));
                 let mut att = Mat::zeros(qp.rows, c.n_head * hd);
                 let mut lse = vec![0f32; qp.rows * c.n_head];
-                attention(&qp, &kp, &vp, seqs, sh, &mut att, &mut lse);
+                attention_skipping(&qp, &kp, &vp, seqs, sh, &mut att, &mut lse, &s.shared);
                 (s.compact(&att), s.compact_vals(&lse, c.n_head))
             }
         };

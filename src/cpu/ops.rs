@@ -312,6 +312,24 @@ pub fn attention(
     out: &mut Mat,
     lse: &mut [f32],
 ) {
+    attention_skipping(q, k, v, seqs, sh, out, lse, &vec![0; seqs.len.len()]);
+}
+
+/// [`attention`] whose output is not needed for the first `skip[s]` rows of sequence `s` (rows
+/// another sequence computes: prompt sharing): whole blocks of them are skipped and left as
+/// they are; every other row gets exactly the bits [`attention`] gives it (blocks still start at
+/// the sequence's first row).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_skipping(
+    q: &Mat,
+    k: &Mat,
+    v: &Mat,
+    seqs: &Seqs,
+    sh: AttnShape,
+    out: &mut Mat,
+    lse: &mut [f32],
+    skip: &[usize],
+) {
     let AttnShape {
         n_head,
         n_head_kv,
@@ -337,6 +355,9 @@ pub fn attention(
         for i0 in (0..len).step_by(QB) {
             // Keys j0..i1: from the first key the block's first row sees to its last row.
             let (b, i1, j0) = (QB.min(len - i0), (i0 + QB).min(len), sh.first_key(i0));
+            if i1 <= skip[s] {
+                continue;
+            }
             let nk = i1 - j0;
             // SAFETY: shapes and strides address q's rows s0+i0.., kt and sc as sized above.
             unsafe {

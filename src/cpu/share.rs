@@ -15,6 +15,7 @@
 
 use super::mat::Mat;
 use super::ops::Seqs;
+use rayon::prelude::*;
 
 /// Shared prefixes shorter than this are computed twice (copying would cost about as much).
 pub const MIN_SHARED: usize = 8;
@@ -26,6 +27,8 @@ pub struct Share {
     pub of_packed: Vec<usize>,
     /// The packed row of every compact row, in order.
     pub packed: Vec<usize>,
+    /// Leading rows of each sequence that are copies.
+    pub shared: Vec<usize>,
 }
 
 impl Share {
@@ -37,6 +40,7 @@ impl Share {
         let seqs = Seqs::from_lens(&lens);
         let mut of_packed = Vec::with_capacity(seqs.total());
         let mut packed = Vec::new();
+        let mut shared = Vec::with_capacity(ids.len());
         for (s, cur) in ids.iter().enumerate() {
             let (src, p) = (0..s)
                 .map(|o| {
@@ -46,6 +50,7 @@ impl Share {
                 .max_by_key(|&(o, n)| (n, usize::MAX - o))
                 .filter(|&(_, n)| n >= MIN_SHARED)
                 .unwrap_or((0, 0));
+            shared.push(p);
             for t in 0..cur.len() {
                 if t < p {
                     of_packed.push(of_packed[seqs.start[src] + t]);
@@ -55,7 +60,11 @@ impl Share {
                 }
             }
         }
-        (packed.len() < of_packed.len()).then_some(Share { of_packed, packed })
+        (packed.len() < of_packed.len()).then_some(Share {
+            of_packed,
+            packed,
+            shared,
+        })
     }
 
     /// Rows of the compact layout.
@@ -71,21 +80,13 @@ impl Share {
     /// A compact-layout matrix → the packed layout (shared rows copied).
     pub fn expand(&self, m: &Mat) -> Mat {
         assert_eq!(m.rows, self.rows());
-        let mut out = Mat::zeros(self.of_packed.len(), m.cols);
-        for (r, &c) in self.of_packed.iter().enumerate() {
-            out.row_mut(r).copy_from_slice(m.row(c));
-        }
-        out
+        gather(m, &self.of_packed)
     }
 
     /// A packed-layout matrix → the compact layout.
     pub fn compact(&self, m: &Mat) -> Mat {
         assert_eq!(m.rows, self.of_packed.len());
-        let mut out = Mat::zeros(self.rows(), m.cols);
-        for (c, &r) in self.packed.iter().enumerate() {
-            out.row_mut(c).copy_from_slice(m.row(r));
-        }
-        out
+        gather(m, &self.packed)
     }
 
     /// `w` values per compact row → per packed row.
@@ -103,6 +104,21 @@ impl Share {
             .flat_map(|&r| v[r * w..(r + 1) * w].iter().copied())
             .collect()
     }
+}
+
+/// Rows `from[i]` of `m` as rows `i` of a new matrix (threads own row blocks).
+fn gather(m: &Mat, from: &[usize]) -> Mat {
+    let w = m.cols;
+    let mut out = Mat::zeros(from.len(), w);
+    out.data[..from.len() * w]
+        .par_chunks_mut(64 * w)
+        .zip(from.par_chunks(64))
+        .for_each(|(dst, rows)| {
+            for (d, &r) in dst.chunks_exact_mut(w).zip(rows) {
+                d.copy_from_slice(m.row(r));
+            }
+        });
+    out
 }
 
 #[cfg(test)]
