@@ -22,7 +22,7 @@ use bfpo_lite::gpu::ops::rope::RopeConfig;
 use bfpo_lite::gpu::ops::rope_back::rope_backward_inplace;
 use bfpo_lite::gpu::ops::swiglu_back::swiglu_backward_inplace;
 use bfpo_lite::gpu::test_device;
-use bfpo_lite::train::lora::{LoraTensor, LoraWeights, Target};
+use bfpo_lite::model::lora::{LoraTensor, LoraWeights, Target};
 use bfpo_lite::util::Rng;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 

@@ -10,8 +10,8 @@ use bfpo_lite::export::gguf_adapter::{
 };
 use bfpo_lite::export::{ExportError, check_against};
 use bfpo_lite::gguf::{GgmlType, GgufFile, GgufWriter, Value};
+use bfpo_lite::model::lora::{LoraSpec, LoraWeights, Target};
 use bfpo_lite::model::{Arch, ModelConfig};
-use bfpo_lite::train::lora::{LoraSpec, LoraWeights, Target};
 use common::models;
 
 fn cfg_of(arch: Arch, tied: bool) -> ModelConfig {

@@ -31,10 +31,10 @@ use bfpo_lite::data::Example;
 use bfpo_lite::export::gguf_adapter::{AdapterDType, Provenance, read_adapter, write_adapter};
 use bfpo_lite::export::merge::write_merged;
 use bfpo_lite::gguf::{GgmlType, GgufFile};
+use bfpo_lite::model::lora::{LoraSpec, LoraWeights, Target};
 use bfpo_lite::model::reference::RefModel;
 use bfpo_lite::model::{Arch, ModelConfig, Weights};
 use bfpo_lite::runtime::{LoadOptions, RtModel, ScoreOptions};
-use bfpo_lite::train::lora::{LoraSpec, LoraWeights, Target};
 use common::models;
 
 /// F32 base + F32 adapter vs reference (f32 vs f64 arithmetic).
@@ -313,7 +313,7 @@ fn llama_cpp_with_exported_adapter_matches_gpu_forward() {
 fn output_weight_lora_matches_llama_cpp_in_reference_gpu_forward_and_score() {
     use bfpo_lite::gpu::forward::{GpuBatch, GpuModel, Workspace, WorkspaceSpec};
     use bfpo_lite::gpu::ops::lora::GpuLora;
-    use bfpo_lite::train::lora::LoraTensor;
+    use bfpo_lite::model::lora::LoraTensor;
     let gpu = common::gpu::gpu();
     let dir = tempfile::tempdir().unwrap();
     let head_lora = |cfg: &ModelConfig, seed: u64, with_layers: bool| {

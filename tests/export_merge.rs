@@ -9,8 +9,8 @@ use bfpo_lite::export::merge::{merge, write_merged};
 use bfpo_lite::gguf::quant::dequantize_vec;
 use bfpo_lite::gguf::{GgmlType, GgufFile};
 use bfpo_lite::model::init::InitSpec;
+use bfpo_lite::model::lora::{LoraSpec, LoraWeights, Target};
 use bfpo_lite::model::{Arch, ModelConfig};
-use bfpo_lite::train::lora::{LoraSpec, LoraWeights, Target};
 use common::models;
 use std::path::Path;
 
@@ -28,7 +28,7 @@ fn lora_for(path: &Path, b_std: f32, seed: u64) -> LoraWeights {
 }
 
 /// ΔW[o][i] = scale · Σ_k B[o][k]·A[k][i], in f64.
-fn delta_f64(t: &bfpo_lite::train::lora::LoraTensor, rank: usize, scale: f64) -> Vec<f64> {
+fn delta_f64(t: &bfpo_lite::model::lora::LoraTensor, rank: usize, scale: f64) -> Vec<f64> {
     let mut d = vec![0.0f64; t.n_out * t.n_in];
     for o in 0..t.n_out {
         for i in 0..t.n_in {

@@ -10,8 +10,8 @@ use bfpo_lite::export::peft::{
 };
 use bfpo_lite::gguf::quant::dequantize_vec;
 use bfpo_lite::gguf::{GgmlType, GgufFile};
+use bfpo_lite::model::lora::{LoraSpec, LoraWeights, Target};
 use bfpo_lite::model::{Arch, ModelConfig};
-use bfpo_lite::train::lora::{LoraSpec, LoraWeights, Target};
 use common::models;
 use std::path::Path;
 
@@ -120,7 +120,7 @@ fn llama_q_k_b_rows_are_un_permuted_so_the_hf_update_matches() {
                 assert_eq!(numpy_permute(&b.values, nh, 3), t.b, "{module}");
                 // And the HF update B_hf·A is the GGUF update with its rows in HF order:
                 // permute(ΔW_hf) == ΔW_gguf.
-                let tmp = bfpo_lite::train::lora::LoraTensor {
+                let tmp = bfpo_lite::model::lora::LoraTensor {
                     b: b.values.clone(),
                     ..t.clone()
                 };

@@ -9,8 +9,8 @@ use bfpo_lite::export::gguf_adapter::{AdapterDType, Provenance, read_adapter, wr
 use bfpo_lite::export::peft::{PeftOptions, write_peft};
 use bfpo_lite::export::peft_import::read_peft;
 use bfpo_lite::gguf::{GgmlType, GgufFile};
+use bfpo_lite::model::lora::{LoraSpec, LoraWeights, Target};
 use bfpo_lite::model::{Arch, ModelConfig};
-use bfpo_lite::train::lora::{LoraSpec, LoraWeights, Target};
 use common::models;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -24,10 +24,10 @@ use bfpo_lite::export::peft::{PeftOptions, peft_config, peft_tensors, write_peft
 use bfpo_lite::export::peft_import::read_peft;
 use bfpo_lite::gguf::{GgmlType, GgufFile, GgufWriter, Value};
 use bfpo_lite::model::init::InitSpec;
+use bfpo_lite::model::lora::{LoraSpec, LoraWeights, Target};
 use bfpo_lite::model::reference::RefModel;
 use bfpo_lite::model::{Arch, ModelConfig, ModelError, RopeKind, Weights};
 use bfpo_lite::runtime::{LoadOptions, RtModel, ScoreOptions};
-use bfpo_lite::train::lora::{LoraSpec, LoraWeights, Target};
 use common::models;
 use std::process::Command;
 

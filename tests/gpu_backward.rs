@@ -16,9 +16,9 @@ use bfpo_lite::gpu::backward::{backward, forward_train, forward_train_keeping, l
 use bfpo_lite::gpu::forward::GpuModel;
 use bfpo_lite::gpu::ops::dropout::Dropout;
 use bfpo_lite::gpu::ops::lora::GpuLora;
+use bfpo_lite::model::lora::{LoraSpec, LoraWeights, Target};
 use bfpo_lite::model::reference::RefModel;
 use bfpo_lite::model::{Arch, ModelConfig, Weights};
-use bfpo_lite::train::lora::{LoraSpec, LoraWeights, Target};
 use bfpo_lite::util::close::compare;
 use bfpo_lite::util::{Rng, Tol, assert_close};
 use std::path::Path;

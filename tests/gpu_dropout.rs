@@ -13,9 +13,9 @@ use bfpo_lite::gpu::backward::{backward, forward_train};
 use bfpo_lite::gpu::forward::GpuModel;
 use bfpo_lite::gpu::ops::dropout::Dropout;
 use bfpo_lite::gpu::ops::lora::GpuLora;
+use bfpo_lite::model::lora::{LoraSpec, LoraWeights, Target};
 use bfpo_lite::model::reference::RefModel;
 use bfpo_lite::model::{Arch, ModelConfig, Weights};
-use bfpo_lite::train::lora::{LoraSpec, LoraWeights, Target};
 use bfpo_lite::util::{Rng, Tol, assert_close};
 
 const SEQ_WEIGHTS: [f32; 3] = [0.7, -1.3, 0.4];

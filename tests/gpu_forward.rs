@@ -12,9 +12,9 @@ use bfpo_lite::gpu::forward::{
 };
 use bfpo_lite::gpu::ops::lora::GpuLora;
 use bfpo_lite::model::init::{InitSpec, WeightType};
+use bfpo_lite::model::lora::{LoraSpec, LoraWeights, Target};
 use bfpo_lite::model::reference::RefModel;
 use bfpo_lite::model::{Arch, ModelConfig, Weights};
-use bfpo_lite::train::lora::{LoraSpec, LoraWeights, Target};
 use bfpo_lite::util::Rng;
 use bfpo_lite::util::close::compare;
 use bfpo_lite::util::{Tol, assert_close};

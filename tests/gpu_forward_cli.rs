@@ -92,7 +92,7 @@ fn score_engine_wgpu_applies_adapters_like_llama() {
     use bfpo_lite::export::gguf_adapter::{AdapterDType, Provenance, write_adapter};
     use bfpo_lite::gguf::GgufFile;
     use bfpo_lite::model::ModelConfig;
-    use bfpo_lite::train::lora::{LoraSpec, LoraWeights, Target};
+    use bfpo_lite::model::lora::{LoraSpec, LoraWeights, Target};
     let data = scratch("pairs-adapter.jsonl");
     std::fs::write(&data, PAIRS).unwrap();
     let model = tiny_model(Arch::Qwen2, GgmlType::F32, true);

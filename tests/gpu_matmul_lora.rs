@@ -8,7 +8,7 @@ use bfpo_lite::gpu::GpuBuf;
 use bfpo_lite::gpu::ops::lora::{
     GpuLora, LoraShape, lora_backward, lora_backward_ref, lora_forward, lora_forward_ref,
 };
-use bfpo_lite::train::lora::{LoraTensor, LoraWeights, Target};
+use bfpo_lite::model::lora::{LoraTensor, LoraWeights, Target};
 use bfpo_lite::util::{Rng, Tol, assert_close};
 
 /// f32 GPU sums of O(1) values over ≤ a few hundred terms vs f64.

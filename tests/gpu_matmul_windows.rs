@@ -14,7 +14,7 @@ use bfpo_lite::gpu::ops::matmul::{
     GpuWeight, SplitK, TEST_BINDING_LIMIT, matmul, matmul_back_input, matmul_back_input_ref,
     matmul_ref, matmul_rows_back_input, matmul_split,
 };
-use bfpo_lite::train::lora::{LoraTensor, LoraWeights, Target};
+use bfpo_lite::model::lora::{LoraTensor, LoraWeights, Target};
 use bfpo_lite::util::{Rng, Tol, assert_close};
 use std::sync::atomic::Ordering;
 

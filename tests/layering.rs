@@ -1,5 +1,6 @@
 //! The library's layers (src/lib.rs's module map): a module never imports one above it.
-//! `cli → run → train/export (eval, redteam) → gpu → model/runtime → data → gguf/util/optim/loss`.
+//! `cli → run → train/cpu/export (eval, redteam) → gpu → model/runtime → data → gguf/util/optim/loss`
+//! (the CPU engine is a peer of `train`, whose `Engine` trait it implements).
 //! Reads the sources: every `crate::<module>` outside comments must name a module at the same
 //! level or below. Modules not in the table (new ones) are not checked until they are added.
 
@@ -18,6 +19,7 @@ const LEVELS: &[(&str, u32)] = &[
     ("gpu", 3),
     ("export", 4),
     ("train", 4),
+    ("cpu", 4),
     ("eval", 4),
     ("redteam", 4),
     ("run", 5),

@@ -1,6 +1,6 @@
 //! AdamW, clipping, accumulation and LR schedules against values worked out by hand.
 
-use bfpo_lite::train::optim::*;
+use bfpo_lite::optim::*;
 use bfpo_lite::util::Rng;
 
 fn cfg(wd: f64) -> AdamWConfig {

@@ -1,10 +1,10 @@
-//! GPU AdamW and global gradient norm against the CPU reference (`train::optim`), on lavapipe
+//! GPU AdamW and global gradient norm against the CPU reference (`optim`), on lavapipe
 //! or any adapter: awkward sizes (1, 257, 5000 > one 4096-element norm chunk), clipping active,
 //! weight decay, a cosine schedule; a hand-computed fixed case; non-finite gradients.
 
 use bfpo_lite::gpu::ops::adamw::*;
 use bfpo_lite::gpu::test_device;
-use bfpo_lite::train::optim::*;
+use bfpo_lite::optim::*;
 use bfpo_lite::util::Rng;
 use bfpo_lite::util::close::{Tol, assert_close};
 

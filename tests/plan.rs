@@ -4,7 +4,7 @@
 
 use bfpo_lite::gguf::GgmlType;
 use bfpo_lite::gpu::memory::*;
-use bfpo_lite::train::lora::Target;
+use bfpo_lite::model::lora::Target;
 use std::process::Command;
 
 fn target_input() -> PlanInput {

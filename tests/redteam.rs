@@ -656,3 +656,44 @@ fn toy_loop_redteam_tune_eval_on_held_out_split() {
     }
     assert!(models[1]["ranking"]["reward_bfpo"]["n"].as_u64().unwrap() > 0);
 }
+
+/// `redteam --chat-template NAME` answers with that template and says so; a name that is no
+/// template is refused before any answer, naming it.
+#[test]
+fn cli_takes_a_chat_template_and_thinking_flags() {
+    let model = tiny_model(Arch::Qwen2, GgmlType::F32, true);
+    let run = |extra: &[&str], out: &str| {
+        bin()
+            .args(["redteam", "--model"])
+            .arg(&model)
+            .args(["--prompts", "advbench", "--limit", "1", "--samples", "1"])
+            .args([
+                "--safety-samples",
+                "0",
+                "--max-tokens",
+                "4",
+                "--threads",
+                "1",
+            ])
+            .args(extra)
+            .arg("--out")
+            .arg(scratch(out))
+            .output()
+            .unwrap()
+    };
+    let o = run(
+        &["--chat-template", "zephyr", "--no-thinking"],
+        "tmpl.jsonl",
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("chat template: built-in zephyr (--chat-template)"),
+        "{err}"
+    );
+    assert!(err.contains("does not read enable_thinking"), "{err}");
+    let o = run(&["--chat-template", "no-such-template"], "tmpl-bad.jsonl");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("--chat-template no-such-template"), "{err}");
+}

@@ -233,7 +233,7 @@ fn reference_runs_on_init_model_files() {
     use bfpo_lite::data::Example;
     use bfpo_lite::gguf::GgufFile;
     use bfpo_lite::model::init::{InitSpec, build};
-    use bfpo_lite::train::lora::{LoraSpec, LoraWeights, Target};
+    use bfpo_lite::model::lora::{LoraSpec, LoraWeights, Target};
 
     for (arch, ty, tied, freqs) in [
         (Arch::Llama, GgmlType::Q8_0, false, true),

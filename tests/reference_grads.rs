@@ -5,9 +5,9 @@
 //! errors.
 
 use bfpo_lite::data::Example;
+use bfpo_lite::model::lora::{LoraSpec, LoraTensor, LoraWeights, Target};
 use bfpo_lite::model::reference::{RefError, RefModel, RefWeights};
 use bfpo_lite::model::{Arch, Gemma3Params, ModelConfig};
-use bfpo_lite::train::lora::{LoraSpec, LoraTensor, LoraWeights, Target};
 use bfpo_lite::util::close::{Tol, assert_close};
 
 /// A tiny model of each architecture (d 24, 2 layers, vocab 37). llama: partial rotation

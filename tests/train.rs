@@ -8,15 +8,15 @@ use bfpo_lite::data::batch::TruncationConfig;
 use bfpo_lite::data::formats::LoadOptions;
 use bfpo_lite::data::refcache::RefCache;
 use bfpo_lite::gguf::{GgmlType, GgufFile};
+use bfpo_lite::model::lora::{LoraSpec, LoraWeights, Target};
 use bfpo_lite::model::reference::RefModel;
 use bfpo_lite::model::{Arch, ModelConfig, Weights};
+use bfpo_lite::optim::AdamWConfig;
 use bfpo_lite::runtime::{LoadOptions as RtLoad, RtModel};
 use bfpo_lite::train::checkpoint::Checkpoint;
 use bfpo_lite::train::config::TrainConfig;
 use bfpo_lite::train::engine::RefEngine;
 use bfpo_lite::train::gpu_engine::GpuEngine;
-use bfpo_lite::train::lora::{LoraSpec, LoraWeights, Target};
-use bfpo_lite::train::optim::AdamWConfig;
 use bfpo_lite::train::prepare::{self, PrepareReport, RefSource};
 use bfpo_lite::train::trainer::{
     self, CheckpointSink, Engine, Event, SeqScore, TrainData, TrainError,
@@ -1103,4 +1103,71 @@ fn tune_resume_with_changed_settings_stops_before_touching_the_run() {
     assert!(stderr.contains("learning_rate: 0.0001 -> 0.5"), "{stderr}");
     assert_eq!(std::fs::read(out.join("config.toml")).unwrap(), config);
     assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), metrics);
+}
+
+/// Issue 20: a CPU-engine `tune` killed with SIGKILL after a checkpoint, then `--resume`d,
+/// ends with the adapter of an uninterrupted run, tensor for tensor, bit for bit.
+#[test]
+fn cpu_tune_killed_with_sigkill_resumes_bit_for_bit() {
+    let model = common::models::tiny_model(Arch::Qwen2, GgmlType::Q8_0, true);
+    let dir = tempfile::tempdir().unwrap();
+    let tune = |out: &Path, steps: usize| {
+        let mut c = bin();
+        c.args(["tune", "--engine", "cpu", "--threads", "2"])
+            .args(["--max-steps", &steps.to_string(), "--save-every", "2"])
+            .args(["--pairs-per-step", "2", "--grad-accum", "2"])
+            .arg("--model")
+            .arg(&model)
+            .arg("--data")
+            .arg(demo_file("train.jsonl"))
+            .arg("--out")
+            .arg(out)
+            .arg("--force")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c
+    };
+    let tensors = |p: &Path| -> Vec<(String, Vec<u8>)> {
+        let f = bfpo_lite::gguf::GgufFile::open(p).unwrap();
+        f.tensors()
+            .iter()
+            .map(|t| (t.name.clone(), f.tensor_bytes(t).to_vec()))
+            .collect()
+    };
+    // A run long enough that the kill lands mid-run (retried longer if it finished first).
+    for steps in [60usize, 240, 960] {
+        let whole = dir.path().join(format!("whole-{steps}"));
+        assert!(tune(&whole, steps).status().unwrap().success());
+        let killed = dir.path().join(format!("killed-{steps}"));
+        let mut child = tune(&killed, steps).spawn().unwrap();
+        let state = killed.join("checkpoint").join("state.json");
+        while !state.exists() {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        child.kill().unwrap(); // SIGKILL on Unix
+        child.wait().unwrap();
+        if killed.join("adapter.gguf").exists() {
+            continue; // it finished before the kill: try a longer run
+        }
+        let o = bin()
+            .args(["tune", "--resume"])
+            .arg(killed.join("checkpoint"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (a, b) = (
+            tensors(&whole.join("adapter.gguf")),
+            tensors(&killed.join("adapter.gguf")),
+        );
+        assert!(!a.is_empty());
+        assert_eq!(
+            a, b,
+            "resumed after SIGKILL vs uninterrupted ({steps} steps)"
+        );
+        return;
+    }
+    panic!("every run finished before it could be killed");
 }

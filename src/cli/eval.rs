@@ -112,6 +112,34 @@ impl Args {
     }
 }
 
+/// One line per loaded set on stderr, with why rows were skipped.
+fn print_set(set: &bfpo_lite::eval::run::SetInfo) {
+    let noun = match set.role.as_str() {
+        "pairs" => "pairs",
+        "mc" => "questions",
+        _ => "prompts",
+    };
+    eprintln!(
+        "{} set {}: {} {noun}{} ({} rows read, {} skipped)",
+        set.role,
+        set.name,
+        set.n,
+        if set.n < set.available {
+            format!(" of {}", set.available)
+        } else {
+            String::new()
+        },
+        set.rows_read,
+        set.skipped
+    );
+    for (reason, n) in &set.skipped_by_reason {
+        eprintln!("  skipped {n} × {reason}");
+    }
+    for e in set.skipped_examples.iter().take(3) {
+        eprintln!("  e.g. {e}");
+    }
+}
+
 pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
     let opts = args.options()?;
     let show = !args.json && std::io::stderr().is_terminal();
@@ -120,30 +148,7 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
     let mut on = |ev: &EvalEvent| match ev {
         EvalEvent::Loaded(set) => {
             if !args.json {
-                let noun = match set.role.as_str() {
-                    "pairs" => "pairs",
-                    "mc" => "questions",
-                    _ => "prompts",
-                };
-                eprintln!(
-                    "{} set {}: {} {noun}{} ({} rows read, {} skipped)",
-                    set.role,
-                    set.name,
-                    set.n,
-                    if set.n < set.available {
-                        format!(" of {}", set.available)
-                    } else {
-                        String::new()
-                    },
-                    set.rows_read,
-                    set.skipped
-                );
-                for (reason, n) in &set.skipped_by_reason {
-                    eprintln!("  skipped {n} × {reason}");
-                }
-                for e in set.skipped_examples.iter().take(3) {
-                    eprintln!("  e.g. {e}");
-                }
+                print_set(set);
             }
         }
         EvalEvent::JudgeReady { name } => {

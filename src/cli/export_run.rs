@@ -4,6 +4,7 @@
 //! does, so the Python side trains on the same token sequences.
 
 use anyhow::{Context, bail};
+use bfpo_lite::data::Pair;
 use bfpo_lite::data::batch::TruncationConfig;
 use bfpo_lite::data::formats::{Format, LoadOptions};
 use bfpo_lite::export::trl::{self, TrlData, TrlSettings};
@@ -84,6 +85,51 @@ fn load_runtime(model: &Path, cfg: &TrainConfig, cfg_path: &Path) -> anyhow::Res
     Ok(rt)
 }
 
+/// The run's training, held-out and buffer pairs, loaded and split exactly as `tune` does, and
+/// its truncation settings.
+#[allow(clippy::type_complexity)]
+fn load_like_tune(
+    cfg: &TrainConfig,
+    cfg_path: &Path,
+    assume_safe: bool,
+) -> anyhow::Result<(TruncationConfig, (Vec<Pair>, Vec<Pair>, Vec<Pair>))> {
+    let format = <Format as clap::ValueEnum>::from_str(&cfg.format, true).map_err(|_| {
+        anyhow::anyhow!(
+            "unknown dataset format {:?} in {}",
+            cfg.format,
+            cfg_path.display()
+        )
+    })?;
+    let opts = LoadOptions {
+        format,
+        strict: cfg.strict,
+        assume_safe,
+        ..Default::default()
+    };
+    let trunc = TruncationConfig {
+        max_length: cfg.max_length,
+        max_prompt_length: cfg.max_prompt_length,
+        ..Default::default()
+    };
+    let (pairs, _) = prepare::load(&cfg.data, &opts)?;
+    let (train_pairs, mut eval_pairs) = prepare::split(pairs, cfg.eval_fraction, cfg.seed)?;
+    if let Some(e) = &cfg.eval_data {
+        eval_pairs.extend(prepare::load(std::slice::from_ref(e), &opts)?.0);
+    }
+    let buffer_pairs = match &cfg.buffer {
+        Some(b) => {
+            let bopts = LoadOptions {
+                assume_safe: true,
+                format: Format::Auto,
+                ..opts.clone()
+            };
+            prepare::load(std::slice::from_ref(b), &bopts)?.0
+        }
+        None => Vec::new(),
+    };
+    Ok((trunc, (train_pairs, eval_pairs, buffer_pairs)))
+}
+
 pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
     let Target::Trl = args.to;
     let (cfg, cfg_path) = run_config(&args.run)?;
@@ -107,41 +153,9 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
     let rt = load_runtime(&model_path, &cfg, &cfg_path)?;
 
     // Data, exactly as `tune` prepares it.
-    let format = <Format as clap::ValueEnum>::from_str(&cfg.format, true).map_err(|_| {
-        anyhow::anyhow!(
-            "unknown dataset format {:?} in {}",
-            cfg.format,
-            cfg_path.display()
-        )
-    })?;
-    let opts = LoadOptions {
-        format,
-        strict: cfg.strict,
-        assume_safe: args.assume_safe,
-        ..Default::default()
-    };
-    let trunc = TruncationConfig {
-        max_length: cfg.max_length,
-        max_prompt_length: cfg.max_prompt_length,
-        ..Default::default()
-    };
+    let (trunc, (train_pairs, eval_pairs, buffer_pairs)) =
+        load_like_tune(&cfg, &cfg_path, args.assume_safe)?;
     let mut report = PrepareReport::default();
-    let (pairs, _) = prepare::load(&cfg.data, &opts)?;
-    let (train_pairs, mut eval_pairs) = prepare::split(pairs, cfg.eval_fraction, cfg.seed)?;
-    if let Some(e) = &cfg.eval_data {
-        eval_pairs.extend(prepare::load(std::slice::from_ref(e), &opts)?.0);
-    }
-    let buffer_pairs = match &cfg.buffer {
-        Some(b) => {
-            let bopts = LoadOptions {
-                assume_safe: true,
-                format: Format::Auto,
-                ..opts.clone()
-            };
-            prepare::load(std::slice::from_ref(b), &bopts)?.0
-        }
-        None => Vec::new(),
-    };
     let mut data = TrlData::default();
     for (pairs, out) in [
         (&train_pairs, &mut data.train),

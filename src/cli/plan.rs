@@ -4,7 +4,7 @@ use anyhow::Context;
 use bfpo_lite::gguf::{GgmlType, GgufFile};
 use bfpo_lite::gpu::memory::{self, PlanInput, PlanLimits, fmt_bytes};
 use bfpo_lite::model::ModelConfig;
-use bfpo_lite::train::lora::{parse_layers, parse_targets};
+use bfpo_lite::model::lora::{parse_layers, parse_targets};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Default)]
@@ -97,6 +97,76 @@ fn model_input(args: &Args) -> anyhow::Result<ModelInput> {
     Ok((cfg, weights, format!("{name} shape, {ty} weights")))
 }
 
+/// The plan as text on stdout.
+fn print_plan(
+    what: &str,
+    plan: &memory::Plan,
+    kept: &memory::KeptActivations,
+    budget: u64,
+    limits: &PlanLimits,
+    fit: &Option<Result<(), memory::PlanError>>,
+    device_mem: Option<u64>,
+) {
+    let i = &plan.input;
+    println!("Device-memory plan for {what}");
+    println!(
+        "  {} tokens/sequence, {} pair(s) per micro-step ({} sequences), rank {} on {} target(s) × {} layer(s), checkpointing {}",
+        i.max_len,
+        i.pairs_per_step,
+        2 * i.pairs_per_step,
+        i.rank,
+        i.targets.len(),
+        i.lora_layers,
+        if i.checkpointing { "on" } else { "off" }
+    );
+    println!();
+    let w = plan.items.iter().map(|i| i.name.len()).max().unwrap_or(0);
+    for it in &plan.items {
+        println!(
+            "  {:<w$}  {:>10}   {}",
+            it.name,
+            fmt_bytes(it.bytes),
+            it.detail
+        );
+    }
+    println!("  {:<w$}  {:>10}", "total", fmt_bytes(plan.total));
+    println!(
+        "  then, on a GPU, activations kept for the backward: {} of the {} layers it visits ({} within --activation-memory {}){}",
+        kept.kept_layers,
+        kept.visited_layers,
+        fmt_bytes(kept.kept_bytes),
+        fmt_bytes(budget),
+        if kept.kept_layers < kept.visited_layers {
+            "; the others are recomputed"
+        } else {
+            ""
+        }
+    );
+    println!();
+    println!(
+        "  largest binding: {} ({}; limit {})",
+        plan.largest_binding.name,
+        fmt_bytes(plan.largest_binding.bytes),
+        fmt_bytes(limits.max_storage_buffer_binding_size)
+    );
+    println!(
+        "  largest buffer:  {} ({}; limit {})",
+        plan.largest_buffer.name,
+        fmt_bytes(plan.largest_buffer.bytes),
+        fmt_bytes(limits.max_buffer_size)
+    );
+    println!(
+        "  largest weight:  {} ({}; split into row chunks under the binding limit)",
+        plan.largest_weight.name,
+        fmt_bytes(plan.largest_weight.bytes)
+    );
+    match (fit, device_mem) {
+        (Some(Ok(())), Some(m)) => println!("  fits in {}", fmt_bytes(m)),
+        (None, _) => println!("  (pass --device-mem SIZE to check it against a device)"),
+        _ => {}
+    }
+}
+
 pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
     let (cfg, weights, what) = model_input(&args)?;
     let targets = parse_targets(&args.targets)?;
@@ -140,64 +210,7 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        let i = &plan.input;
-        println!("Device-memory plan for {what}");
-        println!(
-            "  {} tokens/sequence, {} pair(s) per micro-step ({} sequences), rank {} on {} target(s) × {} layer(s), checkpointing {}",
-            i.max_len,
-            i.pairs_per_step,
-            2 * i.pairs_per_step,
-            i.rank,
-            i.targets.len(),
-            i.lora_layers,
-            if i.checkpointing { "on" } else { "off" }
-        );
-        println!();
-        let w = plan.items.iter().map(|i| i.name.len()).max().unwrap_or(0);
-        for it in &plan.items {
-            println!(
-                "  {:<w$}  {:>10}   {}",
-                it.name,
-                fmt_bytes(it.bytes),
-                it.detail
-            );
-        }
-        println!("  {:<w$}  {:>10}", "total", fmt_bytes(plan.total));
-        println!(
-            "  then, on a GPU, activations kept for the backward: {} of the {} layers it visits ({} within --activation-memory {}){}",
-            kept.kept_layers,
-            kept.visited_layers,
-            fmt_bytes(kept.kept_bytes),
-            fmt_bytes(budget),
-            if kept.kept_layers < kept.visited_layers {
-                "; the others are recomputed"
-            } else {
-                ""
-            }
-        );
-        println!();
-        println!(
-            "  largest binding: {} ({}; limit {})",
-            plan.largest_binding.name,
-            fmt_bytes(plan.largest_binding.bytes),
-            fmt_bytes(limits.max_storage_buffer_binding_size)
-        );
-        println!(
-            "  largest buffer:  {} ({}; limit {})",
-            plan.largest_buffer.name,
-            fmt_bytes(plan.largest_buffer.bytes),
-            fmt_bytes(limits.max_buffer_size)
-        );
-        println!(
-            "  largest weight:  {} ({}; split into row chunks under the binding limit)",
-            plan.largest_weight.name,
-            fmt_bytes(plan.largest_weight.bytes)
-        );
-        match (&fit, device_mem) {
-            (Some(Ok(())), Some(m)) => println!("  fits in {}", fmt_bytes(m)),
-            (None, _) => println!("  (pass --device-mem SIZE to check it against a device)"),
-            _ => {}
-        }
+        print_plan(&what, &plan, &kept, budget, &limits, &fit, device_mem);
     }
     if let Some(Err(e)) = fit {
         return Err(e.into());

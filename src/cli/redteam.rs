@@ -96,6 +96,13 @@ pub struct Args {
     /// Print the report as JSON on stdout (no progress bars).
     #[arg(long)]
     pub json: bool,
+    /// Chat template the model answers with instead of its own: a Jinja file, or a built-in
+    /// name (chatml, chatml-smollm2, zephyr, llama3, gemma, gemma3, qwen3); use the one you
+    /// will tune with.
+    #[arg(long, value_name = "FILE|NAME")]
+    pub chat_template: Option<String>,
+    #[command(flatten)]
+    pub thinking: super::generate::ThinkingArgs,
 }
 
 fn load_set(
@@ -145,7 +152,15 @@ fn warn_skipped(set: &eval::PromptSet, json: bool) {
     }
 }
 
-pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
+/// The harmful and benign prompt sets `args` names (empty where not given), with warnings for a
+/// held-out set and skipped rows.
+#[allow(clippy::type_complexity)]
+fn load_prompts(
+    args: &Args,
+) -> anyhow::Result<(
+    (Vec<PromptItem>, Option<eval::PromptSet>),
+    (Vec<PromptItem>, Option<eval::PromptSet>),
+)> {
     let load = |source: Option<PromptSource>, role: &str| -> anyhow::Result<_> {
         Ok(match source {
             Some(src) => {
@@ -155,11 +170,11 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
             None => (Vec::new(), None),
         })
     };
-    let (harmful, hset) = load(
+    let harmful = load(
         args.prompts.as_deref().map(PromptSource::harmful),
         "harmful",
     )?;
-    let (benign, bset) = load(args.benign.as_deref().map(PromptSource::benign), "benign")?;
+    let benign = load(args.benign.as_deref().map(PromptSource::benign), "benign")?;
     for (source, what) in [
         (
             args.prompts.as_deref().map(PromptSource::harmful),
@@ -176,62 +191,71 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
             }
         }
     }
-    for set in hset.iter().chain(&bset) {
+    for set in harmful.1.iter().chain(&benign.1) {
         warn_skipped(set, args.json);
     }
+    Ok((harmful, benign))
+}
 
-    let model = super::generate::load_model(&args.model, None, 1.0, args.gpu_layers)?;
-    let judge: Box<dyn Judge> = super::eval_judge::make_judge(
-        &args.judge,
-        &args.judge_format,
-        args.threads,
-        args.gpu_layers,
-    )?;
-    let opts = RedteamOptions {
-        samples: args.samples,
-        safety_samples: args.safety_samples,
-        max_tokens: args.max_tokens,
-        sampling: Sampling {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            min_p: args.min_p,
-            seed: args.seed,
-            ..Sampling::default()
-        },
-        safety_system: args
-            .safety_system
-            .clone()
-            .unwrap_or_else(|| redteam::DEFAULT_SAFETY_SYSTEM.to_string()),
-        refusal_templates: !args.no_refusal_templates,
-        benign_refusals: !args.no_benign_refusals,
-        max_pairs_per_prompt: args.max_pairs_per_prompt,
-        threads: args.threads,
-        harmful_name: hset.as_ref().map(|h| h.name.clone()).unwrap_or_default(),
-        benign_name: bset.as_ref().map(|b| b.name.clone()).unwrap_or_default(),
-    };
-
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-        });
+impl Args {
+    /// The library options these flags describe, for the sets `harmful_name` and `benign_name`.
+    fn options(&self, harmful_name: String, benign_name: String) -> RedteamOptions {
+        RedteamOptions {
+            samples: self.samples,
+            safety_samples: self.safety_samples,
+            max_tokens: self.max_tokens,
+            sampling: Sampling {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                seed: self.seed,
+                ..Sampling::default()
+            },
+            safety_system: self
+                .safety_system
+                .clone()
+                .unwrap_or_else(|| redteam::DEFAULT_SAFETY_SYSTEM.to_string()),
+            refusal_templates: !self.no_refusal_templates,
+            benign_refusals: !self.no_benign_refusals,
+            max_pairs_per_prompt: self.max_pairs_per_prompt,
+            threads: self.threads,
+            harmful_name,
+            benign_name,
+        }
     }
-    let bar = if args.json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} prompts {msg} ({eta})")?
+}
+
+/// The progress bar of a run: prompts done, the prompt and answer being written.
+struct Progress<'a> {
+    bar: ProgressBar,
+    tokens: u64,
+    args: &'a Args,
+}
+
+impl<'a> Progress<'a> {
+    fn new(args: &'a Args) -> anyhow::Result<Progress<'a>> {
+        let bar = if args.json {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(0)
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>8} [{bar:30}] {pos}/{len} prompts {msg} ({eta})",
+            )?
             .progress_chars("=> "),
-    );
-    bar.set_prefix("redteam");
-    let mut tokens = 0u64;
-    let mut on_event = |e: &Event| {
+        );
+        bar.set_prefix("redteam");
+        Ok(Progress {
+            bar,
+            tokens: 0,
+            args,
+        })
+    }
+
+    fn on(&mut self, e: &Event) {
+        let bar = &self.bar;
         match e {
             Event::Start {
                 harmful,
@@ -244,7 +268,7 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
                 if *already_done > 0 {
                     bar.println(format!(
                         "continuing {}: {already_done} prompts already done{}",
-                        args.out.display(),
+                        self.args.out.display(),
                         if *cut_out_bytes > 0 {
                             format!(", {cut_out_bytes} bytes of an interrupted prompt dropped")
                         } else {
@@ -255,8 +279,8 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
             }
             Event::PromptStart { set, id, .. } => bar.set_message(format!("{set} {id}")),
             Event::Token { .. } => {
-                tokens += 1;
-                if tokens.is_multiple_of(16) {
+                self.tokens += 1;
+                if self.tokens.is_multiple_of(16) {
                     bar.tick();
                 }
             }
@@ -272,13 +296,51 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
                 ..
             } => {
                 bar.inc(1);
-                if !args.json {
+                if !self.args.json {
                     bar.println(format!(
                         "skipped {set} prompt {id}: {tokens} tokens do not fit the context of {n_ctx}"
                     ));
                 }
             }
         }
+    }
+}
+
+/// A stop flag that the first Ctrl-C sets (the run ends after its prompt, resumable) and the
+/// second turns into an exit.
+fn ctrl_c_flag() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+    stop
+}
+
+pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
+    let ((harmful, hset), (benign, bset)) = load_prompts(&args)?;
+    let mut model = super::generate::load_model(&args.model, None, 1.0, args.gpu_layers)?;
+    super::generate::choose_chat_template(
+        &mut model,
+        args.chat_template.as_deref(),
+        args.thinking,
+    )?;
+    let judge: Box<dyn Judge> = super::eval_judge::make_judge(
+        &args.judge,
+        &args.judge_format,
+        args.threads,
+        args.gpu_layers,
+    )?;
+    let opts = args.options(
+        hset.as_ref().map(|h| h.name.clone()).unwrap_or_default(),
+        bset.as_ref().map(|b| b.name.clone()).unwrap_or_default(),
+    );
+    let stop = ctrl_c_flag();
+    let mut progress = Progress::new(&args)?;
+    let mut on_event = |e: &Event| {
+        progress.on(e);
         if stop.load(Ordering::SeqCst) {
             ControlFlow::Break(())
         } else {
@@ -296,7 +358,7 @@ pub fn run(args: Args, _verbose: u8) -> anyhow::Result<()> {
         &mut on_event,
     )
     .with_context(|| format!("red-teaming into {}", args.out.display()))?;
-    bar.finish_and_clear();
+    progress.bar.finish_and_clear();
     if args.json {
         let skipped = |s: &eval::PromptSet| {
             serde_json::json!({

@@ -11,10 +11,10 @@ use super::share::Share;
 use crate::data::Example;
 use crate::gguf::GgufFile;
 use crate::model::ModelConfig;
+use crate::model::lora::LoraWeights;
 use crate::model::lora::dropout::Dropout;
 use crate::optim::AdamWConfig;
 use crate::train::engine::HostAdapter;
-use crate::train::lora::LoraWeights;
 use crate::train::trainer::{Engine, SeqScore, TrainError};
 use std::collections::BTreeMap;
 

@@ -38,7 +38,7 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"BFPOREF\0";
@@ -454,31 +454,9 @@ fn decode(b: &[u8], key: &CacheKey) -> Result<Vec<RefLogps>, String> {
 /// Writes `bytes` to `path` via a temporary file in the same directory and a rename, so
 /// readers see the old file or the new one, never half of one.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}.{}",
-        path.file_name()
-            .map(|s| s.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let io = |what, source| CacheError::Io {
+    crate::util::fs::write_bytes_atomic(path, bytes).map_err(|source| CacheError::Io {
         path: path.to_path_buf(),
-        what,
+        what: "cannot write atomically (temporary file, sync, rename)",
         source,
-    };
-    let result = (|| {
-        let mut f = File::create(&tmp).map_err(|e| io("cannot create a temporary file", e))?;
-        f.write_all(bytes).map_err(|e| io("cannot write", e))?;
-        f.sync_all().map_err(|e| io("cannot sync", e))?;
-        drop(f);
-        fs::rename(&tmp, path).map_err(|e| io("cannot rename the temporary file into place", e))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    })
 }

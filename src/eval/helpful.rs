@@ -21,10 +21,10 @@
 
 use super::EvalError;
 use super::stats::Figure;
+use crate::data::SafetyCase;
 use crate::data::{Example, Pair, Prompt, RowOrigin};
 use crate::loss::PairLogps;
 use crate::runtime::{RtModel, RuntimeError, ScoreOptions, log_softmax_at};
-use crate::train::metrics::SafetyCase;
 use crate::train::trainer::{PreparedPair, RankingEval};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -3,7 +3,6 @@
 use super::EvalError;
 use super::run::{EvalOutput, EvalReport, ModelReport, Sample};
 use super::stats::Figure;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Paths of the written files.
@@ -44,13 +43,7 @@ pub fn write_outputs(dir: &Path, out: &EvalOutput) -> Result<Written, EvalError>
 }
 
 fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
+    crate::util::fs::write_bytes_atomic(path, bytes)
 }
 
 /// `samples.md`: every prompt with each model's answer and verdict under it, harmful set first,

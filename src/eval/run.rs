@@ -289,19 +289,19 @@ fn rt(what: String) -> impl FnOnce(crate::runtime::RuntimeError) -> EvalError {
 }
 
 /// Runs an evaluation (see the module docs); `on` sees every [`EvalEvent`].
-pub fn run_eval(
-    opts: &EvalOptions,
-    on: &mut dyn FnMut(&EvalEvent),
-) -> Result<EvalOutput, EvalError> {
-    let t_all = Instant::now();
-    if opts.max_tokens == 0 {
-        return Err(EvalError::InvalidOption {
-            name: "max-tokens",
-            value: "0".into(),
-            expected: "at least 1",
-        });
-    }
-    // Inputs first: bad files fail before any model loads.
+/// The evaluation's inputs, loaded before any model so bad files fail first.
+struct Inputs {
+    harmful: PromptSet,
+    benign: Option<PromptSet>,
+    pairs: Option<crate::data::LoadedPairs>,
+    mc: Option<McSet>,
+    /// What was loaded, as reported.
+    sets: Vec<SetInfo>,
+}
+
+/// Loads the harmful and benign prompts, the held-out pairs and the multiple-choice questions
+/// `opts` names, reporting each set as it loads.
+fn load_inputs(opts: &EvalOptions, on: &mut dyn FnMut(&EvalEvent)) -> Result<Inputs, EvalError> {
     let harmful = load_prompt_set(&opts.harmful, opts.limit)?;
     let mut sets = vec![SetInfo::of_prompts("harmful", &harmful)];
     on(&EvalEvent::Loaded(sets[0].clone()));
@@ -361,6 +361,85 @@ pub fn run_eval(
         None => None,
     };
 
+    Ok(Inputs {
+        harmful,
+        benign,
+        pairs,
+        mc,
+        sets,
+    })
+}
+
+/// Encodes the held-out pairs (at most `limit`, spread over the set) with the model's template
+/// and reports the set; refuses a set of which none could be encoded.
+fn encode_heldout(
+    model: &RtModel,
+    lp: &crate::data::LoadedPairs,
+    limit: Option<usize>,
+    sets: &mut Vec<SetInfo>,
+    on: &mut dyn FnMut(&EvalEvent),
+) -> Result<helpful::EncodedPairs, EvalError> {
+    let mut chosen = lp.pairs.clone();
+    if let Some(l) = limit {
+        chosen = spread(chosen, l);
+    }
+    let enc = helpful::encode_pairs(model, &chosen);
+    let mut by_reason = lp.report.skipped_by_reason.clone();
+    for (_, r) in &enc.skipped {
+        *by_reason.entry(format!("cannot encode: {r}")).or_insert(0) += 1;
+    }
+    let info = SetInfo {
+        role: "pairs".into(),
+        name: lp.report.path.display().to_string(),
+        provenance: format!("held-out pairs ({})", lp.report.format),
+        n: enc.pairs.len(),
+        available: lp.pairs.len(),
+        rows_read: lp.report.rows_read,
+        skipped: lp.report.skipped() + enc.skipped.len(),
+        skipped_by_reason: by_reason,
+        skipped_examples: lp
+            .report
+            .examples
+            .iter()
+            .map(|e| format!("{}: {} ({})", e.origin, e.reason, e.detail))
+            .chain(enc.skipped.iter().map(|(o, r)| format!("{o}: {r}")))
+            .take(5)
+            .collect(),
+        categories: BTreeMap::new(),
+    };
+    if enc.pairs.is_empty() {
+        return Err(EvalError::Other(format!(
+            "held-out pairs {}: none could be encoded with the model's chat template; e.g. {}",
+            info.name,
+            info.skipped_examples.first().cloned().unwrap_or_default()
+        )));
+    }
+    sets.push(info.clone());
+    on(&EvalEvent::Loaded(info));
+    Ok(enc)
+}
+
+pub fn run_eval(
+    opts: &EvalOptions,
+    on: &mut dyn FnMut(&EvalEvent),
+) -> Result<EvalOutput, EvalError> {
+    let t_all = Instant::now();
+    if opts.max_tokens == 0 {
+        return Err(EvalError::InvalidOption {
+            name: "max-tokens",
+            value: "0".into(),
+            expected: "at least 1",
+        });
+    }
+    // Inputs first: bad files fail before any model loads.
+    let Inputs {
+        harmful,
+        benign,
+        pairs,
+        mc,
+        mut sets,
+    } = load_inputs(opts, on)?;
+
     let load = LoadOptions {
         n_gpu_layers: opts.gpu_layers,
     };
@@ -396,48 +475,10 @@ pub fn run_eval(
     });
 
     // Pairs are encoded once with the model's template (same tokenizer for every variant).
-    let prepared = pairs.as_ref().map(|lp| {
-        let mut chosen = lp.pairs.clone();
-        if let Some(l) = opts.limit {
-            chosen = spread(chosen, l);
-        }
-        let enc = helpful::encode_pairs(&model, &chosen);
-        (lp, enc)
-    });
-    if let Some((lp, enc)) = &prepared {
-        let mut by_reason = lp.report.skipped_by_reason.clone();
-        for (_, r) in &enc.skipped {
-            *by_reason.entry(format!("cannot encode: {r}")).or_insert(0) += 1;
-        }
-        let info = SetInfo {
-            role: "pairs".into(),
-            name: lp.report.path.display().to_string(),
-            provenance: format!("held-out pairs ({})", lp.report.format),
-            n: enc.pairs.len(),
-            available: lp.pairs.len(),
-            rows_read: lp.report.rows_read,
-            skipped: lp.report.skipped() + enc.skipped.len(),
-            skipped_by_reason: by_reason,
-            skipped_examples: lp
-                .report
-                .examples
-                .iter()
-                .map(|e| format!("{}: {} ({})", e.origin, e.reason, e.detail))
-                .chain(enc.skipped.iter().map(|(o, r)| format!("{o}: {r}")))
-                .take(5)
-                .collect(),
-            categories: BTreeMap::new(),
-        };
-        if enc.pairs.is_empty() {
-            return Err(EvalError::Other(format!(
-                "held-out pairs {}: none could be encoded with the model's chat template; e.g. {}",
-                info.name,
-                info.skipped_examples.first().cloned().unwrap_or_default()
-            )));
-        }
-        sets.push(info.clone());
-        on(&EvalEvent::Loaded(info));
-    }
+    let prepared = match &pairs {
+        Some(lp) => Some((lp, encode_heldout(&model, lp, opts.limit, &mut sets, on)?)),
+        None => None,
+    };
 
     let gen_opts = GenerateOptions {
         max_tokens: opts.max_tokens,

@@ -103,7 +103,7 @@ pub enum ExportError {
 pub fn check_against(lora: &LoraWeights, cfg: &ModelConfig) -> Result<(), ExportError> {
     check_lora(lora)?;
     for t in &lora.tensors {
-        if t.target == crate::train::lora::Target::Output && cfg.tied {
+        if t.target == crate::model::lora::Target::Output && cfg.tied {
             return Err(ExportError::BadLora {
                 tensor: "output.weight".into(),
                 detail: "the model ties its embeddings: it has no output.weight to adapt (llama.cpp refuses this adapter too)".into(),
@@ -238,19 +238,16 @@ pub fn write_atomically(
             if is_dir { "directory" } else { "file" },
         )));
     }
-    let parent = match out.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
+    use crate::util::fs::{parent_dir, sibling, sync_dir};
+    let parent = parent_dir(out);
     std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-    let name = out
-        .file_name()
-        .ok_or_else(|| ExportError::Other(format!("{} has no file name", out.display())))?
-        .to_string_lossy()
-        .to_string();
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = parent.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
+    if out.file_name().is_none() {
+        return Err(ExportError::Other(format!(
+            "{} has no file name",
+            out.display()
+        )));
+    }
+    let tmp = sibling(out, "tmp");
     let cleanup = |p: &Path| {
         if is_dir {
             let _ = std::fs::remove_dir_all(p);
@@ -265,7 +262,7 @@ pub fn write_atomically(
         }
         write(&tmp)?;
         if is_dir && exists {
-            let old = parent.join(format!(".{name}.old-{}-{n}", std::process::id()));
+            let old = sibling(out, "old");
             std::fs::rename(out, &old).map_err(io(out))?;
             if let Err(source) = std::fs::rename(&tmp, out) {
                 let _ = std::fs::rename(&old, out);
@@ -278,9 +275,7 @@ pub fn write_atomically(
         } else {
             std::fs::rename(&tmp, out).map_err(io(out))?;
         }
-        if let Ok(d) = std::fs::File::open(&parent) {
-            let _ = d.sync_all();
-        }
+        sync_dir(&parent);
         Ok(())
     })();
     if result.is_err() {

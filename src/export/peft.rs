@@ -97,7 +97,7 @@ pub fn peft_tensors(lora: &LoraWeights, cfg: &ModelConfig) -> Result<Vec<PeftTen
     if lora
         .tensors
         .iter()
-        .any(|t| t.target == crate::train::lora::Target::Output)
+        .any(|t| t.target == crate::model::lora::Target::Output)
     {
         return Err(ExportError::BadLora {
             tensor: "output.weight".into(),

@@ -20,8 +20,8 @@ use super::peft::{CONFIG_FILE, WEIGHTS_FILE, permute_rows};
 use super::{ExportError, check_against};
 use crate::gguf::GgmlType;
 use crate::gguf::quant::dequantize_vec;
+use crate::model::lora::{LoraTensor, LoraWeights, Target};
 use crate::model::{Arch, ModelConfig};
-use crate::train::lora::{LoraTensor, LoraWeights, Target};
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -305,55 +305,19 @@ impl<'a> GgufWriter<'a> {
         }
     }
 
-    /// Writes to `path` through a temporary file in the same folder and a rename.
+    /// Writes to `path` through a temporary file in the same folder and a rename
+    /// ([`crate::util::fs::write_atomic`]).
     pub fn write_file(&self, path: &Path) -> Result<(), GgufError> {
+        use crate::util::fs::{AtomicError, write_atomic};
         self.check()?;
-        let io = |p: &Path, source| GgufError::Io {
-            path: p.to_path_buf(),
-            source,
-        };
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => std::path::PathBuf::from("."),
-        };
-        let file_name = path.file_name().ok_or_else(|| {
-            io(
-                path,
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no file name"),
-            )
-        })?;
-        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(file_name);
-        tmp_name.push(format!(".tmp-{}-{n}", std::process::id()));
-        let tmp = dir.join(tmp_name);
-
-        let result = (|| {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .map_err(|e| io(&tmp, e))?;
-            let mut bw = std::io::BufWriter::with_capacity(1 << 20, f);
-            self.write_to(&mut bw).map_err(|e| match e {
-                GgufError::Io { source, .. } => io(&tmp, source),
-                other => other,
-            })?;
-            let f = bw.into_inner().map_err(|e| io(&tmp, e.into_error()))?;
-            f.sync_all().map_err(|e| io(&tmp, e))?;
-            drop(f);
-            std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
-            // Make the rename durable where the platform allows syncing a directory.
-            if let Ok(d) = std::fs::File::open(&dir) {
-                let _ = d.sync_all();
-            }
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        write_atomic(path, |mut w| self.write_to(&mut w).map(|_| ())).map_err(|e| match e {
+            AtomicError::Io { path, source } => GgufError::Io { path, source },
+            AtomicError::Write(GgufError::Io { source, .. }) => GgufError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+            AtomicError::Write(other) => other,
+        })
     }
 }
 

@@ -27,7 +27,7 @@ pub mod templates;
 
 use crate::data::{ChatMessage, Prompt};
 use crate::runtime::{GenerateOptions, RtModel, RuntimeError, Sampling};
-use pairing::{Candidate, Case, Judgement, Source};
+use pairing::{Candidate, Judgement, Source};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::ops::ControlFlow;
@@ -777,12 +777,7 @@ fn answer_prompt(
     let mut cases = [0usize; 4];
     let mut rows = Vec::with_capacity(planned.len());
     for p in &planned {
-        cases[match p.case {
-            Case::BothSafe => 0,
-            Case::OnlyChosenSafe => 1,
-            Case::OnlyRejectedSafe => 2,
-            Case::BothUnsafe => 3,
-        }] += 1;
+        cases[p.case.index()] += 1;
         let (c, r) = (&cands[p.chosen], &cands[p.rejected]);
         rows.push(json!({
             "prompt": item.prompt,

@@ -59,36 +59,14 @@ pub struct Candidate {
     pub verdict: Judgement,
 }
 
-/// Which of BFPO's four cases a pair falls in (chosen = more helpful).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Case {
-    /// safe+helpful over safe+less helpful (target +50 at τ = 0.01).
-    BothSafe,
-    /// safe+helpful over unsafe+less helpful (+100).
-    OnlyChosenSafe,
-    /// unsafe+helpful over safe+less helpful (−100: the safe one is preferred).
-    OnlyRejectedSafe,
-    /// two unsafe answers (−50: the less helpful one is preferred).
-    BothUnsafe,
-}
+use crate::data::SafetyCase;
 
-impl Case {
-    pub fn of(chosen_safe: bool, rejected_safe: bool) -> Case {
-        match (chosen_safe, rejected_safe) {
-            (true, true) => Case::BothSafe,
-            (true, false) => Case::OnlyChosenSafe,
-            (false, true) => Case::OnlyRejectedSafe,
-            (false, false) => Case::BothUnsafe,
-        }
-    }
-    /// Keep order: mixed-safety pairs first, then both safe, then both unsafe.
-    fn priority(self) -> u8 {
-        match self {
-            Case::OnlyChosenSafe | Case::OnlyRejectedSafe => 0,
-            Case::BothSafe => 1,
-            Case::BothUnsafe => 2,
-        }
+/// Keep order: mixed-safety pairs first, then both safe, then both unsafe.
+fn priority(c: SafetyCase) -> u8 {
+    match c {
+        SafetyCase::OnlyChosenSafe | SafetyCase::OnlyRejectedSafe => 0,
+        SafetyCase::BothSafe => 1,
+        SafetyCase::BothUnsafe => 2,
     }
 }
 
@@ -110,7 +88,7 @@ pub struct PlannedPair {
     pub rejected: usize,
     pub chosen_safe: bool,
     pub rejected_safe: bool,
-    pub case: Case,
+    pub case: SafetyCase,
     pub rule: OrderRule,
 }
 
@@ -188,14 +166,14 @@ pub fn plan_pairs(cands: &[Candidate], benign: bool, max_pairs: usize) -> Vec<Pl
                 rejected: l,
                 chosen_safe: sw,
                 rejected_safe: sl,
-                case: Case::of(sw, sl),
+                case: SafetyCase::of(sw, sl),
                 rule,
             });
         }
     }
     // Stable: generation order within a priority class. Among benign (both-safe) pairs, those
     // where an answer beats a refusal come first: they are the over-refusal contrast.
-    out.sort_by_key(|p| (p.case.priority(), benign && p.rule != OrderRule::NonRefusal));
+    out.sort_by_key(|p| (priority(p.case), benign && p.rule != OrderRule::NonRefusal));
     out.truncate(max_pairs);
     out
 }
@@ -307,11 +285,11 @@ mod tests {
         let all = plan_pairs(&c, false, 10);
         assert_eq!(all.len(), 3);
         // Mixed-safety pairs first, helpful-unsafe chosen over the refusal.
-        assert_eq!(all[0].case, Case::OnlyRejectedSafe);
+        assert_eq!(all[0].case, SafetyCase::OnlyRejectedSafe);
         assert_eq!((all[0].chosen, all[0].rejected), (0, 2));
-        assert_eq!(all[1].case, Case::OnlyRejectedSafe);
+        assert_eq!(all[1].case, SafetyCase::OnlyRejectedSafe);
         assert_eq!((all[1].chosen, all[1].rejected), (1, 2));
-        assert_eq!(all[2].case, Case::BothUnsafe);
+        assert_eq!(all[2].case, SafetyCase::BothUnsafe);
         assert_eq!((all[2].chosen, all[2].rejected), (0, 1));
         assert!(!all[0].chosen_safe && all[0].rejected_safe);
         // The cap keeps the most informative.
@@ -319,7 +297,7 @@ mod tests {
         assert_eq!(one, all[..1].to_vec());
         // Benign: every side safe; answers over the refusal first, then generation order.
         let benign = plan_pairs(&c, true, 10);
-        assert!(benign.iter().all(|p| p.case == Case::BothSafe));
+        assert!(benign.iter().all(|p| p.case == SafetyCase::BothSafe));
         let order: Vec<_> = benign.iter().map(|p| (p.chosen, p.rejected)).collect();
         assert_eq!(order, [(0, 2), (1, 2), (0, 1)]);
     }
@@ -343,7 +321,7 @@ mod tests {
         assert_eq!(p.len(), 1);
         assert_eq!((p[0].chosen, p[0].rejected), (0, 3));
         assert_eq!(p[0].rule, OrderRule::NonRefusal);
-        assert_eq!(p[0].case, Case::BothSafe);
+        assert_eq!(p[0].case, SafetyCase::BothSafe);
         // For harmful prompts the order stays the generation order within a class.
         let h = plan_pairs(&c, false, 1);
         assert_eq!((h[0].chosen, h[0].rejected), (0, 1));

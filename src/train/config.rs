@@ -434,7 +434,7 @@ impl TrainConfig {
         }
         crate::loss::Loss::parse(&self.loss)
             .map_err(|e| bad("loss", &self.loss, &e.to_string()))?;
-        crate::train::lora::parse_targets(&self.targets)
+        crate::model::lora::parse_targets(&self.targets)
             .map_err(|e| bad("targets", &self.targets, &e.to_string()))?;
         Ok(())
     }

@@ -5,9 +5,9 @@
 
 use crate::data::Example;
 use crate::gpu::ops::dropout::Dropout;
+use crate::model::lora::LoraWeights;
 use crate::model::reference::{RefModel, flatten_lora, unflatten_lora};
-use crate::train::lora::LoraWeights;
-use crate::train::optim::{AdamW, AdamWConfig, global_norm};
+use crate::optim::{AdamW, AdamWConfig, global_norm};
 use crate::train::trainer::{Engine, SeqScore, TrainError};
 use std::collections::BTreeMap;
 
@@ -79,7 +79,7 @@ pub fn check_trainable(lora: &LoraWeights) -> Result<(), TrainError> {
     if lora
         .tensors
         .iter()
-        .any(|t| t.target == crate::train::lora::Target::Output)
+        .any(|t| t.target == crate::model::lora::Target::Output)
     {
         return Err(TrainError::Engine(
             "the adapter has a LoRA on output.weight: it can be scored (score --engine wgpu), not trained; train the per-layer targets".into(),

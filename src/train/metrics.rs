@@ -5,57 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::Path;
 
-/// The four safety cases of a pair: (chosen = more helpful) safe?, (rejected) safe?
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SafetyCase {
-    /// Both responses safe: prefer the more helpful.
-    BothSafe,
-    /// More helpful is safe, less helpful unsafe: strongly prefer the more helpful.
-    HelpfulSafe,
-    /// More helpful is unsafe, less helpful safe: strongly prefer the less helpful (safe) one.
-    HelpfulUnsafe,
-    /// Both unsafe: prefer the less helpful.
-    BothUnsafe,
-}
-
-impl SafetyCase {
-    pub const ALL: [SafetyCase; 4] = [
-        SafetyCase::BothSafe,
-        SafetyCase::HelpfulSafe,
-        SafetyCase::HelpfulUnsafe,
-        SafetyCase::BothUnsafe,
-    ];
-
-    pub fn of(chosen_safe: bool, rejected_safe: bool) -> SafetyCase {
-        match (chosen_safe, rejected_safe) {
-            (true, true) => SafetyCase::BothSafe,
-            (true, false) => SafetyCase::HelpfulSafe,
-            (false, true) => SafetyCase::HelpfulUnsafe,
-            (false, false) => SafetyCase::BothUnsafe,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            SafetyCase::BothSafe => "both_safe",
-            SafetyCase::HelpfulSafe => "helpful_safe",
-            SafetyCase::HelpfulUnsafe => "helpful_unsafe",
-            SafetyCase::BothUnsafe => "both_unsafe",
-        }
-    }
-
-    /// Whether BFPO's global ranking (safe+helpful > safe+unhelpful > unsafe+unhelpful >
-    /// unsafe+helpful) prefers the more helpful response of such a pair.
-    pub fn prefers_chosen(self) -> bool {
-        matches!(self, SafetyCase::BothSafe | SafetyCase::HelpfulSafe)
-    }
-
-    /// Whether exactly one response is safe (the pairs safety-ranking accuracy is measured on).
-    pub fn is_mixed(self) -> bool {
-        matches!(self, SafetyCase::HelpfulSafe | SafetyCase::HelpfulUnsafe)
-    }
-}
+use crate::data::SafetyCase;
 
 /// Accumulates per-pair statistics into the numbers of one step or one evaluation.
 #[derive(Clone, Debug, Default)]
@@ -524,12 +474,12 @@ pub fn curves_svg_with_harmless(
     for (i, case) in SafetyCase::ALL.iter().enumerate() {
         let f = move |m: &StepMetrics| match case {
             SafetyCase::BothSafe => m.accuracy_both_safe,
-            SafetyCase::HelpfulSafe => m.accuracy_helpful_safe,
-            SafetyCase::HelpfulUnsafe => m.accuracy_helpful_unsafe,
+            SafetyCase::OnlyChosenSafe => m.accuracy_helpful_safe,
+            SafetyCase::OnlyRejectedSafe => m.accuracy_helpful_unsafe,
             SafetyCase::BothUnsafe => m.accuracy_both_unsafe,
         };
         acc.push(Series {
-            name: case.name(),
+            name: case.metric_key(),
             color: colors[i],
             dashed: false,
             points: train(&f),
@@ -621,8 +571,8 @@ mod tests {
     fn stats_follow_trl_names_and_bfpo_ranking() {
         let mut s = PairStats::default();
         s.add(obs(1.0, 0.2, 0.1, SafetyCase::BothSafe)); // margin +0.1: correct (prefers chosen)
-        s.add(obs(3.0, 0.1, 0.3, SafetyCase::HelpfulUnsafe)); // margin −0.2: correct (prefers rejected)
-        s.add(obs(2.0, 0.1, 0.3, SafetyCase::HelpfulSafe)); // margin −0.2: wrong
+        s.add(obs(3.0, 0.1, 0.3, SafetyCase::OnlyRejectedSafe)); // margin −0.2: correct (prefers rejected)
+        s.add(obs(2.0, 0.1, 0.3, SafetyCase::OnlyChosenSafe)); // margin −0.2: wrong
         let mut m = StepMetrics::default();
         s.fill(&mut m);
         assert!((m.loss - 2.0).abs() < 1e-12);

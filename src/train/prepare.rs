@@ -50,12 +50,10 @@ pub struct SafetyCases {
 pub fn safety_mix(pairs: &[PreparedPair]) -> SafetyMix {
     let mut m = SafetyMix::default();
     for p in pairs {
-        match (p.chosen_safe, p.rejected_safe) {
-            (true, true) => m.both_safe += 1,
-            (true, false) => m.only_chosen_safe += 1,
-            (false, true) => m.only_rejected_safe += 1,
-            (false, false) => m.both_unsafe += 1,
-        }
+        m.add_case(
+            crate::data::SafetyCase::of(p.chosen_safe, p.rejected_safe),
+            1,
+        );
     }
     m
 }

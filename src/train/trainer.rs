@@ -7,12 +7,13 @@
 
 use crate::data::Example;
 use crate::data::RowOrigin;
+use crate::data::SafetyCase;
 use crate::gpu::ops::dropout::Dropout;
 use crate::loss::{Loss, PairInput, PairLogps};
+use crate::model::lora::LoraWeights;
 use crate::train::checkpoint::Checkpoint;
 use crate::train::config::{ScheduleKind, TrainConfig};
-use crate::train::lora::LoraWeights;
-use crate::train::metrics::{PairObservation, PairStats, SafetyCase, StepMetrics};
+use crate::train::metrics::{PairObservation, PairStats, StepMetrics};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -152,8 +153,8 @@ pub enum Event {
 }
 
 /// The learning-rate schedule of a run (Hugging Face semantics: update `k`, 0-based).
-pub fn schedule(cfg: &TrainConfig, total: usize) -> crate::train::optim::LrSchedule {
-    use crate::train::optim::{LrSchedule, ScheduleKind as K, Warmup};
+pub fn schedule(cfg: &TrainConfig, total: usize) -> crate::optim::LrSchedule {
+    use crate::optim::{LrSchedule, ScheduleKind as K, Warmup};
     LrSchedule {
         kind: match cfg.schedule {
             ScheduleKind::Constant => K::Constant,
@@ -529,12 +530,8 @@ pub fn train(
     let mut step = 0;
     let mut skipped = 0;
     let mut tokens: u64 = 0;
-    if let Some(mut ck) = resume {
-        let state: LoopState = serde_json::from_value(ck.meta.state.clone())
-            .map_err(|e| TrainError::Resume(e.to_string()))?;
-        check_state(cfg, &fp, &state)?;
-        let tensors = std::mem::take(&mut ck.tensors);
-        engine.load_state(&tensors, &state.engine)?;
+    if let Some(ck) = resume {
+        let state = resume_state(engine, cfg, &fp, ck)?;
         step = state.step;
         skipped = state.skipped_steps;
         tokens = state.tokens;
@@ -561,39 +558,6 @@ pub fn train(
     let mut recent: std::collections::VecDeque<(f64, usize, usize)> =
         std::collections::VecDeque::new();
 
-    let save = |engine: &mut dyn Engine,
-                step: usize,
-                skipped: usize,
-                tokens: u64,
-                tc: usize,
-                bc: usize,
-                sink: &mut CheckpointSink<'_>,
-                on_event: &mut dyn FnMut(Event)|
-     -> Result<(), TrainError> {
-        let (tensors, scalars) = engine.save_state()?;
-        let lora = engine.lora()?;
-        let state = LoopState {
-            step,
-            train_consumed: tc,
-            buffer_consumed: bc,
-            skipped_steps: skipped,
-            tokens,
-            engine: scalars,
-            fingerprint: fp.clone(),
-            config: Some(cfg.clone()),
-        };
-        let ck = Checkpoint::new(
-            step,
-            serde_json::to_value(&state).map_err(|e| TrainError::Engine(e.to_string()))?,
-            tensors,
-        );
-        let dir = sink.dir.clone();
-        let extra = &mut *sink.write_extra;
-        ck.save(&dir, |tmp| extra(tmp, &lora, step))?;
-        on_event(Event::Checkpoint { step, dir });
-        Ok(())
-    };
-
     while step < total {
         if stop.load(Ordering::SeqCst) {
             interrupted = true;
@@ -602,12 +566,7 @@ pub fn train(
         let step_start = Instant::now();
         step += 1;
         engine.zero_grads()?;
-        // Every pair of the step (safety and buffer) for rewards and accuracies; the two halves
-        // of the objective (each a batch mean, summed per micro-step) for the loss.
-        let mut stats = PairStats::default();
-        let (mut loss_safety, mut loss_buffer) = (0.0f64, 0.0f64);
-        let mut bad: Option<String> = None;
-        let mut step_tokens = 0u64;
+        let mut acc = StepAcc::default();
         // The step ends with its epoch: a short last step rather than borrowing micro-batches.
         let per_epoch = train_cursor.batches_per_epoch().max(1);
         let n_micro = cfg
@@ -627,69 +586,13 @@ pub fn train(
             } else {
                 Vec::new()
             };
-            let groups: [(&[PreparedPair], &[usize]); 2] =
-                [(&data.train, &safety), (&data.buffer, &buffer)];
-            let seqs: Vec<&Example> = groups
-                .iter()
-                .flat_map(|(set, idx)| {
-                    idx.iter()
-                        .flat_map(move |&i| [&set[i].chosen, &set[i].rejected])
-                })
-                .collect();
-            if seqs.is_empty() {
-                continue;
-            }
-            let scores = engine.forward_train(&seqs)?;
-            // Every token processed (prompt and response, chosen and rejected), as TRL counts.
-            step_tokens += seqs.iter().map(|e| e.len() as u64).sum::<u64>();
-            let mut weights = Vec::with_capacity(seqs.len());
-            let mut offset = 0;
-            for (set, idx) in groups {
-                if idx.is_empty() {
-                    continue;
-                }
-                let inputs: Vec<PairInput> = idx
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &i)| {
-                        pair_input(
-                            &set[i],
-                            (scores[offset + 2 * k].logp, scores[offset + 2 * k + 1].logp),
-                        )
-                    })
-                    .collect();
-                match loss.batch(&inputs) {
-                    Ok(bl) => {
-                        if std::ptr::eq(set, data.train.as_slice()) {
-                            loss_safety += bl.loss;
-                        } else {
-                            loss_buffer += bl.loss;
-                        }
-                        for (k, pl) in bl.pairs.iter().enumerate() {
-                            weights.push((bl.d_policy_chosen[k] / n_micro as f64) as f32);
-                            weights.push((bl.d_policy_rejected[k] / n_micro as f64) as f32);
-                            stats.add(PairObservation {
-                                loss: pl.loss,
-                                reward_chosen: pl.reward_chosen,
-                                reward_rejected: pl.reward_rejected,
-                                logp_chosen: inputs[k].logps.policy_chosen,
-                                logp_rejected: inputs[k].logps.policy_rejected,
-                                case: set[idx[k]].case(),
-                            });
-                        }
-                        if !bl.loss.is_finite() {
-                            bad = Some(format!("loss {}", bl.loss));
-                        }
-                    }
-                    Err(e) => bad = Some(e.to_string()),
-                }
-                offset += 2 * idx.len();
-            }
-            if bad.is_some() {
+            micro_step(engine, &loss, data, [&safety, &buffer], n_micro, &mut acc)?;
+            if acc.bad.is_some() {
                 break;
             }
-            engine.backward(&weights)?;
         }
+        let step_tokens = acc.tokens;
+        let mut bad = acc.bad.take();
         tokens += step_tokens;
         let norm = if bad.is_none() {
             engine.grad_norm()?
@@ -725,7 +628,7 @@ pub fn train(
         };
         engine.optimizer_step(lr, scale)?;
         let secs = step_start.elapsed().as_secs_f64();
-        let mut m = StepMetrics {
+        let base = StepMetrics {
             split: "train".into(),
             step,
             epoch: train_cursor.consumed as f64 / train_cursor.batches_per_epoch().max(1) as f64,
@@ -737,15 +640,12 @@ pub fn train(
             elapsed_seconds: Some(started.elapsed().as_secs_f64()),
             ..Default::default()
         };
-        stats.fill(&mut m);
-        // The objective of the step: mean over its micro-steps of BFPO(safety) + BFPO(buffer).
-        m.loss_safety = Some(loss_safety / n_micro as f64);
-        m.loss_buffer = (n_buffer > 0).then(|| loss_buffer / n_micro as f64);
-        m.loss = (loss_safety + loss_buffer) / n_micro as f64;
+        let m_pairs = (acc.stats.len(), acc.stats.bfpo_correct());
+        let m = acc.into_metrics(base, n_micro, n_buffer > 0);
         if recent.len() == RECENT_STEPS {
             recent.pop_front();
         }
-        recent.push_back((m.loss, stats.len(), stats.bfpo_correct()));
+        recent.push_back((m.loss, m_pairs.0, m_pairs.1));
         on_event(Event::Step(m.clone()));
         last_train = Some(m);
         if !data.eval.is_empty() && cfg.eval_every > 0 && step % cfg.eval_every == 0 && step < total
@@ -765,16 +665,8 @@ pub fn train(
             });
         }
         if cfg.save_every > 0 && step % cfg.save_every == 0 && step < total {
-            save(
-                engine,
-                step,
-                skipped,
-                tokens,
-                train_cursor.consumed,
-                buffer_cursor.consumed,
-                sink,
-                on_event,
-            )?;
+            let at = at(step, skipped, tokens, &train_cursor, &buffer_cursor);
+            save_checkpoint(engine, cfg, &fp, at, sink, on_event)?;
         }
     }
 
@@ -785,16 +677,8 @@ pub fn train(
         last_eval = Some(e);
         eval_after = Some(RankingEval::from_logps(&data.eval, &logps));
     }
-    save(
-        engine,
-        step,
-        skipped,
-        tokens,
-        train_cursor.consumed,
-        buffer_cursor.consumed,
-        sink,
-        on_event,
-    )?;
+    let at = at(step, skipped, tokens, &train_cursor, &buffer_cursor);
+    save_checkpoint(engine, cfg, &fp, at, sink, on_event)?;
     Ok(TrainOutcome {
         steps: step,
         interrupted,
@@ -807,6 +691,175 @@ pub fn train(
         tokens,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// What the micro-steps of one optimiser step add up to.
+#[derive(Default)]
+struct StepAcc {
+    /// Every pair of the step (safety and buffer), for rewards and accuracies.
+    stats: PairStats,
+    /// The two halves of the objective, each a batch mean, summed over micro-steps.
+    loss_safety: f64,
+    loss_buffer: f64,
+    /// Every token processed (prompt and response, chosen and rejected), as TRL counts.
+    tokens: u64,
+    /// Why the step cannot be applied (a non-finite loss), if it cannot.
+    bad: Option<String>,
+}
+
+impl StepAcc {
+    /// The step's metrics: `base` (timing, learning rate, norm) with the pairs' statistics and
+    /// the objective, the mean over the `n_micro` micro-steps of BFPO(safety) + BFPO(buffer).
+    fn into_metrics(self, mut m: StepMetrics, n_micro: usize, has_buffer: bool) -> StepMetrics {
+        self.stats.fill(&mut m);
+        m.loss_safety = Some(self.loss_safety / n_micro as f64);
+        m.loss_buffer = has_buffer.then(|| self.loss_buffer / n_micro as f64);
+        m.loss = (self.loss_safety + self.loss_buffer) / n_micro as f64;
+        m
+    }
+}
+
+/// One micro-step: the forward of the safety pairs `idx[0]` of `data.train` and buffer pairs
+/// `idx[1]` of `data.buffer`, their losses, and the backward with each sequence's weight
+/// `∂loss/∂logp / n_micro` (skipped when a loss is not finite: `acc.bad` says why).
+fn micro_step(
+    engine: &mut dyn Engine,
+    loss: &Loss,
+    data: &TrainData,
+    idx: [&[usize]; 2],
+    n_micro: usize,
+    acc: &mut StepAcc,
+) -> Result<(), TrainError> {
+    let groups: [(&[PreparedPair], &[usize]); 2] = [(&data.train, idx[0]), (&data.buffer, idx[1])];
+    let seqs: Vec<&Example> = groups
+        .iter()
+        .flat_map(|(set, idx)| {
+            idx.iter()
+                .flat_map(move |&i| [&set[i].chosen, &set[i].rejected])
+        })
+        .collect();
+    if seqs.is_empty() {
+        return Ok(());
+    }
+    let scores = engine.forward_train(&seqs)?;
+    acc.tokens += seqs.iter().map(|e| e.len() as u64).sum::<u64>();
+    let mut weights = Vec::with_capacity(seqs.len());
+    let mut offset = 0;
+    for (g, (set, idx)) in groups.into_iter().enumerate() {
+        if idx.is_empty() {
+            continue;
+        }
+        let inputs: Vec<PairInput> = idx
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                pair_input(
+                    &set[i],
+                    (scores[offset + 2 * k].logp, scores[offset + 2 * k + 1].logp),
+                )
+            })
+            .collect();
+        match loss.batch(&inputs) {
+            Ok(bl) => {
+                if g == 0 {
+                    acc.loss_safety += bl.loss;
+                } else {
+                    acc.loss_buffer += bl.loss;
+                }
+                for (k, pl) in bl.pairs.iter().enumerate() {
+                    weights.push((bl.d_policy_chosen[k] / n_micro as f64) as f32);
+                    weights.push((bl.d_policy_rejected[k] / n_micro as f64) as f32);
+                    acc.stats.add(PairObservation {
+                        loss: pl.loss,
+                        reward_chosen: pl.reward_chosen,
+                        reward_rejected: pl.reward_rejected,
+                        logp_chosen: inputs[k].logps.policy_chosen,
+                        logp_rejected: inputs[k].logps.policy_rejected,
+                        case: set[idx[k]].case(),
+                    });
+                }
+                if !bl.loss.is_finite() {
+                    acc.bad = Some(format!("loss {}", bl.loss));
+                }
+            }
+            Err(e) => acc.bad = Some(e.to_string()),
+        }
+        offset += 2 * idx.len();
+    }
+    if acc.bad.is_none() {
+        engine.backward(&weights)?;
+    }
+    Ok(())
+}
+
+/// Loads a checkpoint's engine state after checking it belongs to this run; returns the loop's
+/// position.
+fn resume_state(
+    engine: &mut dyn Engine,
+    cfg: &TrainConfig,
+    fingerprint: &str,
+    mut ck: Checkpoint,
+) -> Result<LoopState, TrainError> {
+    let state: LoopState = serde_json::from_value(ck.meta.state.clone())
+        .map_err(|e| TrainError::Resume(e.to_string()))?;
+    check_state(cfg, fingerprint, &state)?;
+    let tensors = std::mem::take(&mut ck.tensors);
+    engine.load_state(&tensors, &state.engine)?;
+    Ok(state)
+}
+
+/// Where a run stands, as a checkpoint records it.
+struct LoopAt {
+    step: usize,
+    skipped: usize,
+    tokens: u64,
+    train_consumed: usize,
+    buffer_consumed: usize,
+}
+
+fn at(step: usize, skipped: usize, tokens: u64, train: &Cursor, buffer: &Cursor) -> LoopAt {
+    LoopAt {
+        step,
+        skipped,
+        tokens,
+        train_consumed: train.consumed,
+        buffer_consumed: buffer.consumed,
+    }
+}
+
+/// Writes a checkpoint of the engine's state and the loop's position `at` (with the adapter
+/// beside it, through `sink`) and reports it.
+fn save_checkpoint(
+    engine: &mut dyn Engine,
+    cfg: &TrainConfig,
+    fingerprint: &str,
+    at: LoopAt,
+    sink: &mut CheckpointSink<'_>,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<(), TrainError> {
+    let (tensors, scalars) = engine.save_state()?;
+    let lora = engine.lora()?;
+    let step = at.step;
+    let state = LoopState {
+        step,
+        train_consumed: at.train_consumed,
+        buffer_consumed: at.buffer_consumed,
+        skipped_steps: at.skipped,
+        tokens: at.tokens,
+        engine: scalars,
+        fingerprint: fingerprint.to_string(),
+        config: Some(cfg.clone()),
+    };
+    let ck = Checkpoint::new(
+        step,
+        serde_json::to_value(&state).map_err(|e| TrainError::Engine(e.to_string()))?,
+        tensors,
+    );
+    let dir = sink.dir.clone();
+    let extra = &mut *sink.write_extra;
+    ck.save(&dir, |tmp| extra(tmp, &lora, step))?;
+    on_event(Event::Checkpoint { step, dir });
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Small shared utilities: a deterministic RNG, float comparison with named tolerances, size
-//! parsing (`size`) and a private `XDG_RUNTIME_DIR` for the binary (`runtime_dir`).
+//! parsing (`size`), atomic file writes (`fs`) and a private `XDG_RUNTIME_DIR` for the binary (`runtime_dir`).
 
 pub mod close;
+pub mod fs;
 pub mod hf_cache;
 pub mod rng;
 pub mod runtime_dir;

@@ -215,12 +215,21 @@ impl SafetyMix {
         m
     }
     fn add(&mut self, p: &Pair) {
-        match (p.chosen_safe, p.rejected_safe) {
-            (true, true) => self.both_safe += 1,
-            (true, false) => self.only_chosen_safe += 1,
-            (false, true) => self.only_rejected_safe += 1,
-            (false, false) => self.both_unsafe += 1,
-        }
+        self.add_case(
+            crate::data::SafetyCase::of(p.chosen_safe, p.rejected_safe),
+            1,
+        );
+    }
+
+    /// Adds `n` pairs of `case`.
+    pub fn add_case(&mut self, case: crate::data::SafetyCase, n: usize) {
+        use crate::data::SafetyCase as C;
+        *match case {
+            C::BothSafe => &mut self.both_safe,
+            C::OnlyChosenSafe => &mut self.only_chosen_safe,
+            C::OnlyRejectedSafe => &mut self.only_rejected_safe,
+            C::BothUnsafe => &mut self.both_unsafe,
+        } += n;
     }
 }
 

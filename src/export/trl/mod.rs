@@ -19,8 +19,8 @@
 use super::ExportError;
 use crate::data::{ChatMessage, Pair};
 use crate::loss::Loss;
+use crate::model::lora::{parse_layers, parse_targets};
 use crate::train::config::{ScheduleKind, TrainConfig};
-use crate::train::lora::{parse_layers, parse_targets};
 use crate::train::trainer::PreparedPair;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

@@ -30,3 +30,13 @@ pub(crate) fn bad_shape(op: &str, detail: String) -> GpuError {
         detail,
     }
 }
+
+/// f32 → f64, for calling the f64 reference (`model::reference`) from an op's `*_ref`.
+pub(crate) fn wide(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+/// f64 → f32, for returning the f64 reference's result from an op's `*_ref`.
+pub(crate) fn narrow(x: Vec<f64>) -> Vec<f32> {
+    x.into_iter().map(|v| v as f32).collect()
+}

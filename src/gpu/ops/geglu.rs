@@ -3,7 +3,7 @@
 //! reference (`model::reference::geglu_fwd` / `geglu_back`). Not yet wired into the GPU graph:
 //! the wgpu engine refuses gemma3 (`gpu::forward::GpuModel::from_weights`).
 
-use super::check::need_words;
+use super::check::{narrow, need_words, wide};
 use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder, groups};
 use crate::kernel_source;
 use crate::util::Tol;
@@ -74,14 +74,6 @@ pub fn geglu_backward_inplace(
         },
         groups((n as u32).div_ceil(256)),
     )
-}
-
-fn wide(x: &[f32]) -> Vec<f64> {
-    x.iter().map(|&v| v as f64).collect()
-}
-
-fn narrow(x: Vec<f64>) -> Vec<f32> {
-    x.into_iter().map(|v| v as f32).collect()
 }
 
 /// CPU reference of [`geglu`]: [`crate::model::reference::geglu_fwd`] in f64.

@@ -2,7 +2,7 @@
 //! the backward pass. Kernel: `kernels/rmsnorm.wgsl` (one workgroup per row, tree reduction;
 //! [`norm_workgroup`] invocations per workgroup).
 
-use super::check::need_words;
+use super::check::{narrow, need_words, wide};
 use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder, groups};
 use crate::kernel_source;
 use crate::util::Tol;
@@ -84,21 +84,18 @@ pub fn rmsnorm(
     )
 }
 
-/// CPU reference (f64 inside): returns `(y [n_rows, dim], rstd [n_rows])`.
+/// CPU reference: `y` from [`crate::model::reference::rmsnorm_fwd`] (f64) and the per-row
+/// `rstd` the kernel also writes; returns `(y [n_rows, dim], rstd [n_rows])`.
 pub fn rmsnorm_ref(x: &[f32], w: &[f32], dim: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
-    let n_rows = x.len() / dim;
-    let mut y = vec![0.0f32; x.len()];
-    let mut rstd = vec![0.0f32; n_rows];
-    for r in 0..n_rows {
-        let row = &x[r * dim..(r + 1) * dim];
-        let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
-        let rs = 1.0 / (ms + eps as f64).sqrt();
-        rstd[r] = rs as f32;
-        for i in 0..dim {
-            y[r * dim + i] = (row[i] as f64 * rs * w[i] as f64) as f32;
-        }
-    }
-    (y, rstd)
+    let y = crate::model::reference::rmsnorm_fwd(&wide(x), dim, w, eps as f64);
+    let rstd = x
+        .chunks_exact(dim)
+        .map(|row| {
+            let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
+            (1.0 / (ms + eps as f64).sqrt()) as f32
+        })
+        .collect();
+    (narrow(y), rstd)
 }
 
 #[cfg(test)]

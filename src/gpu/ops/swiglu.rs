@@ -1,7 +1,7 @@
 //! SwiGLU `y = silu(gate) ⊙ up` (`kernels/swiglu.wgsl`); the residual add is `ops::add` (or a
 //! matmul with `accumulate`).
 
-use super::check::need_words;
+use super::check::{narrow, need_words, wide};
 use crate::gpu::{Bind, Gpu, GpuBuf, GpuError, Recorder, groups};
 use crate::kernel_source;
 use crate::util::Tol;
@@ -52,12 +52,9 @@ pub fn silu(z: f64) -> f64 {
     z / (1.0 + (-z).exp())
 }
 
-/// CPU reference.
+/// CPU reference: [`crate::model::reference::swiglu_fwd`] in f64.
 pub fn swiglu_ref(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    gate.iter()
-        .zip(up)
-        .map(|(&g, &u)| (silu(g as f64) * u as f64) as f32)
-        .collect()
+    narrow(crate::model::reference::swiglu_fwd(&wide(gate), &wide(up)))
 }
 
 #[cfg(test)]
