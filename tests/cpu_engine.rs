@@ -289,13 +289,8 @@ fn dropout_matches_reference() {
 
 /// Same bits with 1 and 2 threads (log-probs and gradients); recomputing layers in the backward
 /// (activation budget 0) gives the same bits as keeping them.
-#[test]
-fn same_bits_across_thread_counts_and_recompute() {
-    let m = load(&common::models::tiny_model(
-        Arch::Qwen2,
-        GgmlType::Q4_1,
-        false,
-    ));
+fn check_same_bits(arch: Arch, tied: bool) {
+    let m = load(&common::models::tiny_model(arch, GgmlType::Q4_1, tied));
     let lora = lora_for(&m.cfg, 2, 0.3, 0.0);
     let exs = examples(m.cfg.n_vocab, 8);
     let run = |threads: usize, budget: u64| {
@@ -311,35 +306,19 @@ fn same_bits_across_thread_counts_and_recompute() {
         (lp, g)
     };
     let one = run(1, u64::MAX);
-    assert_eq!(one, run(2, u64::MAX), "1 vs 2 threads");
-    assert_eq!(one, run(2, 0), "kept vs recomputed layers");
+    assert_eq!(one, run(2, u64::MAX), "{arch:?}: 1 vs 2 threads");
+    assert_eq!(one, run(2, 0), "{arch:?}: kept vs recomputed layers");
+}
+
+#[test]
+fn same_bits_across_thread_counts_and_recompute() {
+    check_same_bits(Arch::Qwen2, false);
 }
 
 /// The same for gemma3 (post-norms, GeGLU, the sliding window, two rope tables).
 #[test]
 fn gemma3_same_bits_across_thread_counts_and_recompute() {
-    let m = load(&common::models::tiny_model(
-        Arch::Gemma3,
-        GgmlType::Q4_1,
-        true,
-    ));
-    let lora = lora_for(&m.cfg, 2, 0.3, 0.0);
-    let exs = examples(m.cfg.n_vocab, 8);
-    let run = |threads: usize, budget: u64| {
-        let mut e = engine(&m, lora.clone(), threads).with_activation_memory(budget);
-        let lp: Vec<u64> = e
-            .forward_train(&refs(&exs))
-            .unwrap()
-            .iter()
-            .map(|s| s.logp.to_bits())
-            .collect();
-        e.backward(&SEQ_WEIGHTS).unwrap();
-        let g: Vec<u32> = grads_of(&mut e).iter().map(|v| v.to_bits()).collect();
-        (lp, g)
-    };
-    let one = run(1, u64::MAX);
-    assert_eq!(one, run(2, u64::MAX), "1 vs 2 threads");
-    assert_eq!(one, run(2, 0), "kept vs recomputed layers");
+    check_same_bits(Arch::Gemma3, true);
 }
 
 /// A sequence scored alone, in another batch, adapter off or with B = 0, gives the same bits.

@@ -309,11 +309,16 @@ impl NativeEngine {
                     model.cfg.n_layer
                 };
                 // The rows this forward computes: every packed row, or the compact layout.
-                let (ids, pos, head_rows) = match share {
-                    None => (b.ids.clone(), b.pos.clone(), b.head_rows.clone()),
+                use std::borrow::Cow;
+                let (ids, pos, head_rows): (Cow<[u32]>, Cow<[usize]>, Cow<[usize]>) = match share {
+                    None => (
+                        Cow::Borrowed(&b.ids),
+                        Cow::Borrowed(&b.pos),
+                        Cow::Borrowed(&b.head_rows),
+                    ),
                     Some(s) => (
-                        s.compact_items(&b.ids),
-                        s.compact_items(&b.pos),
+                        s.compact_items(&b.ids).into(),
+                        s.compact_items(&b.pos).into(),
                         b.head_rows.iter().map(|&r| s.of_packed[r]).collect(),
                     ),
                 };
