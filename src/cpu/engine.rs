@@ -310,18 +310,13 @@ impl NativeEngine {
                 };
                 // The rows this forward computes: every packed row, or the compact layout.
                 use std::borrow::Cow;
-                let (ids, pos, head_rows): (Cow<[u32]>, Cow<[usize]>, Cow<[usize]>) = match share {
-                    None => (
-                        Cow::Borrowed(&b.ids),
-                        Cow::Borrowed(&b.pos),
-                        Cow::Borrowed(&b.head_rows),
-                    ),
-                    Some(s) => (
-                        s.compact_items(&b.ids).into(),
-                        s.compact_items(&b.pos).into(),
-                        b.head_rows.iter().map(|&r| s.of_packed[r]).collect(),
-                    ),
-                };
+                let ids: Cow<[u32]> =
+                    share.map_or(Cow::Borrowed(&b.ids), |s| s.compact_items(&b.ids).into());
+                let pos: Cow<[usize]> =
+                    share.map_or(Cow::Borrowed(&b.pos), |s| s.compact_items(&b.pos).into());
+                let head_rows: Cow<[usize]> = share.map_or(Cow::Borrowed(&b.head_rows), |s| {
+                    b.head_rows.iter().map(|&r| s.of_packed[r]).collect()
+                });
                 let mut x = model.embed(&ids);
                 let mut saved = Vec::new();
                 let (mut used, mut n_kept) = (0u64, 0usize);
